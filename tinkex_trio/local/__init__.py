@@ -1,0 +1,1 @@
+"""The local Tinker-compatible backend (install the `local` extra)."""
