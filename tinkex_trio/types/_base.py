@@ -1,0 +1,97 @@
+"""Base classes and the JSON codec shared by every wire type.
+
+Conventions (DESIGN.md "Wire types", PROTOCOL.md 1.8 and A.0):
+
+* Requests are `kw_only` and never `omit_defaults`: fields with real defaults are always sent,
+  optional fields default to `UNSET` and are omitted, exactly as the official SDK 0.38 does
+  ("defaults sent, nulls dropped").
+* Responses ignore unknown fields (a newer server must not break this SDK) and use
+  `omit_defaults`, so the local backend never sends `null` where a strict client expects a value.
+* The local backend decodes requests with `decode_request`, which accepts both JSON conventions
+  of Appendix A.0: `type` present or absent (chunk kinds inferred from their keys) and `null`
+  wherever omission is accepted.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, TypeVar
+
+import msgspec
+
+T = TypeVar("T")
+
+UNSET = msgspec.UNSET
+UnsetType = msgspec.UnsetType
+
+
+class Request(msgspec.Struct, kw_only=True):
+    """Base of every request body the SDK sends."""
+
+
+class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Base of every response or result body; unknown fields are ignored."""
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(obj: object) -> bytes:
+    """Encode a wire object (or plain builtins) as JSON bytes."""
+    return _encoder.encode(obj)
+
+
+@functools.cache
+def _decoder(type_: Any) -> msgspec.json.Decoder[Any]:
+    return msgspec.json.Decoder(type_)
+
+
+def decode(body: bytes | str, type_: type[T]) -> T:
+    """Decode a response body strictly into `type_` (one cached Decoder per type)."""
+    decoder: msgspec.json.Decoder[T] = _decoder(type_)  # type: ignore[arg-type]
+    result: T = decoder.decode(body)
+    return result
+
+
+# Chunk kinds by the keys that identify them when `type` is absent (PROTOCOL.md A.0 point 2).
+def _infer_chunk_type(chunk: dict[str, Any]) -> str | None:
+    if "tokens" in chunk:
+        return "encoded_text"
+    if "location" in chunk:
+        return "image_asset_pointer"
+    if "data" in chunk:
+        return "image"
+    return None
+
+
+def _normalize(value: Any, key: str | None = None) -> Any:
+    """Drop null-valued keys and fill in missing chunk `type`s, recursively."""
+    if isinstance(value, dict):
+        out = {k: _normalize(v, k) for k, v in value.items() if v is not None}
+        return out
+    if isinstance(value, list):
+        if key == "chunks":
+            chunks = []
+            for item in value:
+                if isinstance(item, dict) and "type" not in item:
+                    kind = _infer_chunk_type(item)
+                    if kind is not None:
+                        item = {**item, "type": kind}
+                chunks.append(_normalize(item))
+            return chunks
+        # Lists of numbers (tensor data, tokens) are by far the largest: skip them quickly.
+        if value and not isinstance(value[0], dict | list):
+            return value
+        return [_normalize(v) for v in value]
+    return value
+
+
+def decode_request(body: bytes | str, type_: type[T]) -> T:
+    """Decode a request body leniently, as a server must (PROTOCOL.md A.0).
+
+    Accepts bodies written by the official SDK 0.38 (`type` discriminators, nulls dropped) and
+    0.15 (`exclude_unset`: no `type`, explicit nulls). Raises `msgspec.ValidationError` or
+    `msgspec.DecodeError` with a JSON path (e.g. `at $.prompt.chunks[0]`) on bad input.
+    """
+    raw = msgspec.json.decode(body)
+    return msgspec.convert(_normalize(raw), type_)

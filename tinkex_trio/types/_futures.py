@@ -1,0 +1,80 @@
+"""The future protocol's bodies (PROTOCOL.md 4)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from tinkex_trio.types._base import Request, Response
+
+QueueState = Literal["active", "paused_capacity", "paused_rate_limit", "unknown"]
+ErrorCategory = Literal["user", "server", "unknown"]
+
+
+class UntypedAPIFuture(Response, kw_only=True):
+    """Submit response of every long operation (4.1)."""
+
+    request_id: str
+    model_id: str | None = None
+    sample_sequence_ids: list[str] | None = None
+
+
+class RetrieveFutureRequest(Request, kw_only=True):
+    request_id: str
+    allow_metadata_only: bool = True
+
+
+class TryAgainResponse(Response, kw_only=True):
+    """Still pending (4.6). The server long-polled before answering this."""
+
+    request_id: str
+    queue_state: str = "active"
+    queue_state_reason: str | None = None
+    type: Literal["try_again"] = "try_again"
+
+
+class RequestFailedResponse(Response, kw_only=True):
+    """A failed request (4.7). `category` is user, server or unknown."""
+
+    error: str
+    category: str = "unknown"
+
+
+class CompleteMetadataResponse(Response, kw_only=True):
+    """Finished but not inlined (4.4): poll again with allow_metadata_only=false."""
+
+    response_payload_size: int = 0
+    status: Literal["complete_metadata"] = "complete_metadata"
+
+
+class PollEnvelope(Response, kw_only=True):
+    """What the SDK reads first from a 2xx poll body to classify it (4.2).
+
+    Decoding into this skips every other key, so classifying a large result costs one parse.
+    """
+
+    type: str | None = None
+    status: str | None = None
+    error: str | None = None
+    category: str | None = None
+    queue_state: str | None = None
+    queue_state_reason: str | None = None
+    response_payload_size: int | None = None
+
+
+class QueueStateBody(Response, kw_only=True):
+    """Body of a 408 poll answer that reports the queue state (A.3.3)."""
+
+    queue_state: str | None = None
+    queue_state_reason: str | None = None
+
+
+def normalize_queue_state(value: str | None) -> QueueState:
+    if value in ("active", "paused_capacity", "paused_rate_limit"):
+        return value  # type: ignore[return-value]
+    return "unknown"
+
+
+def normalize_category(value: str | None) -> ErrorCategory:
+    if value in ("user", "server", "unknown"):
+        return value  # type: ignore[return-value]
+    return "unknown"

@@ -1,0 +1,253 @@
+"""Model inputs: chunks, `ModelInput`, `TensorData` and `Datum` (PROTOCOL.md 7.1-7.3)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, cast
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+
+from tinkex_trio.types._base import UNSET, UnsetType
+
+if TYPE_CHECKING:
+    from typing import Self
+
+
+class _Chunk(msgspec.Struct, kw_only=True, tag_field="type"):
+    pass
+
+
+class EncodedTextChunk(_Chunk, tag="encoded_text"):
+    """A run of token ids."""
+
+    tokens: list[int]
+
+    @property
+    def length(self) -> int:
+        return len(self.tokens)
+
+
+class ImageChunk(_Chunk, tag="image"):
+    """An inline PNG/JPEG image; `data` travels as standard base64 in JSON."""
+
+    data: bytes
+    format: Literal["png", "jpeg"]
+    expected_tokens: int | UnsetType = UNSET
+
+    @property
+    def length(self) -> int:
+        if self.expected_tokens is UNSET:
+            raise ValueError(
+                "ImageChunk.expected_tokens is not set, so its length in tokens is unknown; "
+                "pass expected_tokens=<count>"
+            )
+        return self.expected_tokens
+
+
+class ImageAssetPointerChunk(_Chunk, tag="image_asset_pointer"):
+    """An image referenced by path or URL."""
+
+    format: Literal["png", "jpeg"]
+    location: str
+    expected_tokens: int | UnsetType = UNSET
+
+    @property
+    def length(self) -> int:
+        if self.expected_tokens is UNSET:
+            raise ValueError(
+                "ImageAssetPointerChunk.expected_tokens is not set, so its length in tokens is "
+                "unknown; pass expected_tokens=<count>"
+            )
+        return self.expected_tokens
+
+
+ModelInputChunk = Union[EncodedTextChunk, ImageChunk, ImageAssetPointerChunk]  # noqa: UP007
+
+
+class _Encoder(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+
+class ModelInput(msgspec.Struct, kw_only=True):
+    """A sequence of chunks: what the model reads. Immutable in spirit: `append*` return new inputs."""
+
+    chunks: list[ModelInputChunk] = []
+
+    @classmethod
+    def empty(cls) -> Self:
+        return cls(chunks=[])
+
+    @classmethod
+    def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> Self:
+        if isinstance(tokens, np.ndarray):
+            token_list: list[int] = tokens.astype(np.int64, copy=False).ravel().tolist()
+        else:
+            token_list = [int(t) for t in tokens]
+        return cls(chunks=[EncodedTextChunk(tokens=token_list)])
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer: _Encoder) -> Self:
+        """Tokenize `text` (no special tokens added) with a tokenizer from `get_tokenizer`."""
+        return cls.from_ints(tokenizer.encode(text))
+
+    def append(self, chunk: ModelInputChunk) -> ModelInput:
+        return ModelInput(chunks=[*self.chunks, chunk])
+
+    def append_int(self, token: int) -> ModelInput:
+        """Append one token, extending the last text chunk when there is one."""
+        if self.chunks and isinstance(self.chunks[-1], EncodedTextChunk):
+            last = self.chunks[-1]
+            return ModelInput(
+                chunks=[*self.chunks[:-1], EncodedTextChunk(tokens=[*last.tokens, token])]
+            )
+        return self.append(EncodedTextChunk(tokens=[token]))
+
+    @property
+    def length(self) -> int:
+        """Length in tokens (images count `expected_tokens`)."""
+        return sum(chunk.length for chunk in self.chunks)
+
+    def to_ints(self) -> list[int]:
+        """All token ids; raises ValueError if the input holds an image."""
+        out: list[int] = []
+        for chunk in self.chunks:
+            if not isinstance(chunk, EncodedTextChunk):
+                raise ValueError(
+                    f"ModelInput.to_ints() needs text-only input, but it holds a {chunk.__class__.__name__}"
+                )
+            out.extend(chunk.tokens)
+        return out
+
+
+TensorDType = Literal["int64", "float32"]
+
+_NUMPY_DTYPES: dict[str, npt.DTypeLike] = {"int64": np.int64, "float32": np.float32}
+
+# PROTOCOL.md 7.2: plain lists get a dtype by key; any other key must come typed.
+LOSS_INPUT_DTYPES: dict[str, TensorDType] = {
+    "target_tokens": "int64",
+    "weights": "float32",
+    "advantages": "float32",
+    "logprobs": "float32",
+    "clip_low_threshold": "float32",
+    "clip_high_threshold": "float32",
+    "sequence_ratio_mask": "float32",
+}
+
+
+class TensorData(msgspec.Struct, kw_only=True):
+    """A flat tensor on the wire: dense, or sparse CSR (PROTOCOL.md 7.2).
+
+    Build it with `from_numpy` / `from_list` / `from_torch`; read it back with `to_numpy`.
+    Conversion uses numpy's C loops (`tolist`, `asarray`), never a Python loop per element.
+    """
+
+    data: list[int | float]
+    dtype: TensorDType
+    shape: list[int] | UnsetType = UNSET
+    sparse_crow_indices: list[int] | UnsetType = UNSET
+    sparse_col_indices: list[int] | UnsetType = UNSET
+
+    @classmethod
+    def from_numpy(cls, array: npt.NDArray[Any]) -> TensorData:
+        flat: npt.NDArray[Any]
+        if array.dtype.kind == "f":
+            dtype: TensorDType = "float32"
+            flat = array.astype(np.float32, copy=False).ravel()
+        elif array.dtype.kind in "iub":
+            dtype = "int64"
+            flat = array.astype(np.int64, copy=False).ravel()
+        else:
+            raise TypeError(f"TensorData cannot hold numpy dtype {array.dtype}; use a number dtype")
+        values: list[int | float] = cast(list[int | float], flat.tolist())
+        return cls(data=values, dtype=dtype, shape=list(array.shape))
+
+    @classmethod
+    def from_list(cls, values: Sequence[int | float], dtype: TensorDType) -> TensorData:
+        array = np.asarray(values, dtype=_NUMPY_DTYPES[dtype])
+        if array.ndim != 1:
+            raise ValueError("TensorData.from_list takes a flat list; use from_numpy for N-d data")
+        return cls(data=array.tolist(), dtype=dtype, shape=[len(array)])
+
+    @classmethod
+    def from_torch(cls, tensor: Any) -> TensorData:
+        """From a torch tensor (bfloat16 becomes float32); torch is imported by the caller."""
+        detached = tensor.detach().cpu()
+        if str(detached.dtype) == "torch.bfloat16":
+            detached = detached.float()
+        return cls.from_numpy(detached.numpy())
+
+    @property
+    def is_sparse(self) -> bool:
+        return self.sparse_crow_indices is not UNSET
+
+    def resolved_shape(self) -> list[int]:
+        if self.shape is not UNSET:
+            return list(self.shape)
+        return [len(self.data)]
+
+    def to_numpy(self, pad_value: float = 0) -> npt.NDArray[Any]:
+        """A dense numpy array of this tensor; sparse cells not stored take `pad_value`."""
+        np_dtype = _NUMPY_DTYPES[self.dtype]
+        values = np.asarray(self.data, dtype=np_dtype)
+        shape = self.resolved_shape()
+        if self.sparse_crow_indices is UNSET:
+            return values.reshape(shape)
+        if self.sparse_col_indices is UNSET or len(shape) != 2:
+            raise ValueError("sparse TensorData needs sparse_col_indices and a 2-D shape")
+        crow = np.asarray(self.sparse_crow_indices, dtype=np.int64)
+        cols = np.asarray(self.sparse_col_indices, dtype=np.int64)
+        dense = np.full(shape, pad_value, dtype=np_dtype)
+        rows = np.repeat(np.arange(shape[0]), np.diff(crow))
+        dense[rows, cols] = values
+        return dense
+
+    def to_torch(self) -> Any:
+        import torch
+
+        return torch.from_numpy(self.to_numpy())
+
+    def tolist(self) -> list[int | float]:
+        return list(self.data)
+
+
+def to_tensor_data(key: str, value: Any) -> TensorData:
+    """Coerce one loss input by the dtype-by-key rules of PROTOCOL.md 7.2."""
+    if isinstance(value, TensorData):
+        return value
+    if isinstance(value, np.ndarray):
+        return TensorData.from_numpy(value)
+    if type(value).__module__.startswith("torch"):
+        return TensorData.from_torch(value)
+    if isinstance(value, list | tuple):
+        dtype = LOSS_INPUT_DTYPES.get(key)
+        if dtype is None:
+            raise ValueError(
+                f"loss_fn_inputs[{key!r}] is a plain list, but only "
+                f"{sorted(LOSS_INPUT_DTYPES)} may be; pass a numpy array or TensorData instead"
+            )
+        if value and isinstance(value[0], list | tuple):
+            return TensorData.from_numpy(np.asarray(value, dtype=_NUMPY_DTYPES[dtype]))
+        return TensorData.from_list(value, dtype)
+    raise TypeError(
+        f"loss_fn_inputs[{key!r}] has type {type(value).__name__}; "
+        "use a list, numpy array, torch tensor or TensorData"
+    )
+
+
+class Datum(msgspec.Struct, kw_only=True):
+    """One training example: the model input and its per-token loss inputs.
+
+    `loss_fn_inputs` values may be given as lists, numpy arrays, torch tensors or TensorData;
+    they are converted on construction (PROTOCOL.md 7.2 dtype-by-key rules).
+    """
+
+    model_input: ModelInput
+    loss_fn_inputs: dict[str, TensorData]
+
+    def __post_init__(self) -> None:
+        inputs: Mapping[str, Any] = self.loss_fn_inputs
+        if any(not isinstance(v, TensorData) for v in inputs.values()):
+            self.loss_fn_inputs = {k: to_tensor_data(k, v) for k, v in inputs.items()}

@@ -1,0 +1,111 @@
+"""Start-up, sessions, telemetry and capabilities (PROTOCOL.md 2 and 3.1)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+
+from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
+
+
+class ClientConfigRequest(Request, kw_only=True):
+    sdk_version: str
+
+
+class ClientConfigResponse(Response, kw_only=True):
+    """Server feature flags (PROTOCOL.md 2.1); unknown flags are ignored."""
+
+    pjwt_auth_enabled: bool = False
+    proto_compress_fwdbwd: bool = False
+    parallel_fwdbwd_chunks: bool = True
+    fwdbwd_max_chunk_len: int = 1024
+    fwdbwd_max_chunk_bytes_count: int = 5_000_000
+    fwdbwd_dispatch_bytes_semaphore_size: int = 50_000_000
+    sample_dispatch_bytes_semaphore_size: int = 10_485_760
+    inflight_response_bytes_semaphore_size: int = 52_428_800
+    billing_exception_max_pause_duration_sec: float = 3600.0
+    sample_no_retries: bool = False
+    sample_max_concurrent_requests: int = 2000
+    sample_use_retrieve_futures: bool = False
+
+
+class CreateSessionRequest(Request, kw_only=True):
+    tags: list[str] = []
+    user_metadata: dict[str, str] = {}
+    sdk_version: str
+    project_id: str | UnsetType = UNSET
+    display_name: str | UnsetType = UNSET
+    type: Literal["create_session"] = "create_session"
+
+
+class CreateSessionResponse(Response, kw_only=True):
+    session_id: str
+    info_message: str | None = None
+    warning_message: str | None = None
+    error_message: str | None = None
+    type: Literal["create_session"] = "create_session"
+
+
+class SessionHeartbeatRequest(Request, kw_only=True):
+    session_id: str
+    type: Literal["session_heartbeat"] = "session_heartbeat"
+
+
+class SessionHeartbeatResponse(Response, kw_only=True):
+    type: Literal["session_heartbeat"] = "session_heartbeat"
+
+
+FinishReasonType = Literal["success", "errored", "interrupted"]
+
+
+class FinishReason(msgspec.Struct, kw_only=True):
+    type: FinishReasonType
+
+
+class FinishSessionRequest(Request, kw_only=True):
+    """`detail` is sent as an explicit null when absent (PROTOCOL.md 2.2)."""
+
+    reason: FinishReason
+    detail: str | None = None
+
+
+class TelemetryEvent(msgspec.Struct, kw_only=True, omit_defaults=True):
+    event: str
+    event_id: str
+    event_session_index: int
+    severity: str
+    timestamp: str
+    event_name: str | None = None
+    event_data: dict[str, Any] | None = None
+    error_type: str | None = None
+    error_message: str | None = None
+    traceback: str | None = None
+    duration: str | None = None
+
+
+class TelemetryBatch(Request, kw_only=True):
+    events: list[TelemetryEvent]
+    platform: str
+    sdk_version: str
+    session_id: str
+    process_uuid: str | UnsetType = UNSET
+
+
+class TelemetryResponse(Response, kw_only=True):
+    status: Literal["accepted"] = "accepted"
+
+
+class HealthResponse(Response, kw_only=True):
+    status: str = "ok"
+
+
+class SupportedModel(Response, kw_only=True):
+    model_name: str | None = None
+    max_context_length: int | None = None
+    trainable: bool | None = None
+    sampleable: bool | None = None
+
+
+class ServerCapabilities(Response, kw_only=True):
+    supported_models: list[SupportedModel] = []
