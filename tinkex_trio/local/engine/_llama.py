@@ -1,0 +1,289 @@
+"""A hand-written Llama forward pass over plain tensors (no nn.Module).
+
+Why not nn.Module: the base weights are frozen, come from an mmapped safetensors file, and are
+shared by every adapter; module construction would allocate and initialise a second copy (an
+nn.Embedding of 49152x576 alone costs ~2.6 s). Here the model is a dict of tensors and a few
+functions, and LoRA is a hook on each linear layer (`LinearHook`).
+
+Weights use Hugging Face Llama names (`model.layers.N.self_attn.q_proj.weight`, ...), with Q/K
+rows in rotate-half RoPE order, so the same code runs the converted GGUF, any HF Llama
+safetensors, and the tiny random model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+LM_HEAD = "lm_head"
+"""Module name of the unembedding (tied to `model.embed_tokens.weight` when there is none)."""
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_context: int
+    eos_token_id: int = 2
+
+    @classmethod
+    def from_hf(cls, config: Mapping[str, object]) -> LlamaConfig:
+        """Read the keys of a Hugging Face `config.json` for `LlamaForCausalLM`."""
+
+        def num(key: str, default: float | None = None) -> float:
+            value = config.get(key, default)
+            if not isinstance(value, int | float):
+                raise ValueError(f"config.json: {key!r} must be a number, got {value!r}")
+            return float(value)
+
+        hidden = int(num("hidden_size"))
+        heads = int(num("num_attention_heads"))
+        eos = config.get("eos_token_id", 2)
+        return cls(
+            vocab_size=int(num("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(num("intermediate_size")),
+            num_layers=int(num("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(num("num_key_value_heads", heads)),
+            head_dim=int(num("head_dim", hidden // heads)),
+            rope_theta=num("rope_theta", 10000.0),
+            rms_norm_eps=num("rms_norm_eps", 1e-6),
+            max_context=int(num("max_position_embeddings")),
+            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),  # type: ignore[arg-type]
+        )
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(out, in) of every linear layer by HF module name, the LM head last."""
+        h, f = self.hidden_size, self.intermediate_size
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        per_layer = {
+            "self_attn.q_proj": (q, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q),
+            "mlp.gate_proj": (f, h),
+            "mlp.up_proj": (f, h),
+            "mlp.down_proj": (h, f),
+        }
+        shapes = {
+            f"model.layers.{i}.{name}": shape
+            for i in range(self.num_layers)
+            for name, shape in per_layer.items()
+        }
+        shapes[LM_HEAD] = (self.vocab_size, h)
+        return shapes
+
+
+class LinearHook(Protocol):
+    """Adds a low-rank term to a linear layer's output (LoRA); None = plain layer."""
+
+    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None: ...
+
+
+class KVCache:
+    """Keys/values for a batch of sequences, preallocated to `capacity` slots.
+
+    Slots hold tokens in order; `valid[b, s]` is False for left padding, so sequences of
+    different prompt lengths decode together. RoPE is applied before caching, with each
+    token's true position, so padding does not shift positions.
+    """
+
+    def __init__(self, config: LlamaConfig, batch: int, capacity: int) -> None:
+        shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+        self.keys = [torch.zeros(shape) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape) for _ in range(config.num_layers)]
+        self.valid = torch.zeros(batch, capacity, dtype=torch.bool)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return int(self.valid.shape[1])
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` (a LongTensor of batch indices), e.g. the unfinished sequences."""
+        self.keys = [k.index_select(0, rows) for k in self.keys]
+        self.values = [v.index_select(0, rows) for v in self.values]
+        self.valid = self.valid.index_select(0, rows)
+
+
+class Llama:
+    """Forward pass of a Llama model given its (frozen) weights."""
+
+    def __init__(self, config: LlamaConfig, weights: Mapping[str, torch.Tensor]) -> None:
+        self.config = config
+        self.weights = dict(weights)
+        self.embed = self.weights["model.embed_tokens.weight"]
+        self.lm_head = self.weights.get(f"{LM_HEAD}.weight", self.embed)
+        self._check_shapes()
+        self._rope_cos = torch.empty(0)
+        self._rope_sin = torch.empty(0)
+
+    def _check_shapes(self) -> None:
+        c = self.config
+        for name, shape in c.linear_shapes().items():
+            weight = self.lm_head if name == LM_HEAD else self.weights.get(f"{name}.weight")
+            if weight is None or tuple(weight.shape) != shape:
+                got = None if weight is None else tuple(weight.shape)
+                raise ValueError(f"weight {name}: expected shape {shape}, got {got}")
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of shape [B, 1, T, head_dim] for integer `positions` [B, T]."""
+        needed = int(positions.max()) + 1 if positions.numel() else 1
+        if self._rope_cos.shape[0] < needed:
+            size = max(needed, min(self.config.max_context, 4096))
+            half = self.config.head_dim // 2
+            inv_freq = 1.0 / (
+                self.config.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / (2 * half))
+            )
+            angles = torch.outer(torch.arange(size, dtype=torch.float64), inv_freq)
+            angles = torch.cat([angles, angles], dim=-1)
+            self._rope_cos = angles.cos().float()
+            self._rope_sin = angles.sin().float()
+        return self._rope_cos[positions].unsqueeze(1), self._rope_sin[positions].unsqueeze(1)
+
+    def _linear(self, module: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
+        out = F.linear(x, self.weights[f"{module}.weight"])
+        if hook is not None:
+            extra = hook.delta(module, x)
+            if extra is not None:
+                out = out + extra
+        return out
+
+    def _rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        variance = x.pow(2).mean(-1, keepdim=True)
+        return x * torch.rsqrt(variance + self.config.rms_norm_eps) * self.weights[name]
+
+    def hidden_states(
+        self,
+        tokens: torch.Tensor,
+        hook: LinearHook | None = None,
+        *,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [B, T, hidden] for `tokens` [B, T].
+
+        Without `cache`: every row starts at position 0 and attention is causal (right
+        padding is harmless: real tokens never attend to later pads). With `cache`: the T new
+        tokens go to slots `cache.length ...` and attend to all valid earlier slots.
+        """
+        c = self.config
+        batch, steps = tokens.shape
+        if positions is None:
+            positions = torch.arange(steps).expand(batch, steps)
+        cos, sin = self._rope(positions)
+        mask: torch.Tensor | None = None
+        if cache is not None:
+            start = cache.length
+            end = start + steps
+            if end > cache.capacity:
+                raise ValueError(f"KV cache overflow: {end} > {cache.capacity}")
+            cache.valid[:, start:end] = True
+            slots = torch.arange(end)
+            causal = slots.unsqueeze(0) <= (start + torch.arange(steps)).unsqueeze(1)
+            mask = (cache.valid[:, None, :end] & causal[None]).unsqueeze(1)  # [B, 1, T, S]
+        x = F.embedding(tokens, self.embed)
+        for i in range(c.num_layers):
+            prefix = f"model.layers.{i}"
+            h = self._rms_norm(x, f"{prefix}.input_layernorm.weight")
+            q = self._linear(f"{prefix}.self_attn.q_proj", h, hook)
+            k = self._linear(f"{prefix}.self_attn.k_proj", h, hook)
+            v = self._linear(f"{prefix}.self_attn.v_proj", h, hook)
+            q = q.view(batch, steps, c.num_heads, c.head_dim).transpose(1, 2)
+            k = k.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            v = v.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            if cache is not None:
+                cache.keys[i][:, :, cache.length : cache.length + steps] = k
+                cache.values[i][:, :, cache.length : cache.length + steps] = v
+                k = cache.keys[i][:, :, : cache.length + steps]
+                v = cache.values[i][:, :, : cache.length + steps]
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+            )
+            attn = attn.transpose(1, 2).reshape(batch, steps, c.num_heads * c.head_dim)
+            x = x + self._linear(f"{prefix}.self_attn.o_proj", attn, hook)
+            h = self._rms_norm(x, f"{prefix}.post_attention_layernorm.weight")
+            gate = self._linear(f"{prefix}.mlp.gate_proj", h, hook)
+            up = self._linear(f"{prefix}.mlp.up_proj", h, hook)
+            x = x + self._linear(f"{prefix}.mlp.down_proj", F.silu(gate) * up, hook)
+        if cache is not None:
+            cache.length += steps
+        return self._rms_norm(x, "model.norm.weight")
+
+    def logits(self, hidden: torch.Tensor, hook: LinearHook | None = None) -> torch.Tensor:
+        """Unembedding of hidden states [..., hidden] -> [..., vocab]."""
+        out = F.linear(hidden, self.lm_head)
+        if hook is not None:
+            extra = hook.delta(LM_HEAD, hidden)
+            if extra is not None:
+                out = out + extra
+        return out
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] without materialising the whole log-softmax."""
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+TINY_CONFIG = LlamaConfig(
+    vocab_size=49152,  # SmolLM2's tokenizer, so the tiny model accepts the same token ids
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-5,
+    max_context=2048,
+)
+TINY_SEED = 20240917
+"""Fixed seed of the tiny model's random weights: every process gets the same model."""
+_TINY_INIT_STD = 0.02  # the usual Llama `initializer_range`
+
+
+def tiny_weights(
+    config: LlamaConfig = TINY_CONFIG, seed: int = TINY_SEED
+) -> dict[str, torch.Tensor]:
+    """Deterministic random weights (normal(0, 0.02) matrices, unit norms), tied embeddings."""
+    gen = torch.Generator().manual_seed(seed)
+    weights: dict[str, torch.Tensor] = {
+        "model.embed_tokens.weight": torch.randn(
+            config.vocab_size, config.hidden_size, generator=gen
+        ).mul_(_TINY_INIT_STD)
+    }
+    for name, (out_dim, in_dim) in config.linear_shapes().items():
+        if name == LM_HEAD:
+            continue
+        std = _TINY_INIT_STD
+        if name.endswith(("o_proj", "down_proj")):
+            std /= math.sqrt(2 * config.num_layers)  # GPT-2 style residual scaling
+        weights[f"{name}.weight"] = torch.randn(out_dim, in_dim, generator=gen).mul_(std)
+    for i in range(config.num_layers):
+        weights[f"model.layers.{i}.input_layernorm.weight"] = torch.ones(config.hidden_size)
+        weights[f"model.layers.{i}.post_attention_layernorm.weight"] = torch.ones(
+            config.hidden_size
+        )
+    weights["model.norm.weight"] = torch.ones(config.hidden_size)
+    return weights
