@@ -1,0 +1,266 @@
+"""Checkpoint download: streaming, progress, force, and refusal of unsafe archives.
+
+Most tests serve archives from a scripted `httpx.MockTransport` (no sockets; the download's
+file work runs in worker threads, so no autojump clock is used anywhere here). The tests at
+the end download over real sockets on 127.0.0.1 from the fault server.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from tinkex_trio._transport import Transport
+from tinkex_trio.config import Config
+from tinkex_trio.download import (
+    ArchiveError,
+    UnsafeArchiveError,
+    download,
+    target_dirname,
+)
+from tinkex_trio.errors import InvalidInputError, NotFoundError
+from tinkex_trio.rest import RestClient
+
+BASE = "http://api.test"
+PATH = "tinkex://unused"
+TINKER_PATH = "tinker://sess-1:train:0/weights/step-100"
+TARGET = "sess-1:train:0_weights_step-100"
+ARCHIVE_ROUTE = "/api/v1/training_runs/sess-1:train:0/checkpoints/weights/step-100/archive"
+FILES = {
+    "adapter_config.json": b'{"r": 8}',
+    "adapter_model.safetensors": os.urandom(300_000),
+    "checkpoint_complete": b"",
+}
+
+Member = tuple[tarfile.TarInfo, bytes | None]
+
+
+def build_tar(members: list[Member], *, compress: bool = False) -> bytes:
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            else:
+                tar.addfile(info)
+    blob = raw.getvalue()
+    return gzip.compress(blob) if compress else blob
+
+
+def regular(name: str, data: bytes) -> Member:
+    info = tarfile.TarInfo(name)
+    info.mode = 0o644
+    return info, data
+
+
+def special(name: str, kind: bytes, linkname: str = "") -> Member:
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    return info, None
+
+
+def good_archive(*, compress: bool = False) -> bytes:
+    folder = tarfile.TarInfo("sub")
+    folder.type = tarfile.DIRTYPE
+    folder.mode = 0o755
+    members = [regular(name, data) for name, data in FILES.items()]
+    members += [(folder, None), regular("sub/extra.txt", b"x")]
+    return build_tar(members, compress=compress)
+
+
+class ArchiveServer:
+    """MockTransport handler: the archive endpoint redirects to a signed URL serving `blob`."""
+
+    def __init__(
+        self, blob: bytes | Callable[[], AsyncIterator[bytes]], *, length: bool = True
+    ) -> None:
+        self.blob = blob
+        self.length = length
+        self.requests: list[httpx.Request] = []
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        if request.url.path == ARCHIVE_ROUTE:
+            return httpx.Response(302, headers={"Location": f"{BASE}/signed/archive.tar?sig=1"})
+        if request.url.path == "/signed/archive.tar":
+            if callable(self.blob):
+                return httpx.Response(200, content=self.blob())
+            headers = {} if self.length else {"Transfer-Encoding": "chunked"}
+            if not self.length:
+                blob = self.blob
+
+                async def chunks() -> AsyncIterator[bytes]:
+                    for start in range(0, len(blob), 65536):
+                        yield blob[start : start + 65536]
+
+                return httpx.Response(200, headers=headers, content=chunks())
+            return httpx.Response(200, content=self.blob)
+        return httpx.Response(404, json={"detail": "no route"})
+
+
+def rest_for(handler: ArchiveServer) -> RestClient:
+    config = Config(api_key="tml-test", base_url=BASE, max_retries=0)
+    return RestClient(Transport(config, transport=httpx.MockTransport(handler)))
+
+
+def listing(directory: Path) -> set[str]:
+    return {str(p.relative_to(directory)) for p in directory.rglob("*")}
+
+
+def test_target_dirname() -> None:
+    assert target_dirname(TINKER_PATH) == TARGET
+    assert target_dirname("tinker://r/sampler_weights/s") == "r_sampler_weights_s"
+    with pytest.raises(InvalidInputError, match="tinker_path"):
+        target_dirname("tinker://only-two/parts")
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_download_extracts_and_reports_progress(tmp_path: Path, compress: bool) -> None:
+    blob = good_archive(compress=compress)
+    server = ArchiveServer(blob)
+    calls: list[tuple[int, int | None]] = []
+    target = await download(
+        rest_for(server),
+        TINKER_PATH,
+        output_dir=tmp_path,
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert target == tmp_path / TARGET
+    for name, data in FILES.items():
+        assert (target / name).read_bytes() == data
+    assert (target / "sub" / "extra.txt").read_bytes() == b"x"
+    assert calls[-1] == (len(blob), len(blob))
+    assert all(total == len(blob) for _, total in calls)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+    assert listing(tmp_path) == {TARGET} | {f"{TARGET}/{p}" for p in listing(target)}
+    archive_request = server.requests[0]
+    assert archive_request.headers["accept"] == "application/gzip"
+    assert server.requests[1].url.params["sig"] == "1"
+
+
+async def test_progress_without_content_length(tmp_path: Path) -> None:
+    blob = good_archive()
+    calls: list[tuple[int, int | None]] = []
+    await download(
+        rest_for(ArchiveServer(blob, length=False)),
+        TINKER_PATH,
+        output_dir=tmp_path / "new" / "dir",
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls[-1] == (len(blob), len(blob))
+    assert all(total is None for _, total in calls[:-1])
+    assert (tmp_path / "new" / "dir" / TARGET / "checkpoint_complete").is_file()
+
+
+async def test_existing_target_needs_force(tmp_path: Path) -> None:
+    server = ArchiveServer(good_archive())
+    old = tmp_path / TARGET
+    old.mkdir()
+    (old / "stale.txt").write_text("old")
+    with pytest.raises(FileExistsError, match=r"force=True"):
+        await download(rest_for(server), TINKER_PATH, output_dir=tmp_path)
+    assert server.requests == [], "refused before anything was sent"
+    assert (old / "stale.txt").is_file()
+
+    target = await download(rest_for(server), TINKER_PATH, output_dir=tmp_path, force=True)
+    assert not (target / "stale.txt").exists()
+    assert (target / "adapter_config.json").is_file()
+    assert listing(tmp_path) == {TARGET} | {f"{TARGET}/{p}" for p in listing(target)}
+
+
+async def test_force_keeps_old_target_when_new_archive_is_unsafe(tmp_path: Path) -> None:
+    old = tmp_path / TARGET
+    old.mkdir()
+    (old / "stale.txt").write_text("old")
+    blob = build_tar([regular("ok.txt", b"1"), regular("../evil.txt", b"2")])
+    with pytest.raises(UnsafeArchiveError):
+        await download(rest_for(ArchiveServer(blob)), TINKER_PATH, output_dir=tmp_path, force=True)
+    assert listing(tmp_path) == {TARGET, f"{TARGET}/stale.txt"}
+
+
+async def test_malformed_tinker_path_sends_nothing(tmp_path: Path) -> None:
+    server = ArchiveServer(good_archive())
+    for bad in ["sess/weights/x", "tinker://run/bogus/x", "tinker://run/weights/a/b"]:
+        with pytest.raises(InvalidInputError, match="tinker_path"):
+            await download(rest_for(server), bad, output_dir=tmp_path)
+    assert server.requests == []
+    assert listing(tmp_path) == set()
+
+
+UNSAFE = {
+    "absolute": ([regular("/tmp/tinkex-evil-abs.txt", b"x")], "absolute"),
+    "dotdot": ([regular("ok.txt", b"1"), regular("a/../../evil.txt", b"x")], "'..'"),
+    "symlink": ([special("link", tarfile.SYMTYPE, "/etc/passwd")], "symlink"),
+    "relative symlink": ([special("link", tarfile.SYMTYPE, "../x")], "symlink"),
+    "hardlink": (
+        [regular("ok.txt", b"1"), special("hard", tarfile.LNKTYPE, "ok.txt")],
+        "hard link",
+    ),
+    "fifo": ([special("pipe", tarfile.FIFOTYPE)], "not a regular file"),
+    "char device": ([special("dev", tarfile.CHRTYPE)], "not a regular file"),
+    "block device": ([special("blk", tarfile.BLKTYPE)], "not a regular file"),
+}
+
+
+@pytest.mark.parametrize("case", list(UNSAFE))
+async def test_unsafe_archives_write_nothing(tmp_path: Path, case: str) -> None:
+    members, reason = UNSAFE[case]
+    out = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError, match=reason):
+        await download(rest_for(ArchiveServer(build_tar(members))), TINKER_PATH, output_dir=out)
+    assert listing(out) == set(), "no target, no staging dir, no temporary archive"
+    assert listing(tmp_path) == {"out"}
+    assert not Path("/tmp/tinkex-evil-abs.txt").exists()
+
+
+async def test_not_a_tar(tmp_path: Path) -> None:
+    with pytest.raises(ArchiveError, match="not a tar archive"):
+        await download(
+            rest_for(ArchiveServer(b"this is not a tar file" * 100)),
+            TINKER_PATH,
+            output_dir=tmp_path,
+        )
+    assert listing(tmp_path) == set()
+
+
+async def test_archive_url_error_is_raised(tmp_path: Path) -> None:
+    class Missing(ArchiveServer):
+        async def __call__(self, request: httpx.Request) -> httpx.Response:
+            self.requests.append(request)
+            return httpx.Response(404, json={"detail": "no such checkpoint"})
+
+    with pytest.raises(NotFoundError):
+        await download(rest_for(Missing(b"")), TINKER_PATH, output_dir=tmp_path)
+    assert listing(tmp_path) == set()
+
+
+async def test_cancel_mid_download_removes_temporary_archive(tmp_path: Path) -> None:
+    started = trio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"\0" * 100_000
+        started.set()
+        await trio.sleep_forever()
+        yield b""  # pragma: no cover
+
+    async with trio.open_nursery() as nursery:
+
+        async def run() -> None:
+            await download(rest_for(ArchiveServer(slow)), TINKER_PATH, output_dir=tmp_path)
+
+        nursery.start_soon(run)
+        with trio.fail_after(10):
+            await started.wait()
+        assert any(p.name.startswith(".tinkex-download-") for p in tmp_path.iterdir())
+        nursery.cancel_scope.cancel()
+    assert listing(tmp_path) == set()
