@@ -220,7 +220,7 @@ async def test_unsafe_archives_write_nothing(tmp_path: Path, case: str) -> None:
         await download(rest_for(ArchiveServer(build_tar(members))), TINKER_PATH, output_dir=out)
     assert listing(out) == set(), "no target, no staging dir, no temporary archive"
     assert listing(tmp_path) == {"out"}
-    assert not Path("/tmp/tinkex-evil-abs.txt").exists()
+    assert "tinkex-evil-abs.txt" not in os.listdir("/tmp")
 
 
 async def test_not_a_tar(tmp_path: Path) -> None:
@@ -261,6 +261,6 @@ async def test_cancel_mid_download_removes_temporary_archive(tmp_path: Path) -> 
         nursery.start_soon(run)
         with trio.fail_after(10):
             await started.wait()
-        assert any(p.name.startswith(".tinkex-download-") for p in tmp_path.iterdir())
+        assert any(name.startswith(".tinkex-download-") for name in os.listdir(tmp_path))
         nursery.cancel_scope.cancel()
     assert listing(tmp_path) == set()
