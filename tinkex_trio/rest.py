@@ -1,0 +1,491 @@
+"""RestClient: sessions, training runs and checkpoints (PROTOCOL.md 3.5, 7.8, 11, A.4).
+
+Plain request/response calls, each returning its typed Struct. Every call except the archive
+URL goes through layer-B retries (`Transport.with_retries`: 408/409/429/5xx, timeouts and
+connection errors for up to 5 minutes), as the official SDK does.
+
+Arguments are checked before anything is sent: a malformed tinker path, an id that would
+change the request path, or a negative limit raises `InvalidInputError` naming the argument.
+
+Names: the official SDK spells the path-taking variants `*_from_tinker_path` in some places
+and `*_by_tinker_path` in others. Both spellings exist here for every such method, so code
+written against either reads naturally. There are no `*_async` twins: everything is async.
+
+Pagination: the `list_*` methods return one page with its `Cursor`; `iter_training_runs()`,
+`iter_user_checkpoints()` and `iter_sessions()` walk every page. They are async generators
+that hold no resource between pages, so breaking out of the loop early is fine.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, final
+
+import httpx
+import trio
+
+from tinkex_trio.errors import APIStatusError, InvalidInputError, status_error_for
+from tinkex_trio.types import (
+    Checkpoint,
+    CheckpointArchiveUrlResponse,
+    CheckpointsListResponse,
+    GetSamplerResponse,
+    GetSessionResponse,
+    ListSessionsResponse,
+    ParsedTinkerPath,
+    ServerCapabilities,
+    SetCheckpointTtlRequest,
+    TrainingRun,
+    TrainingRunsResponse,
+    WeightsInfoRequest,
+    WeightsInfoResponse,
+    decode,
+    encode,
+)
+
+if TYPE_CHECKING:
+    from tinkex_trio._transport import Transport
+
+__all__ = ["AccessScope", "RestClient"]
+
+T = TypeVar("T")
+
+AccessScope = Literal["owned", "accessible"]
+"""`owned`: what the caller created; `accessible`: also what others shared with them."""
+
+_logger = logging.getLogger("tinkex_trio.rest")
+
+API_PREFIX: Final = "/api/v1"
+
+DEFAULT_RUNS_LIMIT: Final = 20
+DEFAULT_SESSIONS_LIMIT: Final = 20
+DEFAULT_CHECKPOINTS_LIMIT: Final = 100
+
+# PROTOCOL.md A.4.2: the server answers 503 while it builds an archive. Layer A of the
+# transport already retries 503 quickly (~10 times, a few seconds in all); when that gives up,
+# wait this long and start again, up to ARCHIVE_ATTEMPTS rounds (the official SDK's numbers).
+# Large checkpoints take minutes to pack, hence the long pause rather than more quick retries.
+ARCHIVE_ATTEMPTS: Final = 6
+ARCHIVE_RETRY_DELAY: Final = 30.0
+# Expiry assumed when the 302 has no parsable `Expires` header (the official SDK's default).
+ARCHIVE_DEFAULT_EXPIRY: Final = timedelta(minutes=15)
+
+_JSON_HEADERS: Final = {"Content-Type": "application/json"}
+# Characters that would change the meaning of a URL path if an id contained them.
+_FORBIDDEN_IN_ID: Final = frozenset("/?#% \t\r\n")
+_CHECKPOINT_SEGMENTS: Final = ("weights", "sampler_weights", "external_weights")
+
+
+@final
+class RestClient:
+    """Typed access to the REST endpoints of a Tinker server.
+
+    Get one from `ServiceClient.create_rest_client()`; it shares the service's transport
+    (connection pool, headers, retries, telemetry), so it lives as long as the service.
+    """
+
+    def __init__(self, transport: Transport) -> None:
+        self._transport = transport
+
+    @property
+    def transport(self) -> Transport:
+        """The transport this client sends through (also used by `download` to stream)."""
+        return self._transport
+
+    def __repr__(self) -> str:
+        return f"RestClient(transport={self._transport!r})"
+
+    # --- server ------------------------------------------------------------------------------
+
+    async def get_server_capabilities(self) -> ServerCapabilities:
+        """The models this server supports (`GET get_server_capabilities`)."""
+        return await self._call("GET", "/get_server_capabilities", ServerCapabilities)
+
+    # --- sessions ----------------------------------------------------------------------------
+
+    async def list_sessions(
+        self,
+        limit: int = DEFAULT_SESSIONS_LIMIT,
+        offset: int = 0,
+        access_scope: AccessScope = "owned",
+    ) -> ListSessionsResponse:
+        """One page of session ids (`GET sessions`). See `iter_sessions` for all of them."""
+        params = {
+            "limit": _page_limit(limit),
+            "offset": _offset(offset),
+            "access_scope": _access_scope(access_scope),
+        }
+        return await self._call("GET", "/sessions", ListSessionsResponse, params=params)
+
+    async def iter_sessions(
+        self, *, page_size: int = DEFAULT_SESSIONS_LIMIT, access_scope: AccessScope = "owned"
+    ) -> AsyncIterator[str]:
+        """Every session id, fetching `page_size` at a time.
+
+        The sessions listing carries no cursor, so a page shorter than `page_size` ends it.
+        """
+        _page_limit(page_size, "page_size")
+        _access_scope(access_scope)
+        offset = 0
+        while True:
+            page = await self.list_sessions(page_size, offset, access_scope)
+            for session_id in page.sessions:
+                yield session_id
+            if len(page.sessions) < page_size:
+                return
+            offset += len(page.sessions)
+
+    async def get_session(
+        self, session_id: str, access_scope: AccessScope = "owned"
+    ) -> GetSessionResponse:
+        """A session's training runs and samplers (`GET sessions/{id}`)."""
+        path = f"/sessions/{_path_id(session_id, 'session_id')}"
+        params = {"access_scope": _access_scope(access_scope)}
+        return await self._call("GET", path, GetSessionResponse, params=params)
+
+    # --- training runs -----------------------------------------------------------------------
+
+    async def list_training_runs(
+        self,
+        limit: int = DEFAULT_RUNS_LIMIT,
+        offset: int = 0,
+        access_scope: AccessScope = "owned",
+        project_id: str | None = None,
+    ) -> TrainingRunsResponse:
+        """One page of training runs with its cursor (`GET training_runs`)."""
+        params: dict[str, Any] = {
+            "limit": _page_limit(limit),
+            "offset": _offset(offset),
+            "access_scope": _access_scope(access_scope),
+        }
+        if project_id is not None:
+            params["project_id"] = _non_empty(project_id, "project_id")
+        return await self._call("GET", "/training_runs", TrainingRunsResponse, params=params)
+
+    async def iter_training_runs(
+        self,
+        *,
+        page_size: int = DEFAULT_RUNS_LIMIT,
+        access_scope: AccessScope = "owned",
+        project_id: str | None = None,
+    ) -> AsyncIterator[TrainingRun]:
+        """Every training run, following the cursor page by page."""
+        _page_limit(page_size, "page_size")
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.list_training_runs(page_size, offset, access_scope, project_id)
+            for run in page.training_runs:
+                yield run
+            offset = _next_offset(page.cursor, offset, len(page.training_runs), page_size)
+
+    async def get_training_run(
+        self, training_run_id: str, access_scope: AccessScope = "owned"
+    ) -> TrainingRun:
+        """One training run (`GET training_runs/{id}`)."""
+        path = f"/training_runs/{_path_id(training_run_id, 'training_run_id')}"
+        params = {"access_scope": _access_scope(access_scope)}
+        return await self._call("GET", path, TrainingRun, params=params)
+
+    async def get_training_run_by_tinker_path(
+        self, tinker_path: str, access_scope: AccessScope = "owned"
+    ) -> TrainingRun:
+        """The training run a checkpoint path belongs to."""
+        parsed = _parse_tinker_path(tinker_path)
+        return await self.get_training_run(parsed.training_run_id, access_scope)
+
+    get_training_run_from_tinker_path = get_training_run_by_tinker_path
+
+    # --- checkpoints -------------------------------------------------------------------------
+
+    async def list_checkpoints(self, training_run_id: str) -> CheckpointsListResponse:
+        """All checkpoints of one training run (`GET training_runs/{id}/checkpoints`)."""
+        path = f"/training_runs/{_path_id(training_run_id, 'training_run_id')}/checkpoints"
+        return await self._call("GET", path, CheckpointsListResponse)
+
+    async def list_user_checkpoints(
+        self, limit: int = DEFAULT_CHECKPOINTS_LIMIT, offset: int = 0
+    ) -> CheckpointsListResponse:
+        """One page of all the caller's checkpoints, newest first (`GET checkpoints`)."""
+        params = {"limit": _page_limit(limit), "offset": _offset(offset)}
+        return await self._call("GET", "/checkpoints", CheckpointsListResponse, params=params)
+
+    async def iter_user_checkpoints(
+        self, *, page_size: int = DEFAULT_CHECKPOINTS_LIMIT
+    ) -> AsyncIterator[Checkpoint]:
+        """Every checkpoint of the caller, newest first, following the cursor."""
+        _page_limit(page_size, "page_size")
+        offset: int | None = 0
+        while offset is not None:
+            page = await self.list_user_checkpoints(page_size, offset)
+            for checkpoint in page.checkpoints:
+                yield checkpoint
+            offset = _next_offset(page.cursor, offset, len(page.checkpoints), page_size)
+
+    async def get_weights_info_by_tinker_path(self, tinker_path: str) -> WeightsInfoResponse:
+        """Base model and LoRA settings of a checkpoint (`POST weights_info`)."""
+        _parse_tinker_path(tinker_path)
+        body = encode(WeightsInfoRequest(tinker_path=tinker_path))
+        return await self._call("POST", "/weights_info", WeightsInfoResponse, content=body)
+
+    get_weights_info_from_tinker_path = get_weights_info_by_tinker_path
+
+    async def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> None:
+        """Delete a checkpoint (`DELETE training_runs/{run}/checkpoints/{checkpoint_id}`)."""
+        await self._call("DELETE", _checkpoint_path(training_run_id, checkpoint_id), None)
+
+    async def delete_checkpoint_by_tinker_path(self, tinker_path: str) -> None:
+        """Delete the checkpoint at `tinker_path`."""
+        parsed = _parse_tinker_path(tinker_path)
+        await self.delete_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
+
+    delete_checkpoint_from_tinker_path = delete_checkpoint_by_tinker_path
+
+    async def publish_checkpoint(self, training_run_id: str, checkpoint_id: str) -> None:
+        """Make a checkpoint public (`POST .../publish`; the server may answer 409 if it is)."""
+        path = _checkpoint_path(training_run_id, checkpoint_id) + "/publish"
+        await self._call("POST", path, None)
+
+    async def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> None:
+        """Make the checkpoint at `tinker_path` public."""
+        parsed = _parse_tinker_path(tinker_path)
+        await self.publish_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
+
+    publish_checkpoint_by_tinker_path = publish_checkpoint_from_tinker_path
+
+    async def unpublish_checkpoint(self, training_run_id: str, checkpoint_id: str) -> None:
+        """Make a checkpoint private again (`DELETE .../publish`)."""
+        path = _checkpoint_path(training_run_id, checkpoint_id) + "/publish"
+        await self._call("DELETE", path, None)
+
+    async def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> None:
+        """Make the checkpoint at `tinker_path` private again."""
+        parsed = _parse_tinker_path(tinker_path)
+        await self.unpublish_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
+
+    unpublish_checkpoint_by_tinker_path = unpublish_checkpoint_from_tinker_path
+
+    async def set_checkpoint_ttl(
+        self, training_run_id: str, checkpoint_id: str, ttl_seconds: int | None
+    ) -> None:
+        """Expire a checkpoint `ttl_seconds` from now; None removes the expiry (`PUT .../ttl`)."""
+        path = _checkpoint_path(training_run_id, checkpoint_id) + "/ttl"
+        body = encode(SetCheckpointTtlRequest(ttl_seconds=_ttl(ttl_seconds)))
+        await self._call("PUT", path, None, content=body)
+
+    async def set_checkpoint_ttl_from_tinker_path(
+        self, tinker_path: str, ttl_seconds: int | None
+    ) -> None:
+        """`set_checkpoint_ttl` for the checkpoint at `tinker_path`."""
+        parsed = _parse_tinker_path(tinker_path)
+        await self.set_checkpoint_ttl(parsed.training_run_id, parsed.checkpoint_id, ttl_seconds)
+
+    set_checkpoint_ttl_by_tinker_path = set_checkpoint_ttl_from_tinker_path
+
+    # --- archives (PROTOCOL.md A.4) ----------------------------------------------------------
+
+    async def get_checkpoint_archive_url(
+        self, training_run_id: str, checkpoint_id: str
+    ) -> CheckpointArchiveUrlResponse:
+        """A signed, expiring URL of the checkpoint's archive (a tar file).
+
+        The server answers 302 with the URL in `Location` (the redirect is not followed) and
+        503 while the archive is still being built. 503s are retried quickly by the
+        transport, then every `ARCHIVE_RETRY_DELAY` seconds, `ARCHIVE_ATTEMPTS` rounds in all;
+        the last 503 is raised. Not wrapped in layer-B retries (as in the official SDK).
+
+        `expires` is timezone-aware UTC: from the `Expires` header, else now + 15 minutes.
+
+        Raises:
+            InvalidInputError: a malformed id (nothing is sent).
+            APIStatusError: any answer but 302 (including a 302 without `Location`).
+        """
+        path = _checkpoint_path(training_run_id, checkpoint_id) + "/archive"
+        for attempt in range(1, ARCHIVE_ATTEMPTS + 1):
+            response = await self._transport.request(
+                "GET",
+                API_PREFIX + path,
+                accept="application/gzip",
+                follow_redirects=False,
+                raise_for_status=False,
+            )
+            if response.status_code == 302:
+                return _archive_url(response)
+            if response.status_code != 503 or attempt == ARCHIVE_ATTEMPTS:
+                await response.aread()
+                raise status_error_for(response)
+            _logger.info(
+                "checkpoint archive for %s/%s is still being built; retrying in %.0f s "
+                "(round %d of %d)",
+                training_run_id,
+                checkpoint_id,
+                ARCHIVE_RETRY_DELAY,
+                attempt,
+                ARCHIVE_ATTEMPTS,
+            )
+            await trio.sleep(ARCHIVE_RETRY_DELAY)
+        raise AssertionError("unreachable: the last round returns or raises")
+
+    async def get_checkpoint_archive_url_by_tinker_path(
+        self, tinker_path: str
+    ) -> CheckpointArchiveUrlResponse:
+        """`get_checkpoint_archive_url` for the checkpoint at `tinker_path`."""
+        parsed = _parse_tinker_path(tinker_path)
+        return await self.get_checkpoint_archive_url(parsed.training_run_id, parsed.checkpoint_id)
+
+    get_checkpoint_archive_url_from_tinker_path = get_checkpoint_archive_url_by_tinker_path
+
+    # --- samplers ----------------------------------------------------------------------------
+
+    async def get_sampler(self, sampler_id: str) -> GetSamplerResponse:
+        """A sampling session's base model and weights path (`GET samplers/{id}`)."""
+        path = f"/samplers/{_path_id(sampler_id, 'sampler_id')}"
+        return await self._call("GET", path, GetSamplerResponse)
+
+    # --- plumbing ----------------------------------------------------------------------------
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        type_: type[T] | None,
+        *,
+        params: dict[str, Any] | None = None,
+        content: bytes | None = None,
+    ) -> T:
+        """One layer-B-retried request; the body is decoded into `type_` (ignored if None)."""
+        headers = _JSON_HEADERS if content is not None else None
+
+        async def attempt() -> httpx.Response:
+            return await self._transport.request(
+                method, API_PREFIX + path, content=content, params=params, headers=headers
+            )
+
+        retried: Callable[[], Awaitable[httpx.Response]] = attempt
+        response = await self._transport.with_retries(retried)
+        if type_ is None:
+            return None  # type: ignore[return-value]
+        return decode(response.content, type_)
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _parse_tinker_path(tinker_path: str) -> ParsedTinkerPath:
+    try:
+        parsed = ParsedTinkerPath.parse(tinker_path)
+    except ValueError as exc:
+        raise InvalidInputError(f"tinker_path: {exc}") from None
+    _path_id(parsed.training_run_id, "tinker_path (its training run id)")
+    _path_id(parsed.name, "tinker_path (its checkpoint name)")
+    return parsed
+
+
+def _path_id(value: str, argument: str) -> str:
+    """An id that goes into a URL path verbatim (colons included, PROTOCOL.md A.4.1)."""
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{argument} must be a non-empty string, got {value!r}")
+    bad = sorted(set(value) & _FORBIDDEN_IN_ID)
+    if bad or value in (".", ".."):
+        raise InvalidInputError(
+            f"{argument} {value!r} cannot be used in a request path (contains {bad!r} or is a "
+            "dot segment); pass the id exactly as the server returned it"
+        )
+    return value
+
+
+def _checkpoint_path(training_run_id: str, checkpoint_id: str) -> str:
+    """`/training_runs/{run}/checkpoints/{segment}/{name}` (checkpoint ids contain one `/`)."""
+    run = _path_id(training_run_id, "training_run_id")
+    if not isinstance(checkpoint_id, str) or checkpoint_id.count("/") != 1:
+        raise InvalidInputError(
+            f"checkpoint_id must look like 'weights/<name>' or 'sampler_weights/<name>', "
+            f"got {checkpoint_id!r}"
+        )
+    segment, name = checkpoint_id.split("/")
+    if segment not in _CHECKPOINT_SEGMENTS:
+        raise InvalidInputError(
+            f"checkpoint_id must start with one of {list(_CHECKPOINT_SEGMENTS)} and a '/', "
+            f"got {checkpoint_id!r}"
+        )
+    _path_id(name, "checkpoint_id (its name part)")
+    return f"/training_runs/{run}/checkpoints/{segment}/{name}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _page_limit(limit: int, argument: str = "limit") -> int:
+    if not _is_int(limit) or limit < 1:
+        raise InvalidInputError(f"{argument} must be a positive integer, got {limit!r}")
+    return limit
+
+
+def _offset(offset: int) -> int:
+    if not _is_int(offset) or offset < 0:
+        raise InvalidInputError(f"offset must be an integer >= 0, got {offset!r}")
+    return offset
+
+
+def _access_scope(access_scope: str) -> str:
+    if access_scope not in ("owned", "accessible"):
+        raise InvalidInputError(
+            f"access_scope must be 'owned' or 'accessible', got {access_scope!r}"
+        )
+    return access_scope
+
+
+def _non_empty(value: str, argument: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidInputError(f"{argument} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _ttl(ttl_seconds: int | None) -> int | None:
+    if ttl_seconds is not None and (not _is_int(ttl_seconds) or ttl_seconds < 1):
+        raise InvalidInputError(
+            f"ttl_seconds must be a positive integer, or None to remove the expiry; "
+            f"got {ttl_seconds!r}"
+        )
+    return ttl_seconds
+
+
+def _next_offset(cursor: Any, offset: int, received: int, page_size: int) -> int | None:
+    """Where the next page starts, or None after the last page.
+
+    Trusts the cursor's `total_count` when there is one; a page with no items always ends the
+    walk, so a server whose cursor overstates the total cannot make us loop forever.
+    """
+    if received == 0:
+        return None
+    following = offset + received
+    if cursor is not None:
+        return following if following < cursor.total_count else None
+    return following if received >= page_size else None
+
+
+def _archive_url(response: httpx.Response) -> CheckpointArchiveUrlResponse:
+    location = response.headers.get("location")
+    if not location:
+        raise APIStatusError(
+            "Error code: 302 - the checkpoint archive redirect has no Location header",
+            status_code=302,
+            request=response.request,
+            response=response,
+        )
+    return CheckpointArchiveUrlResponse(url=location, expires=_parse_expires(response))
+
+
+def _parse_expires(response: httpx.Response) -> datetime:
+    value = response.headers.get("expires")
+    if value:
+        try:
+            parsed = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            parsed = None
+        if parsed is not None:
+            return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+    return datetime.now(UTC) + ARCHIVE_DEFAULT_EXPIRY
