@@ -10,8 +10,10 @@ Two kinds of tests (STYLE.md, DESIGN.md "Tests"):
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import Callable
+import math
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +21,7 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from _router_server import serve
 
 from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
@@ -104,12 +107,20 @@ class Router:
             )
         return outcome(request)
 
-    async def __call__(self, request: httpx.Request) -> httpx.Response:
-        body = await request.aread()
+    def handle(self, request: httpx.Request, body: bytes, now: float) -> httpx.Response:
         self.requests.append(request)
         self.bodies.append(body)
-        self.times.append(trio.current_time())
+        self.times.append(now)
         return self.reply(request, body)
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        """The MockTransport handler."""
+        body = await request.aread()
+        return self.handle(request, body, trio.current_time())
+
+    def serve(self, request: httpx.Request) -> httpx.Response:
+        """The real server's handler (runs in a server thread, so no trio time)."""
+        return self.handle(request, request.content, math.nan)
 
     def only(self) -> tuple[httpx.Request, bytes]:
         assert len(self.requests) == 1, [str(r.url) for r in self.requests]
@@ -121,8 +132,34 @@ def ok(payload: object) -> httpx.Response:
 
 
 def client(router: Router, **cfg: Any) -> RestClient:
+    """A client talking to `router` in memory (for virtual-time tests)."""
     config = Config(api_key="tml-test", base_url=BASE, **cfg)
     return RestClient(Transport(config, transport=httpx.MockTransport(router)))
+
+
+MakeClient = Callable[[Router], RestClient]
+
+
+@pytest.fixture(params=["memory", "127.0.0.1"])
+async def make_client(request: pytest.FixtureRequest) -> AsyncIterator[MakeClient]:
+    """Clients for a Router, in memory or over real sockets (default H11 pool) on 127.0.0.1."""
+    transports: list[Transport] = []
+    with contextlib.ExitStack() as stack:
+
+        def make(router: Router) -> RestClient:
+            if request.param == "memory":
+                rest = client(router)
+            else:
+                base = stack.enter_context(serve(router.serve))
+                # Per-read timeouts bound every real-socket test.
+                config = Config(api_key="tml-test", base_url=base, timeout=10, max_retries=1)
+                rest = RestClient(Transport(config))
+            transports.append(rest.transport)
+            return rest
+
+        yield make
+        for transport in transports:
+            await transport.aclose()
 
 
 def query(request: httpx.Request) -> dict[str, str]:
@@ -132,17 +169,17 @@ def query(request: httpx.Request) -> dict[str, str]:
 # --- every method: exact request, typed response ---------------------------------------------
 
 
-async def test_get_server_capabilities() -> None:
+async def test_get_server_capabilities(make_client: MakeClient) -> None:
     router = Router()
     router.on("GET", "/get_server_capabilities", ok({"supported_models": [{"model_name": "m"}]}))
-    caps = await client(router).get_server_capabilities()
+    caps = await make_client(router).get_server_capabilities()
     assert isinstance(caps, ServerCapabilities)
     assert caps.supported_models[0].model_name == "m"
     request, _ = router.only()
     assert request.url.path == f"{V1}/get_server_capabilities"
 
 
-async def test_list_and_get_sessions() -> None:
+async def test_list_and_get_sessions(make_client: MakeClient) -> None:
     router = Router()
     router.on("GET", "/sessions", ok({"sessions": ["s1", "s2"]}))
     router.on(
@@ -150,7 +187,7 @@ async def test_list_and_get_sessions() -> None:
         "/sessions/sess-1",
         ok({"training_run_ids": [RUN], "sampler_ids": [], "user_metadata": None}),
     )
-    rest = client(router)
+    rest = make_client(router)
     sessions = await rest.list_sessions(limit=5, offset=10, access_scope="accessible")
     assert isinstance(sessions, ListSessionsResponse)
     assert sessions.sessions == ["s1", "s2"]
@@ -162,14 +199,14 @@ async def test_list_and_get_sessions() -> None:
     assert query(router.requests[1]) == {"access_scope": "owned"}
 
 
-async def test_list_training_runs_defaults_and_project() -> None:
+async def test_list_training_runs_defaults_and_project(make_client: MakeClient) -> None:
     router = Router()
     router.on(
         "GET",
         "/training_runs",
         ok({"training_runs": [run_json()], "cursor": {"offset": 0, "limit": 20, "total_count": 1}}),
     )
-    rest = client(router)
+    rest = make_client(router)
     runs = await rest.list_training_runs()
     assert isinstance(runs, TrainingRunsResponse)
     assert runs.training_runs[0].last_checkpoint is not None
@@ -184,10 +221,10 @@ async def test_list_training_runs_defaults_and_project() -> None:
     }
 
 
-async def test_get_training_run_by_id_and_path() -> None:
+async def test_get_training_run_by_id_and_path(make_client: MakeClient) -> None:
     router = Router()
     router.on("GET", f"/training_runs/{RUN}", ok(run_json()))
-    rest = client(router)
+    rest = make_client(router)
     run = await rest.get_training_run(RUN, access_scope="accessible")
     assert isinstance(run, TrainingRun)
     assert run.lora_rank == 16
@@ -199,7 +236,7 @@ async def test_get_training_run_by_id_and_path() -> None:
         )
 
 
-async def test_list_checkpoints_and_user_checkpoints() -> None:
+async def test_list_checkpoints_and_user_checkpoints(make_client: MakeClient) -> None:
     router = Router()
     router.on("GET", f"/training_runs/{RUN}/checkpoints", ok({"checkpoints": [checkpoint_json()]}))
     router.on(
@@ -212,7 +249,7 @@ async def test_list_checkpoints_and_user_checkpoints() -> None:
             }
         ),
     )
-    rest = client(router)
+    rest = make_client(router)
     per_run = await rest.list_checkpoints(RUN)
     assert isinstance(per_run, CheckpointsListResponse)
     assert per_run.cursor is None
@@ -226,14 +263,14 @@ async def test_list_checkpoints_and_user_checkpoints() -> None:
     assert query(router.requests[2]) == {"limit": "100", "offset": "0"}
 
 
-async def test_weights_info() -> None:
+async def test_weights_info(make_client: MakeClient) -> None:
     router = Router()
     router.on(
         "POST",
         "/weights_info",
         ok({"base_model": "Qwen/Qwen3-8B", "is_lora": True, "lora_rank": 16, "train_mlp": True}),
     )
-    info = await client(router).get_weights_info_by_tinker_path(PATH)
+    info = await make_client(router).get_weights_info_by_tinker_path(PATH)
     assert isinstance(info, WeightsInfoResponse)
     assert (info.base_model, info.lora_rank, info.train_mlp) == ("Qwen/Qwen3-8B", 16, True)
     request, body = router.only()
@@ -269,11 +306,15 @@ CHECKPOINT_ROUTE = f"/training_runs/{RUN}/checkpoints/weights/step-100"
     ],
 )
 async def test_checkpoint_mutations(
-    call: Callable[[RestClient], Any], method: str, suffix: str, body: object
+    make_client: MakeClient,
+    call: Callable[[RestClient], Any],
+    method: str,
+    suffix: str,
+    body: object,
 ) -> None:
     router = Router()
     router.on(method, CHECKPOINT_ROUTE + suffix, httpx.Response(200, json={}))
-    assert await call(client(router)) is None
+    assert await call(make_client(router)) is None
     request, sent = router.only()
     assert request.method == method
     assert request.url.raw_path.decode() == V1 + CHECKPOINT_ROUTE + suffix
@@ -285,14 +326,14 @@ async def test_checkpoint_mutations(
         assert request.headers["x-idempotency-key"]
 
 
-async def test_get_sampler() -> None:
+async def test_get_sampler(make_client: MakeClient) -> None:
     router = Router()
     router.on(
         "GET",
         "/samplers/sess-1:sample:0",
         ok({"sampler_id": "sess-1:sample:0", "base_model": "m", "model_path": None}),
     )
-    sampler = await client(router).get_sampler("sess-1:sample:0")
+    sampler = await make_client(router).get_sampler("sess-1:sample:0")
     assert isinstance(sampler, GetSamplerResponse)
     assert sampler.model_path is None
     assert router.only()[0].url.raw_path.decode() == f"{V1}/samplers/sess-1:sample:0"
@@ -330,29 +371,31 @@ def paged(items: list[dict[str, Any]], key: str, *, cursor: bool = True) -> Repl
     return reply
 
 
-async def test_iter_training_runs_walks_every_page() -> None:
+async def test_iter_training_runs_walks_every_page(make_client: MakeClient) -> None:
     router = Router()
     runs = [run_json(f"sess-{i}:train:0") for i in range(5)]
     router.on("GET", "/training_runs", paged(runs, "training_runs"))
-    seen = [run.training_run_id async for run in client(router).iter_training_runs(page_size=2)]
+    seen = [
+        run.training_run_id async for run in make_client(router).iter_training_runs(page_size=2)
+    ]
     assert seen == [r["training_run_id"] for r in runs]
     assert [query(r)["offset"] for r in router.requests] == ["0", "2", "4"]
     assert {query(r)["limit"] for r in router.requests} == {"2"}
 
 
-async def test_iter_user_checkpoints_with_and_without_cursor() -> None:
+async def test_iter_user_checkpoints_with_and_without_cursor(make_client: MakeClient) -> None:
     checkpoints = [checkpoint_json(f"step-{i}") for i in range(7)]
     for cursor in (True, False):
         router = Router()
         router.on("GET", "/checkpoints", paged(checkpoints, "checkpoints", cursor=cursor))
         seen: list[Checkpoint] = [
-            c async for c in client(router).iter_user_checkpoints(page_size=3)
+            c async for c in make_client(router).iter_user_checkpoints(page_size=3)
         ]
         assert [c.checkpoint_id for c in seen] == [c["checkpoint_id"] for c in checkpoints]
         assert [query(r)["offset"] for r in router.requests] == ["0", "3", "6"]
 
 
-async def test_iter_sessions_stops_on_short_page() -> None:
+async def test_iter_sessions_stops_on_short_page(make_client: MakeClient) -> None:
     router = Router()
     sessions = [{"id": f"s{i}"} for i in range(4)]
 
@@ -361,20 +404,24 @@ async def test_iter_sessions_stops_on_short_page() -> None:
         return ok({"sessions": [s["id"] for s in sessions[offset : offset + limit]]})
 
     router.on("GET", "/sessions", reply)
-    seen = [s async for s in client(router).iter_sessions(page_size=2, access_scope="accessible")]
+    seen = [
+        s async for s in make_client(router).iter_sessions(page_size=2, access_scope="accessible")
+    ]
     assert seen == ["s0", "s1", "s2", "s3"]
     assert [query(r)["offset"] for r in router.requests] == ["0", "2", "4"]
     assert {query(r)["access_scope"] for r in router.requests} == {"accessible"}
 
 
-async def test_iteration_ends_on_empty_page_despite_overstated_total() -> None:
+async def test_iteration_ends_on_empty_page_despite_overstated_total(
+    make_client: MakeClient,
+) -> None:
     router = Router()
     router.on(
         "GET",
         "/training_runs",
         ok({"training_runs": [], "cursor": {"offset": 0, "limit": 20, "total_count": 99}}),
     )
-    assert [r async for r in client(router).iter_training_runs()] == []
+    assert [r async for r in make_client(router).iter_training_runs()] == []
     assert len(router.requests) == 1
 
 
@@ -480,11 +527,13 @@ async def test_archive_url_302(autojump_clock: trio.testing.MockClock) -> None:
     assert request.headers["accept"] == "application/gzip"
 
 
-async def test_archive_url_without_expires_defaults_to_15_minutes() -> None:
+async def test_archive_url_without_expires_defaults_to_15_minutes(
+    make_client: MakeClient,
+) -> None:
     router = Router()
     router.on("GET", ARCHIVE_ROUTE, httpx.Response(302, headers={"Location": SIGNED}))
     before = datetime.now(UTC)
-    result = await client(router).get_checkpoint_archive_url_from_tinker_path(PATH)
+    result = await make_client(router).get_checkpoint_archive_url_from_tinker_path(PATH)
     assert (
         before + timedelta(minutes=14) < result.expires < datetime.now(UTC) + timedelta(minutes=16)
     )
@@ -553,3 +602,26 @@ async def test_archive_other_answers_raise(
         await client(router, max_retries=0).get_checkpoint_archive_url(RUN, "weights/step-100")
     assert info.value.status_code == status
     assert len(router.requests) == 1
+
+
+async def test_archive_503_then_302_over_real_sockets() -> None:
+    """The 503-then-302 sequence over 127.0.0.1; layer A absorbs the 503 (retry-after-ms)."""
+    router = Router()
+    router.on(
+        "GET",
+        ARCHIVE_ROUTE,
+        httpx.Response(503, headers={"retry-after-ms": "20"}),
+        httpx.Response(
+            302, headers={"Location": SIGNED, "Expires": "Tue, 06 Jan 2026 09:30:00 GMT"}
+        ),
+    )
+    with serve(router.serve) as base:
+        transport = Transport(Config(api_key="tml-test", base_url=base, timeout=10, max_retries=2))
+        try:
+            with trio.fail_after(30):
+                result = await RestClient(transport).get_checkpoint_archive_url_by_tinker_path(PATH)
+        finally:
+            await transport.aclose()
+    assert (result.url, result.expires) == (SIGNED, datetime(2026, 1, 6, 9, 30, tzinfo=UTC))
+    assert [r.url.raw_path.decode() for r in router.requests] == [V1 + ARCHIVE_ROUTE] * 2
+    assert {r.headers["x-api-key"] for r in router.requests} == {"tml-test"}
