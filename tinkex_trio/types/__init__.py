@@ -21,6 +21,7 @@ from tinkex_trio.types._futures import (
     normalize_queue_state as normalize_queue_state,
 )
 from tinkex_trio.types._inputs import (
+    LOSS_INPUT_DTYPES as LOSS_INPUT_DTYPES,
     Datum as Datum,
     EncodedTextChunk as EncodedTextChunk,
     ImageAssetPointerChunk as ImageAssetPointerChunk,
@@ -78,6 +79,8 @@ from tinkex_trio.types._session import (
     TelemetryResponse as TelemetryResponse,
 )
 from tinkex_trio.types._training import (
+    JSON_LOSS_FNS as JSON_LOSS_FNS,
+    LOSS_FN_REQUIRED_INPUTS as LOSS_FN_REQUIRED_INPUTS,
     AdamParams as AdamParams,
     CreateModelRequest as CreateModelRequest,
     CreateModelResponse as CreateModelResponse,
@@ -103,6 +106,9 @@ from tinkex_trio.types._training import (
 )
 
 __all__ = [
+    "JSON_LOSS_FNS",
+    "LOSS_FN_REQUIRED_INPUTS",
+    "LOSS_INPUT_DTYPES",
     "TINKER_SCHEME",
     "UNSET",
     "AdamParams",

@@ -1,0 +1,48 @@
+"""What every client of one service shares: the state `open_service` owns."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+
+import trio
+
+from tinkex_trio import types as t
+from tinkex_trio._dispatch import RateLimiter
+from tinkex_trio._limits import ByteBudget
+from tinkex_trio._transport import Transport
+from tinkex_trio.config import Config
+from tinkex_trio.errors import ClientClosedError
+from tinkex_trio.futures import FuturePoller
+from tinkex_trio.telemetry import Telemetry
+
+
+@dataclasses.dataclass(eq=False)
+class ServiceContext:
+    """Owned by `open_service`; clients hold a reference and check `closed` before each use.
+
+    `nursery` runs every background task (training senders, future polls, heartbeat). The
+    counters are the per-session counters of PROTOCOL.md 5.1.
+    """
+
+    config: Config
+    transport: Transport
+    telemetry: Telemetry
+    poller: FuturePoller
+    nursery: trio.Nursery
+    session_id: str
+    client_config: t.ClientConfigResponse
+    rate_limiter: RateLimiter
+    fwdbwd_budget: ByteBudget
+    model_seq_ids: itertools.count[int] = dataclasses.field(default_factory=itertools.count)
+    sampling_session_seq_ids: itertools.count[int] = dataclasses.field(
+        default_factory=itertools.count
+    )
+    closed: bool = False
+
+    def check_open(self, what: str) -> None:
+        if self.closed:
+            raise ClientClosedError(
+                f"{what} was used after its service closed; use clients only inside the "
+                "`async with open_service(...)` block that created them"
+            )
