@@ -13,10 +13,12 @@ import os
 import tarfile
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
 import trio
+from _router_server import FileBody, serve
 
 from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
@@ -30,7 +32,6 @@ from tinkex_trio.errors import InvalidInputError, NotFoundError
 from tinkex_trio.rest import RestClient
 
 BASE = "http://api.test"
-PATH = "tinkex://unused"
 TINKER_PATH = "tinker://sess-1:train:0/weights/step-100"
 TARGET = "sess-1:train:0_weights_step-100"
 ARCHIVE_ROUTE = "/api/v1/training_runs/sess-1:train:0/checkpoints/weights/step-100/archive"
@@ -264,3 +265,84 @@ async def test_cancel_mid_download_removes_temporary_archive(tmp_path: Path) -> 
         assert any(name.startswith(".tinkex-download-") for name in os.listdir(tmp_path))
         nursery.cancel_scope.cancel()
     assert listing(tmp_path) == set()
+
+
+# --- over real sockets on 127.0.0.1 ----------------------------------------------------------
+
+
+class FileServer:
+    """Real-server handler: the archive endpoint 302s to `/files/archive`, served from disk."""
+
+    def __init__(self, archive: Path, *, busy: int = 0, content_length: bool = True) -> None:
+        self.archive = archive
+        self.busy = busy
+        self.content_length = content_length
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response | FileBody:
+        self.requests.append(request)
+        host = request.headers["host"]
+        if request.url.path == ARCHIVE_ROUTE:
+            if self.busy:
+                self.busy -= 1
+                return httpx.Response(503, headers={"retry-after-ms": "10"})
+            return httpx.Response(302, headers={"Location": f"http://{host}/files/archive?s=1"})
+        if request.url.path == "/files/archive":
+            return FileBody(self.archive, content_length=self.content_length)
+        return httpx.Response(404, json={"detail": "no route"})
+
+
+async def _download_from(
+    server: FileServer, output_dir: Path, **kwargs: Any
+) -> tuple[Path, list[tuple[int, int | None]]]:
+    calls: list[tuple[int, int | None]] = []
+    with serve(server) as base:
+        config = Config(api_key="tml-test", base_url=base, timeout=10, max_retries=2)
+        transport = Transport(config)
+        try:
+            with trio.fail_after(60):
+                target = await download(
+                    RestClient(transport),
+                    TINKER_PATH,
+                    output_dir=output_dir,
+                    progress=lambda done, total: calls.append((done, total)),
+                    **kwargs,
+                )
+        finally:
+            await transport.aclose()
+    return target, calls
+
+
+@pytest.mark.parametrize("content_length", [True, False])
+async def test_real_server_download(tmp_path: Path, content_length: bool) -> None:
+    archive = tmp_path / "served.tar.gz"
+    archive.write_bytes(good_archive(compress=True))
+    out = tmp_path / "out"
+    server = FileServer(archive, busy=1, content_length=content_length)
+    target, calls = await _download_from(server, out)
+    size = archive.stat().st_size
+    assert calls[-1] == (size, size)
+    assert (target / "adapter_model.safetensors").read_bytes() == FILES["adapter_model.safetensors"]
+    assert listing(out) == {TARGET} | {f"{TARGET}/{p}" for p in listing(target)}
+    paths = [r.url.path for r in server.requests]
+    assert paths == [ARCHIVE_ROUTE, ARCHIVE_ROUTE, "/files/archive"]
+    # The signed URL is on the same origin here, so the key is sent; the archive call asks
+    # for gzip.
+    assert server.requests[0].headers["accept"] == "application/gzip"
+
+    # force=True replaces the directory over the real server too.
+    (target / "marker").write_text("old")
+    target_again, _ = await _download_from(FileServer(archive), out, force=True)
+    assert target_again == target
+    assert not (target / "marker").exists()
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "symlink", "hardlink", "fifo"])
+async def test_real_server_refuses_unsafe(tmp_path: Path, case: str) -> None:
+    archive = tmp_path / "served.tar"
+    archive.write_bytes(build_tar(UNSAFE[case][0]))
+    out = tmp_path / "out"
+    with pytest.raises(UnsafeArchiveError):
+        await _download_from(FileServer(archive), out)
+    assert listing(out) == set()
+    assert listing(tmp_path) == {"out", "served.tar"}
