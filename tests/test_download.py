@@ -28,7 +28,7 @@ from tinkex_trio.download import (
     download,
     target_dirname,
 )
-from tinkex_trio.errors import InvalidInputError, NotFoundError
+from tinkex_trio.errors import APIConnectionError, InvalidInputError, NotFoundError
 from tinkex_trio.rest import RestClient
 
 BASE = "http://api.test"
@@ -346,3 +346,56 @@ async def test_real_server_refuses_unsafe(tmp_path: Path, case: str) -> None:
         await _download_from(FileServer(archive), out)
     assert listing(out) == set()
     assert listing(tmp_path) == {"out", "served.tar"}
+
+
+# --- the fault server: 503 first, chunked bodies, a connection dropped mid-body --------------
+
+
+async def test_fault_server_503_then_chunked_archive(tmp_path: Path) -> None:
+    fault_server = pytest.importorskip("fault_server")
+    blob = good_archive(compress=True)
+    async with fault_server.open_fault_server() as srv:
+        srv.script(
+            "GET",
+            ARCHIVE_ROUTE,
+            fault_server.Reply(status=503, headers={"retry-after-ms": "10"}),
+            fault_server.Reply(
+                status=302, headers={"Location": f"{srv.base_url}/signed/a.tar.gz?sig=x"}
+            ),
+        )
+        srv.always("GET", "/signed/a.tar.gz", fault_server.Reply(body=blob, chunked=True))
+        calls: list[tuple[int, int | None]] = []
+        transport = Transport(Config(api_key="tml-test", base_url=srv.base_url, max_retries=2))
+        try:
+            with trio.fail_after(30):
+                target = await download(
+                    RestClient(transport),
+                    TINKER_PATH,
+                    output_dir=tmp_path,
+                    progress=lambda done, total: calls.append((done, total)),
+                )
+        finally:
+            await transport.aclose()
+        assert [r.path for r in srv.requests] == [ARCHIVE_ROUTE, ARCHIVE_ROUTE, "/signed/a.tar.gz"]
+        assert srv.requests[0].headers["accept"] == "application/gzip"
+        assert srv.requests[2].query == "sig=x"
+    assert calls[-1] == (len(blob), len(blob))
+    assert (target / "adapter_config.json").read_bytes() == FILES["adapter_config.json"]
+
+
+async def test_fault_server_dropped_mid_body_cleans_up(tmp_path: Path) -> None:
+    fault_server = pytest.importorskip("fault_server")
+    async with fault_server.open_fault_server() as srv:
+        srv.always(
+            "GET",
+            ARCHIVE_ROUTE,
+            fault_server.Reply(status=302, headers={"Location": f"{srv.base_url}/signed/a.tar"}),
+        )
+        srv.always("GET", "/signed/a.tar", fault_server.Reply(body=good_archive(), drop="mid_body"))
+        transport = Transport(Config(api_key="tml-test", base_url=srv.base_url, max_retries=0))
+        try:
+            with trio.fail_after(30), pytest.raises(APIConnectionError, match="interrupted"):
+                await download(RestClient(transport), TINKER_PATH, output_dir=tmp_path)
+        finally:
+            await transport.aclose()
+    assert listing(tmp_path) == set()

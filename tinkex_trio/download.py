@@ -35,7 +35,13 @@ from typing import IO, TYPE_CHECKING, Final
 import httpx
 import trio
 
-from tinkex_trio.errors import InvalidInputError, TinkexError, status_error_for
+from tinkex_trio.errors import (
+    APIConnectionError,
+    APITimeoutError,
+    InvalidInputError,
+    TinkexError,
+    status_error_for,
+)
 from tinkex_trio.types import ParsedTinkerPath
 
 if TYPE_CHECKING:
@@ -92,6 +98,8 @@ async def download(
         UnsafeArchiveError: an archive member is unsafe (nothing is extracted).
         ArchiveError: the download is not a tar archive, or is shorter than announced.
         APIStatusError and subclasses: the archive URL or the download failed.
+        APIConnectionError / APITimeoutError: the connection failed, also mid-body (a
+            partial body is not resumed; call again).
 
     Resource handling: the temporary archive is deleted on success, on error and on
     cancellation.
@@ -133,15 +141,26 @@ async def _stream_to_file(
         total = _content_length(response.headers.get("content-length"))
         # Raw bytes: a gzip-compressed tar is stored as sent and tarfile detects the
         # compression itself, so Content-Length and the progress counts agree.
-        async for chunk in _raw_chunks(response):
-            buffer += chunk
-            downloaded += len(chunk)
-            if len(buffer) >= WRITE_BUFFER_BYTES:
-                data = bytes(buffer)
-                buffer.clear()
-                await trio.to_thread.run_sync(file.write, data)
-            if progress is not None:
-                progress(downloaded, total)
+        try:
+            async for chunk in _raw_chunks(response):
+                buffer += chunk
+                downloaded += len(chunk)
+                if len(buffer) >= WRITE_BUFFER_BYTES:
+                    data = bytes(buffer)
+                    buffer.clear()
+                    await trio.to_thread.run_sync(file.write, data)
+                if progress is not None:
+                    progress(downloaded, total)
+        except httpx.TransportError as exc:
+            # The transport maps errors up to the response head; a body cut short surfaces
+            # here, as the same error type a failed request would raise.
+            error = (
+                APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+            )
+            raise error(
+                f"checkpoint archive download interrupted after {downloaded} bytes: {exc!r}",
+                request=response.request,
+            ) from exc
     if buffer:
         await trio.to_thread.run_sync(file.write, bytes(buffer))
     await trio.to_thread.run_sync(file.flush)
