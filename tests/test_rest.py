@@ -625,3 +625,47 @@ async def test_archive_503_then_302_over_real_sockets() -> None:
     assert (result.url, result.expires) == (SIGNED, datetime(2026, 1, 6, 9, 30, tzinfo=UTC))
     assert [r.url.raw_path.decode() for r in router.requests] == [V1 + ARCHIVE_ROUTE] * 2
     assert {r.headers["x-api-key"] for r in router.requests} == {"tml-test"}
+
+
+async def test_fault_server_pages_and_mutations() -> None:
+    """Pagination over two pages and a TTL update, recorded by the shared fault server."""
+    fault_server = pytest.importorskip("fault_server")
+    reply = fault_server.Reply
+    async with fault_server.open_fault_server() as srv:
+        srv.script(
+            "GET",
+            f"{V1}/training_runs",
+            reply.json(
+                {
+                    "training_runs": [run_json("r-0"), run_json("r-1")],
+                    "cursor": {"offset": 0, "limit": 2, "total_count": 3},
+                }
+            ),
+            reply.json(
+                {
+                    "training_runs": [run_json("r-2")],
+                    "cursor": {"offset": 2, "limit": 2, "total_count": 3},
+                }
+            ),
+        )
+        srv.always("PUT", f"{V1}{CHECKPOINT_ROUTE}/ttl", reply.json({}))
+        transport = Transport(Config(api_key="tml-test", base_url=srv.base_url, max_retries=0))
+        rest = RestClient(transport)
+        try:
+            with trio.fail_after(30):
+                runs = [
+                    r.training_run_id
+                    async for r in rest.iter_training_runs(page_size=2, project_id="p")
+                ]
+                await rest.set_checkpoint_ttl_by_tinker_path(PATH, 3600)
+        finally:
+            await transport.aclose()
+    assert runs == ["r-0", "r-1", "r-2"]
+    listed, put = srv.requests[:2], srv.requests[2]
+    assert [r.query for r in listed] == [
+        "limit=2&offset=0&access_scope=owned&project_id=p",
+        "limit=2&offset=2&access_scope=owned&project_id=p",
+    ]
+    assert (put.method, put.path) == ("PUT", f"{V1}{CHECKPOINT_ROUTE}/ttl")
+    assert put.json() == {"ttl_seconds": 3600}
+    assert put.headers["x-api-key"] == "tml-test"
