@@ -399,3 +399,80 @@ async def test_fault_server_dropped_mid_body_cleans_up(tmp_path: Path) -> None:
         finally:
             await transport.aclose()
     assert listing(tmp_path) == set()
+
+
+# --- end to end against the local backend (its fake engine; real sockets) --------------------
+
+
+async def test_local_backend_round_trip(tmp_path: Path) -> None:
+    """save_weights on the local backend, then list, download, publish, TTL and delete it."""
+    pytest.importorskip("hypercorn")
+    local = pytest.importorskip("tinkex_trio.local")
+    fake = pytest.importorskip("tinkex_trio.local._fake_engine")
+    import msgspec
+
+    async with local.open_local_backend(
+        data_dir=tmp_path / "data", engine=fake.FakeEngine(), api_key="tml-e2e"
+    ) as backend:
+        transport = Transport(Config(api_key=backend.api_key, base_url=backend.base_url))
+        rest = RestClient(transport)
+
+        async def post(path: str, body: dict[str, Any]) -> Any:
+            response = await transport.request(
+                "POST", f"/api/v1/{path}", content=msgspec.json.encode(body)
+            )
+            return response.json()
+
+        async def result(submitted: Any) -> Any:
+            while True:
+                body = await post(
+                    "retrieve_future",
+                    {"request_id": submitted["request_id"], "allow_metadata_only": True},
+                )
+                if body.get("type") != "try_again":
+                    return body
+
+        try:
+            with trio.fail_after(60):
+                session = await post(
+                    "create_session", {"tags": [], "user_metadata": {}, "sdk_version": "t"}
+                )
+                model = await result(
+                    await post(
+                        "create_model",
+                        {
+                            "session_id": session["session_id"],
+                            "model_seq_id": 0,
+                            "base_model": fake.FAKE_TINY_NAME,
+                            "lora_config": {"rank": 4},
+                        },
+                    )
+                )
+                saved = await result(
+                    await post(
+                        "save_weights", {"model_id": model["model_id"], "path": "s1", "seq_id": 1}
+                    )
+                )
+                path = saved["path"]
+                listed = await rest.list_checkpoints(model["model_id"])
+                assert [c.tinker_path for c in listed.checkpoints] == [path]
+                calls: list[tuple[int, int | None]] = []
+                target = await download(
+                    rest,
+                    path,
+                    output_dir=tmp_path / "out",
+                    progress=lambda done, total: calls.append((done, total)),
+                )
+                assert {"adapter_config.json", "checkpoint_complete"} <= set(os.listdir(target))
+                assert calls[-1][0] == calls[-1][1]
+                assert (await rest.get_training_run_by_tinker_path(path)).lora_rank == 4
+                assert (await rest.get_weights_info_by_tinker_path(path)).is_lora
+                await rest.publish_checkpoint_from_tinker_path(path)
+                await rest.set_checkpoint_ttl_from_tinker_path(path, 3600)
+                await rest.delete_checkpoint_by_tinker_path(path)
+                assert (await rest.list_checkpoints(model["model_id"])).checkpoints == []
+        finally:
+            await transport.aclose()
+    assert listing(tmp_path / "out") == {target.name} | {
+        f"{target.name}/{name}" for name in os.listdir(target)
+    }
