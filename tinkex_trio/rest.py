@@ -315,6 +315,12 @@ class RestClient:
                 return _archive_url(response)
             if response.status_code != 503 or attempt == ARCHIVE_ATTEMPTS:
                 await response.aread()
+                if response.status_code < 400:
+                    raise status_error_for(
+                        response,
+                        f"Error code: {response.status_code} - the checkpoint archive "
+                        "endpoint must answer 302 with a Location header (PROTOCOL.md A.4.2)",
+                    )
                 raise status_error_for(response)
             _logger.info(
                 "checkpoint archive for %s/%s is still being built; retrying in %.0f s "
