@@ -289,7 +289,8 @@ class H11Pool(httpx.AsyncBaseTransport):
             head, body = self._encode_request(request)
             retried = False
             while True:
-                conn = self._checkout(origin)
+                # The retry goes to a fresh connection: other idle ones may be stale too.
+                conn = None if retried else self._checkout(origin)
                 if conn is None:
                     conn = await self._connect(origin, timeouts.get("connect"))
                 self._active.add(conn)

@@ -416,7 +416,7 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         # A per-read HTTP timeout handed to httpx (PROTOCOL.md 1.5), not an overall deadline:
         # callers bound the whole call with trio cancel scopes.
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         max_retries: int | None = None,
         raise_for_status: bool = True,
         accept: str = "application/json",
@@ -478,7 +478,7 @@ class Transport:
         headers: Mapping[str, str] | None = None,
         # A per-read HTTP timeout handed to httpx (PROTOCOL.md 1.5), not an overall deadline:
         # callers bound the whole call with trio cancel scopes.
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         max_retries: int | None = None,
         raise_for_status: bool = True,
         accept: str = "*/*",
