@@ -36,6 +36,9 @@ Everything is recorded: ``srv.requests`` (method, path, query, headers, body, co
 ``srv.connections_accepted``; ``await srv.close_idle_connections()`` closes every keep-alive
 connection that is waiting for its next request (to make a client's pooled connection stale).
 
+HTTPS: pass a server-side ``ssl_context`` (e.g. from a self-signed certificate made with the
+``openssl`` CLI, as tests/test_pool.py does) and ``base_url`` becomes ``https://127.0.0.1:<port>``.
+
 Rules for tests using it: real sockets, so no ``autojump_clock`` (its jumps would fire while
 bytes are in flight); bound every test with ``trio.fail_after`` and assert outcomes, not timings.
 """
@@ -50,6 +53,7 @@ import itertools
 import json
 import math
 import socket
+import ssl
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -141,16 +145,20 @@ def _not_scripted(request: RecordedRequest) -> Reply:
 
 @dataclasses.dataclass
 class _Conn:
-    stream: trio.SocketStream
+    stream: trio.abc.Stream  # the SocketStream, or an SSLStream over it
+    socket: trio.socket.SocketType
     idle: bool = True
 
 
 class FaultServer:
     """The running server (from :func:`open_fault_server` or ``nursery.start(serve_fault_server)``)."""
 
-    def __init__(self, port: int, handler: Handler) -> None:
+    def __init__(
+        self, port: int, handler: Handler, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
         self.port = port
-        self.base_url = f"http://127.0.0.1:{port}"
+        self.base_url = f"{'https' if ssl_context else 'http'}://127.0.0.1:{port}"
+        self._ssl_context = ssl_context
         self.handler = handler
         self.requests: list[RecordedRequest] = []
         self.connections_accepted = 0
@@ -191,7 +199,7 @@ class FaultServer:
         closed = 0
         for conn in list(self._conns.values()):
             if conn.idle:
-                conn.stream.socket.close()
+                conn.socket.close()
                 closed += 1
         return closed
 
@@ -208,15 +216,21 @@ class FaultServer:
 
     # -- serving -------------------------------------------------------------------------------
 
-    async def _handle(self, stream: trio.SocketStream) -> None:
+    async def _handle(self, tcp: trio.SocketStream) -> None:
         conn_id = next(self._ids)
         self.connections_accepted += 1
-        conn = _Conn(stream)
+        stream: trio.abc.Stream = tcp
+        conn = _Conn(stream, tcp.socket)
         self._conns[conn_id] = conn
         try:
+            if self._ssl_context is not None:
+                conn.stream = stream = trio.SSLStream(
+                    tcp, self._ssl_context, server_side=True, https_compatible=True
+                )
+                await stream.do_handshake()
             await self._serve(conn, conn_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError, h11.ProtocolError, _Dropped):
-            pass
+            pass  # the client left, or a scripted fault: close
         finally:
             del self._conns[conn_id]
             await trio.aclose_forcefully(stream)
@@ -252,19 +266,20 @@ class FaultServer:
             )
             self.requests.append(recorded)
             reply = await self._choose(recorded)
-            await self._respond(h, stream, reply)
+            await self._respond(h, conn, reply)
             if h.our_state is not h11.DONE or h.their_state is not h11.DONE:
                 return  # Connection: close from either side
             h.start_next_cycle()
 
-    async def _respond(self, h: h11.Connection, stream: trio.SocketStream, reply: Reply) -> None:
+    async def _respond(self, h: h11.Connection, conn: _Conn, reply: Reply) -> None:
+        stream = conn.stream
         if reply.delay:
             await _sleep_watching(h, stream, reply.delay)
         if reply.drop == "before_response":
             _drop()
         if reply.drop == "reset":
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            stream.socket.close()
+            conn.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            conn.socket.close()
             _drop()
         headers = [(k.encode(), v.encode()) for k, v in reply.headers.items()]
         names = {k.lower() for k, _ in headers}
@@ -298,7 +313,7 @@ def _drop() -> NoReturn:
     raise _Dropped
 
 
-async def _sleep_watching(h: h11.Connection, stream: trio.SocketStream, seconds: float) -> None:
+async def _sleep_watching(h: h11.Connection, stream: trio.abc.Stream, seconds: float) -> None:
     """Sleep, but notice the client closing meanwhile (then drop, as a real server would)."""
     deadline = trio.current_time() + seconds
     while True:
@@ -306,7 +321,7 @@ async def _sleep_watching(h: h11.Connection, stream: trio.SocketStream, seconds:
             data = await stream.receive_some(65536)
             if not data:
                 _drop()
-            h.receive_data(data)  # unexpected early bytes: keep them for h11
+            h.receive_data(bytes(data))  # unexpected early bytes: keep them for h11
             continue
         return
 
@@ -315,7 +330,7 @@ def _matches(method: str, pattern: str, request: RecordedRequest) -> bool:
     return (method in ("*", request.method)) and fnmatch.fnmatchcase(request.path, pattern)
 
 
-async def _next_event(h: h11.Connection, stream: trio.SocketStream) -> object:
+async def _next_event(h: h11.Connection, stream: trio.abc.Stream) -> object:
     while True:
         event = h.next_event()
         if event is h11.NEED_DATA:
@@ -323,7 +338,7 @@ async def _next_event(h: h11.Connection, stream: trio.SocketStream) -> object:
                 await stream.send_all(
                     h.send(h11.InformationalResponse(status_code=100, headers=[]))
                 )
-            h.receive_data(await stream.receive_some(65536))
+            h.receive_data(bytes(await stream.receive_some(65536)))
             continue
         if event is h11.PAUSED:
             raise h11.RemoteProtocolError("pipelined request")
@@ -333,12 +348,16 @@ async def _next_event(h: h11.Connection, stream: trio.SocketStream) -> object:
 async def serve_fault_server(
     *,
     handler: Handler = _not_scripted,
+    ssl_context: ssl.SSLContext | None = None,
     task_status: trio.TaskStatus[FaultServer] = trio.TASK_STATUS_IGNORED,
 ) -> NoReturn:
-    """Serve on 127.0.0.1, port 0, until cancelled; ``task_status.started(server)``."""
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    """Serve on 127.0.0.1, port 0, until cancelled; ``task_status.started(server)``.
+
+    With ``ssl_context`` (a server-side context) it speaks HTTPS and ``base_url`` is https.
+    """
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1", backlog=1024)
     port = listeners[0].socket.getsockname()[1]
-    server = FaultServer(port, handler)
+    server = FaultServer(port, handler, ssl_context)
     async with trio.open_nursery() as nursery:
         task_status.started(server)
         await trio.serve_listeners(server._handle, listeners, handler_nursery=nursery)
@@ -346,11 +365,13 @@ async def serve_fault_server(
 
 
 @asynccontextmanager
-async def open_fault_server(handler: Handler = _not_scripted) -> AsyncIterator[FaultServer]:
+async def open_fault_server(
+    handler: Handler = _not_scripted, *, ssl_context: ssl.SSLContext | None = None
+) -> AsyncIterator[FaultServer]:
     """Run a :class:`FaultServer` for the duration of the block."""
     async with trio.open_nursery() as nursery:
         server: FaultServer = await nursery.start(
-            functools.partial(serve_fault_server, handler=handler)
+            functools.partial(serve_fault_server, handler=handler, ssl_context=ssl_context)
         )
         try:
             yield server

@@ -7,7 +7,10 @@ outcomes (status, error type, connection counts), never timings.
 from __future__ import annotations
 
 import gzip
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Callable
 
 import httpx
@@ -381,3 +384,57 @@ async def test_transport_outcomes_over_real_sockets(srv: FaultServer) -> None:
         with pytest.raises(APIConnectionError):
             await t.request("GET", "/api/v1/hang")
         await t.aclose()
+
+
+# -- TLS -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A throwaway self-signed certificate for 127.0.0.1, made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = str(d / "cert.pem"), str(d / "key.pem")
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-keyout",
+            key,
+            "-out",
+            cert,
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_keep_alive_and_verification(tls_files: tuple[str, str]) -> None:
+    cert, key = tls_files
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    async with open_fault_server(ssl_context=server_ctx) as srv:
+        srv.always("POST", "/api/v1/x", Reply.json({"tls": True}))
+        assert srv.base_url.startswith("https://")
+        trusting = H11Pool(ssl_context=ssl.create_default_context(cafile=cert))
+        with trio.fail_after(LIMIT):
+            async with httpx.AsyncClient(transport=trusting, base_url=srv.base_url) as c:
+                for _ in range(3):
+                    assert (await c.post("/api/v1/x", content=b"{}")).json() == {"tls": True}
+            assert srv.connections_accepted == 1
+            # The default context does not trust a self-signed certificate.
+            async with httpx.AsyncClient(transport=H11Pool(), base_url=srv.base_url) as c:
+                with pytest.raises(httpx.ConnectError):
+                    await c.post("/api/v1/x", content=b"{}")
