@@ -1,0 +1,171 @@
+"""Throughput of the local backend: trained tokens/s and sampled tokens/s.
+
+The measuring functions take "engine-like" callables, so the same loops time TorchEngine called
+directly (here) and, later, the server over HTTP (wrap the SDK calls in the same signatures):
+
+- `TrainStep(data) -> None`: one forward_backward + optim_step on `data`.
+- `SampleCall(requests) -> int`: run the requests, return how many tokens were generated.
+
+Run: `.venv/bin/python benchmarks/bench_local.py [--models tiny,real] [--threads N]`.
+Sizes stay small (LOCAL_MODEL_NOTES.md budgets) so a run takes about a minute on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from tinkex_trio.local._engine_api import (
+    AdamStep,
+    DatumArrays,
+    SampleRequest,
+    SampleResult,
+)
+from tinkex_trio.local.engine import TorchEngine
+from tinkex_trio.local.model_files import SMOLLM2_NAME, TINY_NAME
+
+TrainStep = Callable[[Sequence[DatumArrays]], None]
+SampleCall = Callable[[Sequence[SampleRequest]], int]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    label: str
+    tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("inf")
+
+    def __str__(self) -> str:
+        return (
+            f"{self.label:<44} {self.tokens:>6} tokens {self.seconds:7.2f} s "
+            f"{self.tokens_per_second:9.1f} tokens/s"
+        )
+
+
+def random_batch(rows: int, length: int, seed: int = 0, vocab: int = 49152) -> list[DatumArrays]:
+    rng = np.random.default_rng(seed)
+    data = []
+    for _ in range(rows):
+        seq = rng.integers(0, vocab, size=length + 1)
+        data.append(
+            DatumArrays(
+                seq[:-1].astype(np.int64),
+                {"target_tokens": seq[1:].astype(np.int64), "weights": np.ones(length, np.float32)},
+            )
+        )
+    return data
+
+
+def measure_training(
+    label: str, train_step: TrainStep, data: Sequence[DatumArrays], steps: int, warmup: int = 1
+) -> Measurement:
+    """Trained (input) tokens per second over `steps` full steps, after `warmup` steps."""
+    for _ in range(warmup):
+        train_step(data)
+    tokens = sum(int(d.tokens.shape[0]) for d in data) * steps
+    start = time.perf_counter()
+    for _ in range(steps):
+        train_step(data)
+    return Measurement(label, tokens, time.perf_counter() - start)
+
+
+def measure_sampling(
+    label: str, sample: SampleCall, requests: Sequence[SampleRequest], repeats: int = 1
+) -> Measurement:
+    """Generated tokens per second (prefill time included) over `repeats` calls."""
+    sample(requests[:1])  # warm-up: model load, allocator
+    tokens = 0
+    start = time.perf_counter()
+    for _ in range(repeats):
+        tokens += sample(requests)
+    return Measurement(label, tokens, time.perf_counter() - start)
+
+
+def engine_train_step(engine: TorchEngine, adapter_id: str) -> TrainStep:
+    def step(data: Sequence[DatumArrays]) -> None:
+        engine.forward_backward(adapter_id, data, "cross_entropy", {}, False)
+        engine.optim_step(adapter_id, AdamStep(learning_rate=1e-4))
+
+    return step
+
+
+def engine_sample_call(engine: TorchEngine) -> SampleCall:
+    def call(requests: Sequence[SampleRequest]) -> int:
+        total = 0
+        for result in engine.sample(requests):
+            if not isinstance(result, SampleResult):
+                raise result
+            total += sum(len(s.tokens) for s in result.sequences)
+        return total
+
+    return call
+
+
+def sampling_requests(
+    model: str, batch: int, prompt_len: int, new_tokens: int
+) -> list[SampleRequest]:
+    rng = np.random.default_rng(1)
+    return [
+        SampleRequest(
+            base_model=model,
+            adapter_dir=None,
+            prompt=[int(t) for t in rng.integers(3, 49152, size=prompt_len)],
+            max_tokens=new_tokens,
+            stop=[],  # always generate exactly new_tokens
+            seed=i,
+        )
+        for i in range(batch)
+    ]
+
+
+# (label, model, training shapes [(rows, length, steps)], sampling shapes [(batch, prompt, new)])
+PLANS = {
+    "tiny": (TINY_NAME, [(4, 128, 5), (8, 512, 2)], [(1, 32, 64), (8, 32, 64)]),
+    "real": (SMOLLM2_NAME, [(4, 32, 2), (4, 128, 1)], [(1, 43, 16), (8, 43, 16)]),
+}
+
+
+def run_engine_benchmarks(models: Sequence[str], threads: int | None) -> list[Measurement]:
+    from tinkex_trio.local._engine_api import LoraSpec
+
+    results = []
+    for key in models:
+        model, train_shapes, sample_shapes = PLANS[key]
+        engine = TorchEngine(models=[model], threads=threads)
+        engine.create_adapter("bench", model, LoraSpec(rank=32, seed=0))
+        step = engine_train_step(engine, "bench")
+        for rows, length, steps in train_shapes:
+            m = measure_training(
+                f"{key} train {rows}x{length} (engine)", step, random_batch(rows, length), steps
+            )
+            print(m, flush=True)
+            results.append(m)
+        call = engine_sample_call(engine)
+        for batch, prompt, new in sample_shapes:
+            m = measure_sampling(
+                f"{key} sample batch {batch}, {prompt}+{new} (engine)",
+                call,
+                sampling_requests(model, batch, prompt, new),
+            )
+            print(m, flush=True)
+            results.append(m)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--models", default="tiny,real", help="comma list of: tiny, real")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    args = parser.parse_args()
+    run_engine_benchmarks([m for m in args.models.split(",") if m], args.threads)
+
+
+if __name__ == "__main__":
+    main()
