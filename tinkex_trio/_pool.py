@@ -75,6 +75,8 @@ MAX_HEADER_BYTES: Final = 100 * 1024
 """Largest response head accepted, as httpcore (h11's own default is 16 KiB; STYLE.md 4.12)."""
 
 READ_SIZE: Final = 64 * 1024
+_COALESCE_LIMIT: Final = 64 * 1024
+"""Bodies up to this size are joined to the head and sent in one write."""
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
@@ -422,10 +424,13 @@ class H11Pool(httpx.AsyncBaseTransport):
                     h11.Request(method=request.method, target=request.url.raw_path, headers=headers)
                 )
                 if body is not None:
-                    if body:
-                        data += h.send(h11.Data(data=body))
-                    data += h.send(h11.EndOfMessage())
-                    await conn.stream.send_all(data)
+                    payload = h.send(h11.Data(data=body)) if body else b""
+                    payload += h.send(h11.EndOfMessage())  # b"" with Content-Length framing
+                    if len(payload) <= _COALESCE_LIMIT:
+                        await conn.stream.send_all(data + payload)  # one write, one segment
+                    else:  # large bodies: skip the copy that joining would make
+                        await conn.stream.send_all(data)
+                        await conn.stream.send_all(payload)
                 else:
                     await conn.stream.send_all(data)
                     async for chunk in request.stream:  # type: ignore[union-attr]
