@@ -367,7 +367,7 @@ async def open_service(
     config: Config | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
-    telemetry: Telemetry | None = None,
+    telemetry_hub: Telemetry | None = None,
     **overrides: Any,
 ) -> AsyncIterator[ServiceClient]:
     """Open a session with a Tinker server; everything it starts ends with the block.
@@ -378,7 +378,8 @@ async def open_service(
             training = await svc.create_lora_training_client("HuggingFaceTB/SmolLM2-135M-Instruct")
 
     `config` (or `Config.resolve(**overrides)`: arguments > environment > defaults) says where
-    and how; `transport` replaces the default HTTP transport (e.g. `httpx.MockTransport`).
+    and how; `transport` replaces the default HTTP transport (e.g. `httpx.MockTransport`);
+    `telemetry_hub` receives the SDK's events (default: a new hub, `ServiceClient.telemetry`).
 
     Raises:
         MissingAPIKeyError: no API key was given or found in the environment.
@@ -389,7 +390,7 @@ async def open_service(
     elif overrides:
         raise TypeError("pass either config= or keyword settings, not both")
     config.require_api_key()
-    telemetry = telemetry if telemetry is not None else Telemetry()
+    telemetry = telemetry_hub if telemetry_hub is not None else Telemetry()
     http = Transport(config, transport=transport, telemetry=telemetry)
     user_error: BaseException | None = None
     to_raise: BaseException | None = None
