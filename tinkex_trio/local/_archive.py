@@ -1,0 +1,101 @@
+"""Checkpoint archives (PROTOCOL.md A.4): build once, sign a URL, serve it as a stream.
+
+* The archive is a gzip-compressed tar of the checkpoint's regular files at the archive root
+  (`adapter_config.json`, `adapter_model.safetensors`, `checkpoint_complete`, plus
+  `optimizer.safetensors` for training checkpoints): no directories, links, absolute names or
+  `..` (A.4.4). gzip because the SDK asks with `accept: application/gzip` (A.4.1).
+* It is built in a worker thread (compression is CPU work, not engine work, so it does not
+  take the engine's limiter) and cached under `<data>/archives/`; while it is being built the
+  archive endpoint answers 503 (A.4.2).
+* The URL handed out in the 302 `Location` is `/archives/<token>?expires=<unix>&signature=<hex>`
+  where signature = HMAC-SHA256(server secret, "<path>\\n<expires>"). The download route checks
+  the signature (403 if wrong) and the expiry (410 if past).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+logger = logging.getLogger("tinkex_trio.local.archive")
+
+#: Lifetime of a signed archive URL. The SDK defaults to 15 minutes when no Expires header
+#: parses (A.4.2); an hour leaves time for a slow download to start.
+ARCHIVE_URL_TTL = 3600.0
+#: Chunk size for streaming an archive: constant memory per download.
+STREAM_CHUNK = 64 * 1024
+ARCHIVE_ROUTE_PREFIX = "/archives/"
+
+
+def archive_token(run_id: str, checkpoint_id: str, created_at: float) -> str:
+    """A stable file name for one version of a checkpoint (overwrites get a new token)."""
+    digest = hashlib.sha256(f"{run_id}\n{checkpoint_id}\n{created_at!r}".encode()).hexdigest()
+    return digest[:40] + ".tar.gz"
+
+
+def sign(secret: bytes, path: str, expires: int) -> str:
+    return hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
+
+
+def verify(secret: bytes, path: str, expires: int, signature: str) -> bool:
+    return hmac.compare_digest(sign(secret, path, expires), signature)
+
+
+def build_archive(source_dir: Path, target: Path) -> None:
+    """Write the tar.gz of the regular files in `source_dir` (synchronous; run in a thread).
+
+    Written to a temporary name and renamed, so a reader never sees a partial archive.
+    """
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    with tarfile.open(tmp, "w:gz") as tar:
+        for entry in sorted(source_dir.iterdir()):
+            if entry.is_symlink() or not entry.is_file():
+                continue
+            tar.add(entry, arcname=entry.name, recursive=False)
+    tmp.replace(target)
+
+
+@dataclass
+class ArchiveBuilder:
+    """Tracks archives being built, so concurrent requests start one build, not many."""
+
+    directory: Path
+    _building: set[str] = field(default_factory=set)
+    _errors: dict[str, str] = field(default_factory=dict)
+
+    def path_for(self, token: str) -> Path:
+        return self.directory / token
+
+    def ready(self, token: str) -> bool:
+        return self.path_for(token).is_file()
+
+    def error(self, token: str) -> str | None:
+        return self._errors.get(token)
+
+    def start(self, nursery: trio.Nursery, token: str, source_dir: Path) -> None:
+        """Start building unless a build is running (or has failed)."""
+        if token in self._building or token in self._errors or self.ready(token):
+            return
+        self._building.add(token)
+        nursery.start_soon(self._build, token, source_dir)
+
+    async def _build(self, token: str, source_dir: Path) -> None:
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            await trio.to_thread.run_sync(build_archive, source_dir, self.path_for(token))
+        except OSError as exc:
+            logger.exception("building archive %s from %s failed", token, source_dir)
+            self._errors[token] = f"could not build the archive: {exc}"
+        finally:
+            self._building.discard(token)
+
+    def remove(self, token: str) -> None:
+        self._errors.pop(token, None)
+        self.path_for(token).unlink(missing_ok=True)

@@ -1,0 +1,199 @@
+"""A small ASGI layer: request/response objects, a regex router, and error bodies.
+
+Written here rather than taken from a framework because the backend needs very little (JSON in,
+JSON out, one streamed download) and must control details a framework hides: every error is a
+non-empty JSON body with a Content-Length (PROTOCOL.md 1.6: a bodiless 400 is taken for a proxy
+reset), paths carry raw colons and a slash inside checkpoint ids (PROTOCOL.md 1.2, 10.12), and
+nothing may turn into a 500 without a body.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qs
+
+import msgspec
+
+logger = logging.getLogger("tinkex_trio.local.http")
+
+#: Largest request body accepted. A maximal forward_backward chunk is ~5 MB by the client's own
+#: estimate (PROTOCOL.md A.7.3) and JSON numbers inflate that a few times.
+MAX_BODY_BYTES = 256 * 1024 * 1024
+
+Scope = Mapping[str, Any]
+Message = Mapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+
+class HTTPError(Exception):
+    """Raised by handlers; becomes a JSON error response `{"detail", "category"}`."""
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        category: str = "user",
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.category = category
+        self.headers = dict(headers or {})
+
+
+@dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+    params: dict[str, str] = field(default_factory=dict)
+    scheme: str = "http"
+    server: tuple[str, int] | None = None
+
+    def header(self, name: str) -> str | None:
+        return self.headers.get(name.lower())
+
+    def base_url(self) -> str:
+        """The absolute base URL this request reached (for absolute `Location` headers)."""
+        host = self.header("host")
+        if host is None and self.server is not None:
+            host = f"{self.server[0]}:{self.server[1]}"
+        return f"{self.scheme}://{host or '127.0.0.1'}"
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b"{}"
+    content_type: str = "application/json"
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class StreamResponse:
+    status: int
+    chunks: AsyncIterator[bytes]
+    content_type: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class _ErrorBody(msgspec.Struct):
+    detail: str
+    category: str
+
+
+def json_response(
+    obj: object, status: int = 200, headers: Mapping[str, str] | None = None
+) -> Response:
+    return Response(status=status, body=msgspec.json.encode(obj), headers=dict(headers or {}))
+
+
+def error_response(exc: HTTPError) -> Response:
+    body = msgspec.json.encode(_ErrorBody(detail=exc.detail, category=exc.category))
+    return Response(status=exc.status, body=body, headers=exc.headers)
+
+
+Handler = Callable[[Request], Awaitable[Response | StreamResponse]]
+
+
+@dataclass
+class _Route:
+    method: str
+    pattern: re.Pattern[str]
+    handler: Handler
+
+
+class Router:
+    """Routes by method and a full-match regex; named groups become `request.params`."""
+
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        self._routes.append(_Route(method, re.compile(pattern), handler))
+
+    def resolve(self, method: str, path: str) -> tuple[Handler, dict[str, str]]:
+        allowed: list[str] = []
+        for route in self._routes:
+            m = route.pattern.fullmatch(path)
+            if m is None:
+                continue
+            if route.method != method:
+                allowed.append(route.method)
+                continue
+            return route.handler, m.groupdict()
+        if allowed:
+            raise HTTPError(
+                405,
+                f"method {method} not allowed on {path}; use {', '.join(sorted(set(allowed)))}",
+                headers={"allow": ", ".join(sorted(set(allowed)))},
+            )
+        raise HTTPError(404, f"no endpoint {method} {path}")
+
+
+async def read_request(scope: Scope, receive: Receive) -> Request:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+        body = message.get("body", b"")
+        size += len(body)
+        if size > MAX_BODY_BYTES:
+            raise HTTPError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
+        chunks.append(body)
+        if not message.get("more_body", False):
+            break
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in scope.get("headers", []):
+        name = raw_name.decode("latin-1").lower()
+        value = raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    query = {
+        k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()
+    }
+    server = scope.get("server")
+    return Request(
+        method=scope["method"],
+        path=scope["path"],
+        query=query,
+        headers=headers,
+        body=b"".join(chunks),
+        scheme=scope.get("scheme", "http"),
+        server=(server[0], server[1]) if server else None,
+    )
+
+
+async def send_response(send: Send, response: Response | StreamResponse) -> None:
+    headers = [(b"content-type", response.content_type.encode())]
+    headers += [(k.lower().encode(), v.encode("latin-1")) for k, v in response.headers.items()]
+    if isinstance(response, Response):
+        headers.append((b"content-length", str(len(response.body)).encode()))
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+        return
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    async for chunk in response.chunks:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def handle_lifespan(receive: Receive, send: Send) -> None:
+    """Acknowledge Hypercorn's lifespan protocol; the backend's tasks live elsewhere."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return

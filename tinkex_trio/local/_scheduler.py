@@ -1,0 +1,229 @@
+"""Execution order: one engine worker, per-model seq_id lanes, batched sampling.
+
+* **Engine worker.** Every engine call goes through `EngineRunner.call`, which runs it in a
+  worker thread under a `CapacityLimiter(1)`: the engine contract (`_engine_api.py`) promises
+  the engine a single caller, so it needs no locks. Tests in virtual time use `in_thread=False`
+  (the call then runs inline on the trio thread), because MockClock's autojump cannot see
+  worker threads (STYLE.md 2.11).
+* **Training lanes.** Each training model has a lane that executes its requests strictly in
+  `seq_id` order (PROTOCOL.md 5.2, 10.6): request 0 is create_model or create-via-load, the
+  first one after that is 1, and an out-of-order arrival waits in the lane until the gap is
+  filled. A seq_id whose submission was rejected with a 4xx still counts as consumed (5.2), so
+  the lane gets a no-op for it.
+* **Sampling.** Requests are collected for a short window (and for as long as the engine is
+  busy with something else), then handed to `engine.sample` as one batch.
+* **Failures.** A job's `EngineUserError` fails its future with category `user`; any other
+  exception fails it with category `server` and is logged with its traceback. Either way the
+  lane moves on: one failed request never poisons the next (PROTOCOL.md 4.7).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+import trio
+
+from ._engine_api import Engine, EngineUserError, SampleRequest, SampleResult
+from ._futures import FutureRegistry
+from ._store import Category
+
+logger = logging.getLogger("tinkex_trio.local.scheduler")
+
+T = TypeVar("T")
+
+#: How long the sampler waits for more concurrent requests before running a batch. A few
+#: milliseconds cost nothing next to a CPU decode step (~100 ms, LOCAL_MODEL_NOTES.md) and let a
+#: burst of `asample` submissions share one batched engine call.
+SAMPLE_BATCH_WINDOW = 0.005
+#: Upper bound on requests per engine.sample call (memory of the batched KV cache).
+SAMPLE_BATCH_MAX = 16
+
+#: A job computes its result payload (JSON bytes); the lane stores it and wakes pollers.
+JobFn = Callable[[], Awaitable[bytes]]
+
+
+class EngineRunner:
+    """Serialises engine calls onto one worker thread (or inline, for virtual-time tests)."""
+
+    def __init__(self, engine: Engine, *, in_thread: bool = True) -> None:
+        self.engine = engine
+        self._in_thread = in_thread
+        self._limiter = trio.CapacityLimiter(1)
+
+    @property
+    def busy(self) -> bool:
+        return self._limiter.borrowed_tokens > 0
+
+    async def call(self, fn: Callable[..., T], *args: object) -> T:
+        if self._in_thread:
+            return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        async with self._limiter:
+            await trio.lowlevel.checkpoint()
+            return fn(*args)
+
+
+async def run_job(registry: FutureRegistry, request_id: str, fn: JobFn) -> None:
+    """Run one job and finish its future; never raises (except Cancelled)."""
+    registry.mark_running(request_id)
+    try:
+        result = await fn()
+    except EngineUserError as exc:
+        registry.fail(request_id, str(exc) or type(exc).__name__, "user")
+    except Exception as exc:
+        logger.exception("request %s failed in the local backend", request_id)
+        registry.fail(request_id, f"internal error: {type(exc).__name__}: {exc}", "server")
+    else:
+        registry.complete(request_id, result)
+
+
+@dataclass
+class _Lane:
+    next_seq: int
+    pending: dict[int, tuple[str, JobFn] | None] = field(default_factory=dict)
+    # Requests without a seq_id (unload_model): run whenever the next seq_id is not ready.
+    unsequenced: list[tuple[str, JobFn]] = field(default_factory=list)
+    wake: trio.Event = field(default_factory=trio.Event)
+
+
+class TrainingLanes:
+    """Per-model strict seq_id execution. Lanes are tasks in the nursery given to `run`."""
+
+    def __init__(self, registry: FutureRegistry, on_advance: Callable[[str, int], None]) -> None:
+        self._registry = registry
+        self._on_advance = on_advance  # (model_id, next_seq) -> persist
+        self._lanes: dict[str, _Lane] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    def open_lane(self, model_id: str, next_seq: int) -> None:
+        """Create the lane for a model (idempotent; an existing lane keeps its position)."""
+        if model_id in self._lanes:
+            return
+        if self._nursery is None:
+            raise RuntimeError("TrainingLanes.run is not running")
+        lane = _Lane(next_seq=next_seq)
+        self._lanes[model_id] = lane
+        self._nursery.start_soon(self._drive, model_id, lane)
+
+    def has_lane(self, model_id: str) -> bool:
+        return model_id in self._lanes
+
+    def next_seq(self, model_id: str) -> int:
+        return self._lanes[model_id].next_seq
+
+    def is_queued(self, model_id: str, seq_id: int) -> bool:
+        return seq_id in self._lanes[model_id].pending
+
+    def submit_unsequenced(self, model_id: str, request_id: str, fn: JobFn) -> None:
+        """Queue a request that has no seq_id (unload_model, or a client that sent none).
+
+        It takes no seq_id of its own (the client's counter did not count it), and runs as
+        soon as the lane has nothing ready to run in seq_id order.
+        """
+        lane = self._lanes[model_id]
+        lane.unsequenced.append((request_id, fn))
+        lane.wake.set()
+
+    def submit(self, model_id: str, seq_id: int, request_id: str, fn: JobFn) -> None:
+        lane = self._lanes[model_id]
+        lane.pending[seq_id] = (request_id, fn)
+        lane.wake.set()
+
+    def consume(self, model_id: str, seq_id: int) -> None:
+        """Mark a rejected seq_id as used so later requests do not wait for it forever."""
+        lane = self._lanes.get(model_id)
+        if lane is None or seq_id < lane.next_seq or seq_id in lane.pending:
+            return
+        lane.pending[seq_id] = None
+        lane.wake.set()
+
+    async def _drive(self, model_id: str, lane: _Lane) -> None:
+        while True:
+            if lane.next_seq not in lane.pending:
+                if lane.unsequenced:
+                    request_id, fn = lane.unsequenced.pop(0)
+                    await run_job(self._registry, request_id, fn)
+                    continue
+                lane.wake = trio.Event()
+                await lane.wake.wait()
+                continue
+            job = lane.pending.pop(lane.next_seq)
+            if job is not None:
+                await run_job(self._registry, job[0], job[1])
+            lane.next_seq += 1
+            self._on_advance(model_id, lane.next_seq)
+
+
+@dataclass
+class _SampleJob:
+    request_id: str
+    request: SampleRequest
+    finish: Callable[[SampleResult], bytes]
+
+
+class SampleBatcher:
+    """Collects concurrent sampling requests and runs them as engine batches."""
+
+    def __init__(self, runner: EngineRunner, registry: FutureRegistry) -> None:
+        self._runner = runner
+        self._registry = registry
+        self._send, self._receive = trio.open_memory_channel[_SampleJob](math.inf)
+
+    def submit(
+        self, request_id: str, request: SampleRequest, finish: Callable[[SampleResult], bytes]
+    ) -> None:
+        """Queue a request; `finish` turns its engine result into the JSON result payload."""
+        self._send.send_nowait(_SampleJob(request_id, request, finish))
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        async for first in self._receive:
+            batch = [first]
+            with trio.move_on_after(SAMPLE_BATCH_WINDOW):
+                while len(batch) < SAMPLE_BATCH_MAX:
+                    batch.append(await self._receive.receive())
+            # While the engine is busy (a training step), keep gathering.
+            while self._runner.busy and len(batch) < SAMPLE_BATCH_MAX:
+                with trio.move_on_after(SAMPLE_BATCH_WINDOW):
+                    batch.append(await self._receive.receive())
+            await self._run_batch(batch)
+
+    async def _run_batch(self, batch: Sequence[_SampleJob]) -> None:
+        for job in batch:
+            self._registry.mark_running(job.request_id)
+        try:
+            results = await self._runner.call(
+                self._runner.engine.sample, [job.request for job in batch]
+            )
+            if len(results) != len(batch):
+                raise RuntimeError(
+                    f"engine.sample returned {len(results)} results for {len(batch)} requests"
+                )
+        except Exception as exc:
+            if not isinstance(exc, EngineUserError):
+                logger.exception("sampling batch of %d failed", len(batch))
+            category: Category = "user" if isinstance(exc, EngineUserError) else "server"
+            message = str(exc) if category == "user" else f"internal error: {exc!r}"
+            for job in batch:
+                self._registry.fail(job.request_id, message, category)
+            return
+        for job, result in zip(batch, results, strict=True):
+            if isinstance(result, EngineUserError):
+                self._registry.fail(job.request_id, str(result), "user")
+                continue
+            try:
+                payload = job.finish(result)
+            except Exception as exc:
+                logger.exception("encoding the sampling result of %s failed", job.request_id)
+                self._registry.fail(job.request_id, f"internal error: {exc!r}", "server")
+            else:
+                self._registry.complete(job.request_id, payload)

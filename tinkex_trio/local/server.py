@@ -1,0 +1,196 @@
+"""Run the local backend: `serve_local_backend` (a task), `open_local_backend` (a context
+manager), and `main` (the `tinkex-trio serve` command).
+
+Default data directory: `./tinkex-data` in the current directory. A project-local directory
+keeps checkpoints next to the code that made them and is easy to find and delete; pass
+`data_dir=` (or `--data-dir`) to put it elsewhere.
+
+The API key is the one given, else the one stored in `<data_dir>/api_key`, else a new one
+(`tml-` + random, so the official SDK accepts it, PROTOCOL.md 1.1) written there on first start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from ._app import load_or_create_api_key, open_backend_app
+from ._engine_api import Engine
+from ._futures import DEFAULT_POLL_TIMEOUT
+
+logger = logging.getLogger("tinkex_trio.local.server")
+
+DEFAULT_DATA_DIR = Path("tinkex-data")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000  # for the CLI; the library functions default to an ephemeral port (0)
+
+
+@dataclass(frozen=True)
+class LocalBackend:
+    """What `open_local_backend` yields: where the server listens and how to authenticate."""
+
+    base_url: str
+    api_key: str
+    data_dir: Path
+
+
+def _default_engine(models: Sequence[str] | None, extra_models: dict[str, str] | None) -> Engine:
+    """The PyTorch engine (imported lazily: torch is heavy and optional)."""
+    from tinkex_trio.local.engine import TorchEngine  # type: ignore[attr-defined,unused-ignore]
+
+    kwargs: dict[str, Any] = {"extra_models": extra_models or None}
+    if models is not None:
+        kwargs["models"] = tuple(models)
+    engine: Engine = TorchEngine(**kwargs)
+    return engine
+
+
+def _base_url(binds: list[str]) -> str:
+    for bind in binds:
+        if bind.startswith("http://"):
+            return bind.rstrip("/")
+    return binds[0].rstrip("/")
+
+
+async def serve_local_backend(
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    api_key: str | None = None,
+    engine: Engine | None = None,
+    models: Sequence[str] | None = None,
+    extra_models: dict[str, str] | None = None,
+    poll_timeout: float = DEFAULT_POLL_TIMEOUT,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the backend until cancelled; `task_status.started(base_url)` once it listens.
+
+    Usage: `url = await nursery.start(functools.partial(serve_local_backend, data_dir=...))`.
+    With `port=0` the OS picks a free port and the started value tells which.
+    """
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    if engine is None:
+        engine = _default_engine(models, extra_models)
+    config = Config()
+    config.bind = [f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("tinkex_trio.local.hypercorn")
+    # Polls are long-held (PROTOCOL.md A.3.7): keep idle keep-alive connections around longer.
+    config.keep_alive_timeout = 75
+    async with open_backend_app(
+        data_dir=Path(data_dir), engine=engine, api_key=api_key, poll_timeout=poll_timeout
+    ) as app:
+        async with trio.open_nursery() as nursery:
+            binds: list[str] = await nursery.start(serve, app, config)
+            task_status.started(_base_url(binds))
+
+
+@asynccontextmanager
+async def open_local_backend(
+    *,
+    host: str = DEFAULT_HOST,
+    port: int = 0,
+    data_dir: str | Path = DEFAULT_DATA_DIR,
+    api_key: str | None = None,
+    engine: Engine | None = None,
+    models: Sequence[str] | None = None,
+    extra_models: dict[str, str] | None = None,
+    poll_timeout: float = DEFAULT_POLL_TIMEOUT,
+) -> AsyncIterator[LocalBackend]:
+    """Run the backend as a child task while the block runs; yield its URL and key.
+
+    The server is listening (and the store open) when the block starts; leaving the block
+    stops it and leaves nothing running.
+    """
+    data_dir = Path(data_dir)
+    key = api_key if api_key is not None else load_or_create_api_key(data_dir)
+    async with trio.open_nursery() as nursery:
+        url: str = await nursery.start(
+            _serve_partial,
+            dict(
+                host=host,
+                port=port,
+                data_dir=data_dir,
+                api_key=key,
+                engine=engine,
+                models=models,
+                extra_models=extra_models,
+                poll_timeout=poll_timeout,
+            ),
+        )
+        try:
+            yield LocalBackend(base_url=url, api_key=key, data_dir=data_dir)
+        finally:
+            nursery.cancel_scope.cancel(reason="open_local_backend block exited")
+
+
+async def _serve_partial(
+    kwargs: dict[str, Any], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+) -> None:
+    await serve_local_backend(**kwargs, task_status=task_status)
+
+
+def _parse_models(values: Sequence[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        name, sep, path = value.partition("=")
+        if not sep or not name or not path:
+            raise argparse.ArgumentTypeError(f"--model expects NAME=PATH, got {value!r}")
+        out[name] = path
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`tinkex-trio serve`: run the local backend in the foreground until Ctrl-C."""
+    parser = argparse.ArgumentParser(prog="tinkex-trio serve", description=main.__doc__)
+    parser.add_argument("--host", default=DEFAULT_HOST)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve an extra model from a local directory (repeatable)",
+    )
+    args = parser.parse_args(argv)
+    try:
+        extra = _parse_models(args.model)
+    except argparse.ArgumentTypeError as exc:
+        parser.error(str(exc))
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    key = args.api_key if args.api_key is not None else load_or_create_api_key(args.data_dir)
+
+    async def run() -> None:
+        async with trio.open_nursery() as nursery:
+            url: str = await nursery.start(
+                _serve_partial,
+                dict(
+                    host=args.host,
+                    port=args.port,
+                    data_dir=args.data_dir,
+                    api_key=key,
+                    extra_models=extra or None,
+                ),
+            )
+            print(f"tinkex-trio local backend listening on {url}", flush=True)
+            print(f"  export TINKER_BASE_URL={url}", flush=True)
+            print(f"  export TINKER_API_KEY={key}", flush=True)
+            print(f"  data directory: {args.data_dir.resolve()}", flush=True)
+
+    try:
+        trio.run(run)
+    except KeyboardInterrupt:
+        return 0
+    return 0
