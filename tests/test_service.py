@@ -195,3 +195,14 @@ async def test_create_training_client_from_state_names_the_model() -> None:
         fut = await client.optim_step()
         await fut
         assert fake.submitted_seq_ids["sess-1:train:1"] == [1]
+
+
+async def test_tinker_log_turns_on_sdk_logging(caplog: pytest.LogCaptureFixture) -> None:
+    fake = FakeTinker()
+    caplog.set_level(logging.DEBUG, logger="tinkex_trio")
+    config = Config(api_key=fake.api_key, base_url="http://fake", log_level="debug")
+    async with open_service(config, transport=fake.mock_transport()):
+        pass
+    lines = [r.getMessage() for r in caplog.records if r.name == "tinkex_trio"]
+    assert any(line.startswith("RequestStarted") for line in lines)
+    assert all(fake.api_key not in line for line in lines)

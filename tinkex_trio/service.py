@@ -352,6 +352,19 @@ async def _finish_session(
         logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
 
 
+def _configure_logging(level_name: str, telemetry: Telemetry) -> None:
+    """`TINKER_LOG=debug|info`: SDK logs (and one line per event at debug) on stderr."""
+    level = logging.getLevelName(level_name.upper())
+    sdk_logger = logging.getLogger("tinkex_trio")
+    sdk_logger.setLevel(level)
+    if not sdk_logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+        sdk_logger.addHandler(handler)
+    if level <= logging.DEBUG:
+        telemetry.attach_logger(logging.DEBUG)
+
+
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     out: list[BaseException] = []
     for exc in group.exceptions:
@@ -391,6 +404,8 @@ async def open_service(
         raise TypeError("pass either config= or keyword settings, not both")
     config.require_api_key()
     telemetry = telemetry_hub if telemetry_hub is not None else Telemetry()
+    if config.log_level is not None:
+        _configure_logging(config.log_level, telemetry)
     http = Transport(config, transport=transport, telemetry=telemetry)
     user_error: BaseException | None = None
     to_raise: BaseException | None = None
