@@ -79,8 +79,8 @@ def test_loss_value_and_gradient_match_formula(loss_fn: LossName) -> None:
         loss_fn, lp_ours, LossInputs(torch.zeros(N, dtype=torch.int64), floats), config
     )
     ref = formula(lp_ref, floats)
-    ours.backward()
-    ref.backward()
+    ours.backward()  # type: ignore[no-untyped-call]
+    ref.backward()  # type: ignore[no-untyped-call]
     torch.testing.assert_close(ours, ref)
     assert lp_ours.grad is not None and lp_ref.grad is not None
     torch.testing.assert_close(lp_ours.grad, lp_ref.grad)
@@ -129,7 +129,7 @@ def test_engine_loss_and_gradients_match_formula(
         logp = torch.log_softmax(model.logits(hidden, lora), dim=-1)
         lp = logp.gather(1, torch.from_numpy(datum.loss_fn_inputs["target_tokens"]).unsqueeze(1))
         total = total + formula(lp.squeeze(1).double(), x)
-    total.backward()
+    total.backward()  # type: ignore[no-untyped-call]
     ref_grads = [p.grad for p in lora.parameters()]
     assert result.metrics["loss:sum"] == pytest.approx(float(total.detach()), rel=1e-4, abs=1e-4)
     for ours, ref in zip(grads, ref_grads, strict=True):
@@ -157,7 +157,7 @@ def test_loss_input_validation(
     tiny_engine: TorchEngine, loss_fn: LossName, inputs: dict[str, np.ndarray], message: str
 ) -> None:
     tiny_engine.create_adapter("a", TINY_NAME, LoraSpec(rank=2, seed=0))
-    datum = DatumArrays(np.arange(5, dtype=np.int64), inputs)  # type: ignore[arg-type]
+    datum = DatumArrays(np.arange(5, dtype=np.int64), inputs)
     with pytest.raises(EngineUserError) as info:
         tiny_engine.forward_backward("a", [datum], loss_fn, {}, True)
     assert message in str(info.value)

@@ -8,7 +8,6 @@ step (Tinker's `AdamParams`), so none are stored.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import torch
@@ -62,7 +61,10 @@ class AdamW:
             denom = (v / bias2).sqrt_().add_(hp.eps)
             p.addcdiv_(m, denom, value=-hp.learning_rate / bias1)
         self.zero_grad()
-        return {"grad_norm:mean": norm if math.isfinite(norm) else float("nan")}
+        return {
+            "grad_norm:mean": norm,
+            "learning_rate:mean": hp.learning_rate,
+        }
 
     def save(self, directory: Path) -> int:
         tensors = {_STEP_KEY: torch.tensor([self.step_count], dtype=torch.int64)}
