@@ -75,7 +75,10 @@ async def test_end_to_end_over_http(tmp_path: Path) -> None:
                 ).json()
                 path = (await _result(client, save["request_id"]))["path"]
                 archive = f"/api/v1/training_runs/{mid}/checkpoints/weights/final/archive"
-                while (r := await client.get(archive)).status_code == 503:
+                for _ in range(400):
+                    r = await client.get(archive)
+                    if r.status_code != 503:
+                        break
                     await trio.sleep(0.05)
                 assert r.status_code == 302
                 location = r.headers["location"]

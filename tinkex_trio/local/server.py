@@ -45,7 +45,8 @@ def _default_engine(models: Sequence[str] | None, extra_models: dict[str, str] |
     """The PyTorch engine (imported lazily: torch is heavy and optional)."""
     from tinkex_trio.local.engine import TorchEngine  # type: ignore[attr-defined,unused-ignore]
 
-    kwargs: dict[str, Any] = {"extra_models": extra_models or None}
+    extra = {name: Path(path) for name, path in (extra_models or {}).items()}
+    kwargs: dict[str, Any] = {"extra_models": extra or None}
     if models is not None:
         kwargs["models"] = tuple(models)
     engine: Engine = TorchEngine(**kwargs)
