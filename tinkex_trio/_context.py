@@ -39,6 +39,24 @@ class ServiceContext:
         default_factory=itertools.count
     )
     closed: bool = False
+    # Set when a server answered a JSON forward_backward with 415 (it only takes protobuf,
+    # PROTOCOL.md 6): every later forward_backward of the service goes as protobuf.
+    fwdbwd_protobuf_forced: bool = False
+
+    def fwdbwd_protobuf(self) -> bool:
+        """Whether forward/forward_backward go as protobuf (PROTOCOL.md 6.2).
+
+        Yes if the config asks (`wire_format="protobuf"`), the server's client/config asks
+        (`proto_fwdbwd`, or `proto_compress_fwdbwd`, which only makes sense for protobuf), or a
+        server refused a JSON body with 415. JSON (Appendix A.1) otherwise.
+        """
+        flags = self.client_config
+        return (
+            self.config.wire_format == "protobuf"
+            or flags.proto_fwdbwd
+            or flags.proto_compress_fwdbwd
+            or self.fwdbwd_protobuf_forced
+        )
 
     def check_open(self, what: str) -> None:
         if self.closed:

@@ -17,6 +17,7 @@ whole call (including retries) and raises `ResultTimeoutError`.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import random
@@ -27,7 +28,7 @@ import httpx
 import msgspec
 import trio
 
-from tinkex_trio import types as t
+from tinkex_trio import _protobuf, types as t
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import SAMPLE_BYTES_PER_TOKEN
 from tinkex_trio.errors import (
@@ -40,7 +41,6 @@ from tinkex_trio.errors import (
     ResultTimeoutError,
     status_error_for,
 )
-from tinkex_trio.futures import json_decoder
 
 if TYPE_CHECKING:
     from tinkex_trio.tokenizer import Tokenizer
@@ -276,12 +276,27 @@ class SamplingClient:
             limiter.on_success()
             break
         future = _decode_submit(response)
-        result = await ctx.poller.poll(future.request_id, "Sample", json_decoder(t.SampleResponse))
         ids = future.sample_sequence_ids
+        # PROTOCOL.md 4.5: a protobuf-speaking client asks for the result as protobuf.
+        accept = (
+            _protobuf.PROTOBUF_CONTENT_TYPE
+            if ctx.config.wire_format == "protobuf"
+            else "application/json"
+        )
+        result = await ctx.poller.poll(
+            future.request_id, "Sample", functools.partial(_sample_result, ids), accept=accept
+        )
         if ids is not None and len(ids) == len(result.sequences):
             for sequence, sequence_id in zip(result.sequences, ids, strict=True):
                 sequence.sequence_id = sequence_id
         return result
+
+
+def _sample_result(sequence_ids: list[str] | None, response: httpx.Response) -> t.SampleResponse:
+    """A sample result in either form (PROTOCOL.md 4.2 rule 1, 6.5)."""
+    if _protobuf.PROTOBUF_CONTENT_TYPE in response.headers.get("content-type", ""):
+        return _protobuf.decode_sample_response(response.content, sequence_ids)
+    return t.decode(response.content, t.SampleResponse)
 
 
 def _decode_submit(response: httpx.Response) -> t.UntypedAPIFuture:

@@ -17,20 +17,22 @@ every later request fails at once with a message saying why.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, TypeVar, final
 
+import httpx
 import msgspec
 import numpy as np
 import numpy.typing as npt
 import trio
 
-from tinkex_trio import types as t
+from tinkex_trio import _protobuf, types as t
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._metrics import reduce_metrics
-from tinkex_trio.errors import InvalidInputError, TinkexError
+from tinkex_trio.errors import APIStatusError, InvalidInputError, TinkexError
 from tinkex_trio.futures import APIFuture, ResultDecoder, json_decoder
 
 if TYPE_CHECKING:
@@ -39,6 +41,11 @@ if TYPE_CHECKING:
     from tinkex_trio.tokenizer import Tokenizer
 
 T = TypeVar("T")
+
+logger = logging.getLogger("tinkex_trio.training")
+
+# A server that only takes protobuf forward_backward bodies answers JSON ones with this.
+UNSUPPORTED_MEDIA_TYPE: Final = 415
 
 # PROTOCOL.md 9.1: estimated bytes per datum: 4 per token, array sizes, 8 per sparse index.
 _BYTES_PER_TOKEN: Final = 4
@@ -50,16 +57,33 @@ CustomLossFn = Callable[[list[t.Datum], list[Any]], Any]
 `-> (loss, grads, metrics)` with numpy arrays (grads = d loss / d logprobs per datum)."""
 
 
+@dataclass(frozen=True)
+class _FwdBwdChunk:
+    """One forward/forward_backward chunk, encoded when sent: JSON (A.1) or protobuf (6.2)
+    depending on the service's wire state at that moment (a 415 can switch it)."""
+
+    model_id: str
+    seq_id: int
+    data: list[t.Datum]
+    loss_fn: str
+    config: dict[str, float] | None
+    forward_only: bool
+
+
+BodyFn = Callable[[], Awaitable["bytes | _FwdBwdChunk"]]
+
+
 @dataclass(eq=False)
 class _Submission:
     seq_id: int
     path: str
     request_type: str
-    body: Callable[[], Awaitable[bytes]]
+    body: BodyFn
     future: APIFuture[Any]
     decode: ResultDecoder[Any]
     max_retries: int | None = None
     nbytes: int = 0
+    accept: str = "application/json"
 
 
 class TrainingClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -265,7 +289,7 @@ class TrainingClient:
         config: dict[str, float] | None,
         *,
         forward_only: bool,
-        bodies: Sequence[Callable[[], Awaitable[bytes]]] | None = None,
+        bodies: Sequence[BodyFn] | None = None,
         chunks: Sequence[tuple[list[t.Datum], int]] | None = None,
     ) -> list[APIFuture[t.ForwardBackwardOutput]]:
         flags = self._ctx.client_config
@@ -274,7 +298,7 @@ class TrainingClient:
                 data, flags.fwdbwd_max_chunk_len, flags.fwdbwd_max_chunk_bytes_count
             )
         request_type = "Forward" if forward_only else "ForwardBackward"
-        path = "/api/v1/forward" if forward_only else "/api/v1/forward_backward"
+        path = FORWARD_PATH if forward_only else FORWARD_BACKWARD_PATH
         futures: list[APIFuture[t.ForwardBackwardOutput]] = []
         for index, (chunk, nbytes) in enumerate(chunks):
             seq_id = self._reserve()
@@ -282,16 +306,11 @@ class TrainingClient:
                 body = bodies[index]
             else:
                 body = _static(
-                    _fwdbwd_body(self.model_id, seq_id, chunk, loss_fn, config, forward_only)
+                    _FwdBwdChunk(self.model_id, seq_id, chunk, loss_fn, config, forward_only)
                 )
             futures.append(
                 self._enqueue(
-                    seq_id,
-                    path,
-                    request_type,
-                    body,
-                    json_decoder(t.ForwardBackwardOutput),
-                    nbytes=nbytes,
+                    seq_id, path, request_type, body, _fwdbwd_result, nbytes=nbytes
                 )
             )
         return futures
@@ -345,10 +364,8 @@ class TrainingClient:
 
         lock = trio.Lock()
 
-        def backward_body(
-            index: int, chunk: list[t.Datum], start: int
-        ) -> Callable[[], Awaitable[bytes]]:
-            async def build() -> bytes:
+        def backward_body(index: int, chunk: list[t.Datum], start: int) -> BodyFn:
+            async def build() -> bytes | _FwdBwdChunk:
                 async with lock:
                     await compute()
                 weights: list[npt.NDArray[np.float32]] = computed["weights"]
@@ -362,7 +379,7 @@ class TrainingClient:
                     )
                     for j, d in enumerate(chunk)
                 ]
-                return _fwdbwd_body(
+                return _FwdBwdChunk(
                     self.model_id,
                     first_backward_seq + index,
                     new_chunk,
@@ -563,7 +580,7 @@ class TrainingClient:
         seq_id: int,
         path: str,
         request_type: str,
-        body: Callable[[], Awaitable[bytes]],
+        body: BodyFn,
         decode: ResultDecoder[T],
         *,
         max_retries: int | None = None,
@@ -577,7 +594,6 @@ class TrainingClient:
 
     async def _sender(self, receive: trio.MemoryReceiveChannel[_Submission]) -> None:
         """Submit queued requests one by one, in seq_id order; start a poll for each."""
-        transport = self._ctx.transport
         async with receive:
             async for sub in receive:
                 if self._poisoned is not None:
@@ -595,15 +611,7 @@ class TrainingClient:
                     continue
                 await self._ctx.fwdbwd_budget.acquire(sub.nbytes)
                 try:
-                    submitted = await transport.with_retries(
-                        functools.partial(
-                            transport.request,
-                            "POST",
-                            sub.path,
-                            content=body,
-                            max_retries=sub.max_retries,
-                        )
-                    )
+                    submitted = await self._submit(sub, body)
                     future = t.decode(submitted.content, t.UntypedAPIFuture)
                 except (TinkexError, msgspec.ValidationError, msgspec.DecodeError) as exc:
                     self._ctx.fwdbwd_budget.release(sub.nbytes)
@@ -618,38 +626,112 @@ class TrainingClient:
                     sub.future._run, functools.partial(self._poll, sub, future.request_id)
                 )
 
+    async def _submit(self, sub: _Submission, body: bytes | _FwdBwdChunk) -> Any:
+        """POST one request (layers A and B); a forward_backward chunk in the current wire form.
+
+        A 415 to a JSON forward_backward means the server takes protobuf only: the service
+        switches to protobuf for good and this chunk is sent again as protobuf.
+        """
+        transport = self._ctx.transport
+        if not isinstance(body, _FwdBwdChunk):
+            return await transport.with_retries(
+                functools.partial(
+                    transport.request, "POST", sub.path, content=body, max_retries=sub.max_retries
+                )
+            )
+        protobuf = self._ctx.fwdbwd_protobuf()
+        try:
+            return await self._post_chunk(sub, body, protobuf=protobuf)
+        except APIStatusError as exc:
+            if protobuf or exc.status_code != UNSUPPORTED_MEDIA_TYPE:
+                raise
+            logger.info(
+                "the server refused a JSON forward_backward with 415; switching this service "
+                "to protobuf forward_backward bodies (PROTOCOL.md 6)"
+            )
+            self._ctx.fwdbwd_protobuf_forced = True
+            return await self._post_chunk(sub, body, protobuf=True)
+
+    async def _post_chunk(self, sub: _Submission, chunk: _FwdBwdChunk, *, protobuf: bool) -> Any:
+        transport = self._ctx.transport
+        if not protobuf:
+            path, content = _fwdbwd_json(chunk)
+            sub.accept = "application/json"
+            return await transport.with_retries(
+                functools.partial(transport.request, "POST", path, content=content)
+            )
+        content = _protobuf.encode_forward_backward_request(
+            model_id=chunk.model_id,
+            seq_id=chunk.seq_id,
+            data=chunk.data,
+            loss_fn=chunk.loss_fn,
+            loss_fn_config=chunk.config,
+            forward_only=chunk.forward_only,
+        )
+        headers: dict[str, str] = {}
+        if self._ctx.client_config.proto_compress_fwdbwd:
+            content = _protobuf.compress(content)
+            headers["Content-Encoding"] = _protobuf.ZSTD_ENCODING
+        # PROTOCOL.md 4.5: results of protobuf requests are asked for as protobuf.
+        sub.accept = _protobuf.PROTOBUF_CONTENT_TYPE
+        return await transport.with_retries(
+            functools.partial(
+                transport.request,
+                "POST",
+                FORWARD_BACKWARD_PATH,
+                content=content,
+                content_type=_protobuf.PROTOBUF_CONTENT_TYPE,
+                headers=headers,
+            )
+        )
+
     async def _poll(self, sub: _Submission, request_id: str) -> Any:
         try:
             return await self._ctx.poller.poll(
-                request_id, sub.request_type, sub.decode, on_queue_state=sub.future._on_queue_state
+                request_id,
+                sub.request_type,
+                sub.decode,
+                on_queue_state=sub.future._on_queue_state,
+                accept=sub.accept,
             )
         finally:
             self._ctx.fwdbwd_budget.release(sub.nbytes)
 
 
-def _static(body: bytes) -> Callable[[], Awaitable[bytes]]:
-    async def get() -> bytes:
+def _static(body: bytes | _FwdBwdChunk) -> BodyFn:
+    async def get() -> bytes | _FwdBwdChunk:
         return body
 
     return get
 
 
-def _fwdbwd_body(
-    model_id: str,
-    seq_id: int,
-    data: list[t.Datum],
-    loss_fn: str,
-    config: dict[str, float] | None,
-    forward_only: bool,
-) -> bytes:
+FORWARD_PATH: Final = "/api/v1/forward"
+FORWARD_BACKWARD_PATH: Final = "/api/v1/forward_backward"
+
+
+def _fwdbwd_json(chunk: _FwdBwdChunk) -> tuple[str, bytes]:
+    """(path, body) of a chunk in the JSON form of Appendix A.1."""
     inputs = t.ForwardBackwardInput(
-        data=data, loss_fn=loss_fn, loss_fn_config=t.UNSET if config is None else config
+        data=chunk.data,
+        loss_fn=chunk.loss_fn,
+        loss_fn_config=t.UNSET if chunk.config is None else chunk.config,
     )
-    if forward_only:
-        return t.encode(t.ForwardRequest(forward_input=inputs, model_id=model_id, seq_id=seq_id))
-    return t.encode(
-        t.ForwardBackwardRequest(forward_backward_input=inputs, model_id=model_id, seq_id=seq_id)
+    if chunk.forward_only:
+        request: t.ForwardRequest | t.ForwardBackwardRequest = t.ForwardRequest(
+            forward_input=inputs, model_id=chunk.model_id, seq_id=chunk.seq_id
+        )
+        return FORWARD_PATH, t.encode(request)
+    request = t.ForwardBackwardRequest(
+        forward_backward_input=inputs, model_id=chunk.model_id, seq_id=chunk.seq_id
     )
+    return FORWARD_BACKWARD_PATH, t.encode(request)
+
+
+def _fwdbwd_result(response: httpx.Response) -> t.ForwardBackwardOutput:
+    """A forward/forward_backward result in either form (PROTOCOL.md 4.2 rule 1, 6.4)."""
+    if _protobuf.PROTOBUF_CONTENT_TYPE in response.headers.get("content-type", ""):
+        return _protobuf.decode_forward_backward_output(response.content)
+    return t.decode(response.content, t.ForwardBackwardOutput)
 
 
 def _validate_loss_config(config: dict[str, float] | None) -> dict[str, float] | None:

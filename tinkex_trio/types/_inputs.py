@@ -19,8 +19,13 @@ class _Chunk(msgspec.Struct, kw_only=True, tag_field="type"):
     pass
 
 
-class EncodedTextChunk(_Chunk, tag="encoded_text"):
-    """A run of token ids."""
+class EncodedTextChunk(_Chunk, tag="encoded_text", dict=True):
+    """A run of token ids.
+
+    `dict=True` lets `ModelInput.from_ints` keep the numpy array it was built from (attribute
+    `_array`), so the protobuf encoder copies its buffer instead of converting the list back
+    element by element (PROTOCOL.md 6.2). Treat `tokens` as immutable once built.
+    """
 
     tokens: list[int]
 
@@ -82,9 +87,11 @@ class ModelInput(msgspec.Struct, kw_only=True):
     @classmethod
     def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> Self:
         if isinstance(tokens, np.ndarray):
-            token_list: list[int] = tokens.astype(np.int64, copy=False).ravel().tolist()
-        else:
-            token_list = [int(t) for t in tokens]
+            array = tokens.astype(np.int64, copy=False).ravel()
+            chunk = EncodedTextChunk(tokens=array.tolist())
+            chunk._array = array  # type: ignore[attr-defined]  # see EncodedTextChunk
+            return cls(chunks=[chunk])
+        token_list = [int(t) for t in tokens]
         return cls(chunks=[EncodedTextChunk(tokens=token_list)])
 
     @classmethod
@@ -137,11 +144,14 @@ LOSS_INPUT_DTYPES: dict[str, TensorDType] = {
 }
 
 
-class TensorData(msgspec.Struct, kw_only=True):
+class TensorData(msgspec.Struct, kw_only=True, dict=True):
     """A flat tensor on the wire: dense, or sparse CSR (PROTOCOL.md 7.2).
 
     Build it with `from_numpy` / `from_list` / `from_torch`; read it back with `to_numpy`.
     Conversion uses numpy's C loops (`tolist`, `asarray`), never a Python loop per element.
+    `from_numpy` also keeps the flat array it was built from (`dict=True`, attribute `_array`)
+    so the protobuf encoder sends its buffer as is (PROTOCOL.md 6.2); treat `data` as
+    immutable once built.
     """
 
     data: list[int | float]
@@ -162,7 +172,9 @@ class TensorData(msgspec.Struct, kw_only=True):
         else:
             raise TypeError(f"TensorData cannot hold numpy dtype {array.dtype}; use a number dtype")
         values: list[int | float] = cast(list[int | float], flat.tolist())
-        return cls(data=values, dtype=dtype, shape=list(array.shape))
+        out = cls(data=values, dtype=dtype, shape=list(array.shape))
+        out._array = flat  # type: ignore[attr-defined]  # see the class docstring
+        return out
 
     @classmethod
     def from_list(cls, values: Sequence[int | float], dtype: TensorDType) -> TensorData:

@@ -18,6 +18,8 @@ class ClientConfigResponse(Response, kw_only=True):
 
     pjwt_auth_enabled: bool = False
     proto_compress_fwdbwd: bool = False
+    # tinkex extension: the server prefers protobuf forward_backward bodies (PROTOCOL.md 6).
+    proto_fwdbwd: bool = False
     parallel_fwdbwd_chunks: bool = True
     fwdbwd_max_chunk_len: int = 1024
     fwdbwd_max_chunk_bytes_count: int = 5_000_000
