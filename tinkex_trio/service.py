@@ -84,6 +84,11 @@ class ServiceClient:
     def telemetry(self) -> Telemetry:
         return self._ctx.telemetry
 
+    @property
+    def rate_limiter(self) -> RateLimiter:
+        """The service-wide sampling limiter (429 window, submission slots); see `statistics()`."""
+        return self._ctx.rate_limiter
+
     async def create_lora_training_client(
         self,
         base_model: str,
