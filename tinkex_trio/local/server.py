@@ -70,12 +70,15 @@ async def serve_local_backend(
     models: Sequence[str] | None = None,
     extra_models: dict[str, str] | None = None,
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
+    client_flags: dict[str, Any] | None = None,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the backend until cancelled; `task_status.started(base_url)` once it listens.
 
     Usage: `url = await nursery.start(functools.partial(serve_local_backend, data_dir=...))`.
     With `port=0` the OS picks a free port and the started value tells which.
+    `client_flags` override the `client/config` flags (PROTOCOL.md 2.1), e.g.
+    `{"proto_compress_fwdbwd": True, "fwdbwd_max_chunk_len": 2}`.
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -89,7 +92,11 @@ async def serve_local_backend(
     # Polls are long-held (PROTOCOL.md A.3.7): keep idle keep-alive connections around longer.
     config.keep_alive_timeout = 75
     async with open_backend_app(
-        data_dir=Path(data_dir), engine=engine, api_key=api_key, poll_timeout=poll_timeout
+        data_dir=Path(data_dir),
+        engine=engine,
+        api_key=api_key,
+        poll_timeout=poll_timeout,
+        client_flags=client_flags,
     ) as app:
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, app, config)
@@ -107,6 +114,7 @@ async def open_local_backend(
     models: Sequence[str] | None = None,
     extra_models: dict[str, str] | None = None,
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
+    client_flags: dict[str, Any] | None = None,
 ) -> AsyncIterator[LocalBackend]:
     """Run the backend as a child task while the block runs; yield its URL and key.
 
@@ -127,6 +135,7 @@ async def open_local_backend(
                 models=models,
                 extra_models=extra_models,
                 poll_timeout=poll_timeout,
+                client_flags=client_flags,
             ),
         )
         try:
@@ -193,5 +202,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trio.run(run)
     except KeyboardInterrupt:
-        return 0
+        pass
+    except BaseExceptionGroup as group:
+        # Ctrl-C arrives wrapped by the nurseries it crossed; anything else is a real error.
+        _interrupts, rest = group.split(KeyboardInterrupt)
+        if rest is not None:
+            raise
+    print("tinkex-trio local backend stopped", flush=True)
     return 0
