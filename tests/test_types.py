@@ -350,3 +350,21 @@ def test_adam_params_validation() -> None:
 def test_lora_config_rejects_all_false() -> None:
     with pytest.raises(ValueError, match="at least one"):
         t.LoraConfig(train_attn=False, train_mlp=False, train_unembed=False)
+
+
+def test_response_constants_and_required_fields_are_always_sent() -> None:
+    """Responses omit defaults, so what a strict client needs must have no default."""
+    assert _j(t.TryAgainResponse(type="try_again", request_id="r", queue_state="active")) == {
+        "type": "try_again",
+        "request_id": "r",
+        "queue_state": "active",
+    }
+    assert _j(t.TelemetryResponse(status="accepted")) == {"status": "accepted"}
+    assert _j(t.HealthResponse(status="ok")) == {"status": "ok"}
+    assert _j(
+        t.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=[], metrics={})
+    ) == {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": [], "metrics": {}}
+    assert _j(t.CompleteMetadataResponse(status="complete_metadata", response_payload_size=5)) == {
+        "status": "complete_metadata",
+        "response_payload_size": 5,
+    }

@@ -24,12 +24,16 @@ class RetrieveFutureRequest(Request, kw_only=True):
 
 
 class TryAgainResponse(Response, kw_only=True):
-    """Still pending (4.6). The server long-polled before answering this."""
+    """Still pending (4.6). The server long-polled before answering this.
 
+    `type` and `queue_state` have no defaults: responses omit default values, and a client
+    recognises this body by its `type` (the 0.15 type also requires `queue_state`).
+    """
+
+    type: Literal["try_again"]
     request_id: str
-    queue_state: str = "active"
+    queue_state: str
     queue_state_reason: str | None = None
-    type: Literal["try_again"] = "try_again"
 
 
 class RequestFailedResponse(Response, kw_only=True):
@@ -42,8 +46,8 @@ class RequestFailedResponse(Response, kw_only=True):
 class CompleteMetadataResponse(Response, kw_only=True):
     """Finished but not inlined (4.4): poll again with allow_metadata_only=false."""
 
+    status: Literal["complete_metadata"]
     response_payload_size: int = 0
-    status: Literal["complete_metadata"] = "complete_metadata"
 
 
 class PollEnvelope(Response, kw_only=True):

@@ -95,11 +95,11 @@ class TelemetryBatch(Request, kw_only=True):
 
 
 class TelemetryResponse(Response, kw_only=True):
-    status: Literal["accepted"] = "accepted"
+    status: Literal["accepted"]
 
 
 class HealthResponse(Response, kw_only=True):
-    status: str = "ok"
+    status: str
 
 
 class SupportedModel(Response, kw_only=True):

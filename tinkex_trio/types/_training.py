@@ -110,11 +110,14 @@ class ForwardBackwardRequest(Request, kw_only=True):
 
 
 class ForwardBackwardOutput(Response, kw_only=True):
-    """Result of forward / forward_backward: one output dict per datum, in input order."""
+    """Result of forward / forward_backward: one output dict per datum, in input order.
 
-    loss_fn_output_type: str = "ArrayRecord"
-    loss_fn_outputs: list[dict[str, TensorData]] = []
-    metrics: dict[str, float] = {}
+    All three fields are required (A.1.4), so they have no defaults and are always sent.
+    """
+
+    loss_fn_output_type: str
+    loss_fn_outputs: list[dict[str, TensorData]]
+    metrics: dict[str, float]
 
 
 class AdamParams(msgspec.Struct, kw_only=True):
