@@ -26,7 +26,7 @@ IM_END = 2
 
 @pytest.fixture(scope="module")
 def engine() -> TorchEngine:
-    return TorchEngine(models=[SMOLLM2_NAME])
+    return TorchEngine(models=[SMOLLM2_NAME], threads=1)
 
 
 def _chat_prompt(engine: TorchEngine, question: str) -> list[int]:

@@ -54,7 +54,7 @@ def test_resume_from_checkpoint_matches_uninterrupted_training(
     }
     tiny_engine.drop_adapter("resumed")
     # A different engine instance, as after a server restart.
-    other = TorchEngine(models=[TINY_NAME])
+    other = TorchEngine(models=[TINY_NAME], threads=1)
     spec = other.load_state("resumed", TINY_NAME, tmp_path, with_optimizer=True)
     assert (spec.rank, spec.alpha, spec.train_unembed) == (4, 32.0, True)
     rest = _train(other, "resumed", data, 3)
@@ -98,7 +98,7 @@ def test_microbatching_gives_the_same_gradients(tmp_path: Path) -> None:
     grads = []
     results = []
     for cap in (10_000, 24):
-        engine = TorchEngine(models=[TINY_NAME], max_tokens_per_microbatch=cap)
+        engine = TorchEngine(models=[TINY_NAME], max_tokens_per_microbatch=cap, threads=1)
         engine.create_adapter("a", TINY_NAME, LoraSpec(rank=4, seed=1))
         for p in engine._adapters["a"].lora.parameters():  # non-zero B: all grads non-zero
             with torch.no_grad():
