@@ -16,6 +16,7 @@ import argparse
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -159,12 +160,180 @@ def run_engine_benchmarks(models: Sequence[str], threads: int | None) -> list[Me
     return results
 
 
+class SdkPortal:
+    """The SDK, connected to a server, driven from this (non-trio) thread.
+
+    A background thread runs `trio.run` with one `open_service` block; `call` runs a coroutine
+    there with `trio.from_thread.run`, so the blocking `TrainStep`/`SampleCall` signatures of
+    the engine measurements wrap SDK calls unchanged.
+    """
+
+    def __init__(self, base_url: str, api_key: str) -> None:
+        import threading
+
+        import trio
+
+        self._ready = threading.Event()
+        self._stop: trio.Event | None = None
+        self._thread = threading.Thread(target=trio.run, args=(self._main, base_url, api_key))
+        self._thread.start()
+        self._ready.wait()
+
+    async def _main(self, base_url: str, api_key: str) -> None:
+        import trio
+
+        from tinkex_trio import open_service
+
+        async with open_service(base_url=base_url, api_key=api_key, telemetry=False) as service:
+            self.service = service
+            self.token = trio.lowlevel.current_trio_token()
+            self._stop = trio.Event()
+            self._ready.set()
+            await self._stop.wait()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        import trio
+
+        return trio.from_thread.run(fn, *args, trio_token=self.token)
+
+    def close(self) -> None:
+        import trio
+
+        assert self._stop is not None
+        trio.from_thread.run_sync(self._stop.set, trio_token=self.token)
+        self._thread.join()
+
+
+def http_train_step(portal: SdkPortal, training: Any) -> TrainStep:
+    from tinkex_trio import AdamParams, Datum, ModelInput
+
+    async def step(data: Sequence[DatumArrays]) -> None:
+        datums = [
+            Datum(model_input=ModelInput.from_ints(d.tokens), loss_fn_inputs=dict(d.loss_fn_inputs))
+            for d in data
+        ]
+        fb = await training.forward_backward(datums, "cross_entropy")
+        opt = await training.optim_step(AdamParams(learning_rate=1e-4))
+        await fb
+        await opt
+
+    return lambda data: portal.call(step, data)
+
+
+def http_sample_call(portal: SdkPortal, sampler: Any) -> SampleCall:
+    import trio
+
+    from tinkex_trio import ModelInput, SamplingParams
+
+    async def call(requests: Sequence[SampleRequest]) -> int:
+        total = 0
+
+        async def one(req: SampleRequest) -> None:
+            nonlocal total
+            params = SamplingParams(max_tokens=req.max_tokens, stop=[], seed=req.seed)
+            result = await sampler.sample(ModelInput.from_ints(req.prompt), 1, params)
+            total += sum(len(s.tokens) for s in result.sequences)
+
+        async with trio.open_nursery() as nursery:
+            for req in requests:
+                nursery.start_soon(one, req)
+        return total
+
+    return lambda requests: portal.call(call, requests)
+
+
+def run_http_benchmarks(models: Sequence[str], threads: int | None) -> list[Measurement]:
+    """The same loops through the SDK against `tinkex-trio serve` in a child process."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    results = []
+    env = dict(os.environ)
+    if threads is not None:
+        env["TINKEX_TRIO_TORCH_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory() as data_dir:
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tinkex_trio.cli",
+                "serve",
+                "--port",
+                "0",
+                "--data-dir",
+                data_dir,
+                "--api-key",
+                "tml-bench",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env=env,
+        )
+        try:
+            assert server.stdout is not None
+            url = ""
+            for line in server.stdout:
+                if "listening on" in line:
+                    url = line.rsplit(" ", 1)[1].strip()
+                    break
+            portal = SdkPortal(url, "tml-bench")
+            try:
+                for key in models:
+                    model, train_shapes, sample_shapes = PLANS[key]
+                    training = portal.call(
+                        lambda m=model: portal.service.create_lora_training_client(
+                            m, rank=32, seed=0
+                        )
+                    )
+                    step = http_train_step(portal, training)
+                    for rows, length, steps in train_shapes:
+                        m = measure_training(
+                            f"{key} train {rows}x{length} (HTTP)",
+                            step,
+                            random_batch(rows, length),
+                            steps,
+                        )
+                        print(m, flush=True)
+                        results.append(m)
+                    sampler = portal.call(
+                        lambda m=model: portal.service.create_sampling_client(base_model=m)
+                    )
+                    call = http_sample_call(portal, sampler)
+                    for batch, prompt, new in sample_shapes:
+                        m = measure_sampling(
+                            f"{key} sample batch {batch}, {prompt}+{new} (HTTP)",
+                            call,
+                            sampling_requests(model, batch, prompt, new),
+                        )
+                        print(m, flush=True)
+                        results.append(m)
+            finally:
+                portal.close()
+        finally:
+            server.terminate()
+            server.wait()
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", default="tiny,real", help="comma list of: tiny, real")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument(
+        "--mode", default="both", choices=["engine", "http", "both"], help="what to measure"
+    )
     args = parser.parse_args()
-    run_engine_benchmarks([m for m in args.models.split(",") if m], args.threads)
+    models = [m for m in args.models.split(",") if m]
+    direct = run_engine_benchmarks(models, args.threads) if args.mode != "http" else []
+    over_http = run_http_benchmarks(models, args.threads) if args.mode != "engine" else []
+    if direct and over_http:
+        print("\nHTTP overhead (engine tokens/s / HTTP tokens/s):")
+        for a, b in zip(direct, over_http, strict=True):
+            ratio = a.tokens_per_second / b.tokens_per_second
+            print(f"  {a.label.removesuffix(' (engine)'):<40} {ratio:6.2f}x")
 
 
 if __name__ == "__main__":

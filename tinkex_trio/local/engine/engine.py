@@ -7,6 +7,7 @@ requests name by directory are cached (LRU, keyed by path and file mtime).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -49,6 +50,10 @@ class _TrainingAdapter:
     optimizer: AdamW
 
 
+THREADS_ENV = "TINKEX_TRIO_TORCH_THREADS"
+"""Torch intra-op threads when `threads=` is not given (default: torch's own choice)."""
+
+
 class TorchEngine:
     """The PyTorch engine. See `tinkex_trio.local._engine_api.Engine` for the contract."""
 
@@ -61,7 +66,11 @@ class TorchEngine:
     ) -> None:
         if max_tokens_per_microbatch < 1:
             raise ValueError("max_tokens_per_microbatch must be >= 1")
+        if threads is None and os.environ.get(THREADS_ENV):
+            threads = int(os.environ[THREADS_ENV])
         if threads is not None:
+            if threads < 1:
+                raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
         self._sources: dict[str, ModelSource] = {name: ModelSource(name) for name in models}
         for name, directory in (extra_models or {}).items():
