@@ -21,6 +21,12 @@ TINKER_BASE_URL are set, in which case it uses that service. Usage::
 
     python examples/sampling_fanout.py                       # 2000 samples, SmolLM2-135M
     python examples/sampling_fanout.py --count 100 --model tinkex-trio/SmolLM2-tiny-random
+
+On the local backend the engine is the bottleneck (a few samples per second for SmolLM2-135M
+on 2 CPU cores, in batches of 16), so the default 2000 takes several minutes there; use
+`--count` or `--quick` for a short run. The local backend never answers 429, so the rate
+limiter stays open; against a hosted service under load you will see `rate_limited_total`
+rise and `RetryScheduled`/queue-state events appear.
 """
 
 from __future__ import annotations
