@@ -33,15 +33,16 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 import trio
 
+from tinkex_trio import _protobuf
 from tinkex_trio.types import (
     UNSET,
     Checkpoint,
@@ -52,6 +53,7 @@ from tinkex_trio.types import (
     CreateSessionRequest,
     CreateSessionResponse,
     Cursor,
+    ForwardBackwardInput,
     ForwardBackwardRequest,
     ForwardRequest,
     GetInfoRequest,
@@ -128,6 +130,51 @@ REAP_INTERVAL = 60.0
 #: The owner reported for every run: the local backend has one user.
 LOCAL_OWNER = "tml:user:local"
 API_KEY_PREFIX = "tml-"
+#: client/config flags (PROTOCOL.md 2.1) unless `client_flags=` overrides them: plain API-key
+#: auth, httpx transport for the official SDK, session-wide completion polling (4.8) offered.
+DEFAULT_CLIENT_FLAGS: Final[dict[str, Any]] = {
+    "pjwt_auth_enabled": False,
+    "use_pyqwest_transport": False,
+    "sample_use_retrieve_futures": True,
+}
+#: client/dynamic_config (PROTOCOL.md 2.1, 4.9): cancel_future is served.
+DYNAMIC_CLIENT_FLAGS: Final[dict[str, Any]] = {
+    "refresh_interval_sec": 300,
+    "sample_cancel_enabled": True,
+    "sample_cancel_max_batch_size": 64,
+}
+#: PROTOCOL.md 4.8: retrieve_futures long-polls like retrieve_future unless `timeout` says less.
+MAX_RETRIEVE_FUTURES_TIMEOUT: Final = 30.0
+
+
+class _FuturesTarget(msgspec.Struct, kw_only=True):
+    sampling_session_id: str
+    cloned_sampler_id: int = 0
+    type: Literal["sampling_session"] = "sampling_session"
+
+
+class _RetrieveFuturesRequest(msgspec.Struct, kw_only=True):
+    """Body of `POST /api/v1/retrieve_futures` (PROTOCOL.md 4.8)."""
+
+    target: _FuturesTarget
+    prev_cursor: int = 0
+    retrieved_request_ids: list[str] = []
+    timeout: float | None = None
+
+
+class _Completion(msgspec.Struct, kw_only=True, omit_defaults=True):
+    state: str
+    request_id: str
+    response_payload_uncompressed_size: int | None = None
+
+
+class _RetrieveFuturesResponse(msgspec.Struct, kw_only=True):
+    completions: list[_Completion]
+    cursor: int
+
+
+class _CancelFutureRequest(msgspec.Struct, kw_only=True):
+    request_id: str
 
 
 def _now() -> float:
@@ -185,6 +232,7 @@ class AppSettings:
     secret: bytes
     poll_timeout: float = DEFAULT_POLL_TIMEOUT
     engine_in_thread: bool = True
+    client_flags: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CLIENT_FLAGS))
 
 
 def _read_or_create(path: Path, make: Callable[[], str]) -> str:
@@ -300,6 +348,8 @@ class BackendApp:
         add("POST", f"{API}/asample", self.asample)
         # Futures (4)
         add("POST", f"{API}/retrieve_future", self.retrieve_future)
+        add("POST", f"{API}/retrieve_futures", self.retrieve_futures)
+        add("POST", f"{API}/cancel_future", self.cancel_future)
         # REST (3.5, A.4)
         add("GET", f"{API}/training_runs", self.list_training_runs)
         add("GET", f"{API}/training_runs/{_RUN}", self.get_training_run)
@@ -481,6 +531,45 @@ class BackendApp:
         await trio.lowlevel.checkpoint()
         return self._future_response(request_id, model_id)
 
+    def _protobuf_fwdbwd(self, request: Request) -> ForwardRequest | ForwardBackwardRequest:
+        """A protobuf forward_backward body (PROTOCOL.md 6.2-6.3) as our JSON-form request.
+
+        `forward_only` picks the forward form. Config values must be numbers (our losses take
+        no text options). On a bad body the seq_id is consumed if it could be read.
+        """
+        body = request.body
+        encoding = (request.header("content-encoding") or "").strip().lower()
+        try:
+            if encoding == _protobuf.ZSTD_ENCODING:
+                body = _protobuf.decompress(body)
+            elif encoding not in ("", "identity"):
+                raise HTTPError(415, f"Content-Encoding {encoding!r} is not supported; use zstd")
+            decoded = _protobuf.decode_forward_backward_request(body)
+        except ValueError as exc:
+            raise HTTPError(400, f"invalid protobuf forward_backward body: {exc}") from None
+        config: dict[str, float] = {}
+        for key, value in decoded.loss_fn_config.items():
+            if isinstance(value, str):
+                if decoded.seq_id is not None:
+                    self._consume(decoded.model_id, decoded.seq_id)
+                raise HTTPError(400, f"loss_fn_config[{key!r}] must be a number, got {value!r}")
+            config[key] = value
+        fb_input = ForwardBackwardInput(
+            data=decoded.data, loss_fn=decoded.loss_fn, loss_fn_config=config or UNSET
+        )
+        seq_id = UNSET if decoded.seq_id is None else decoded.seq_id
+        if decoded.forward_only:
+            return ForwardRequest(forward_input=fb_input, model_id=decoded.model_id, seq_id=seq_id)
+        return ForwardBackwardRequest(
+            forward_backward_input=fb_input, model_id=decoded.model_id, seq_id=seq_id
+        )
+
+    def _consume(self, model_id: str, seq_id: int) -> None:
+        model = self.store.get_model(model_id)
+        if model is not None:
+            self._ensure_lane(model)
+            self.lanes.consume(model_id, seq_id)
+
     async def _training_body(self, request: Request, type_: type[T]) -> T:
         """Decode a seq_id-ordered body; on a 400 consume the seq_id if the ids are readable."""
         try:
@@ -506,11 +595,10 @@ class BackendApp:
     # --------------------------------------------------- session / bootstrap
 
     async def client_config(self, request: Request) -> Response:
-        # Flags (PROTOCOL.md 2.1): plain API-key auth; httpx transport for the official SDK.
-        return json_response({"pjwt_auth_enabled": False, "use_pyqwest_transport": False})
+        return json_response(self.settings.client_flags)
 
     async def dynamic_config(self, request: Request) -> Response:
-        return json_response({"refresh_interval_sec": 300})
+        return json_response(DYNAMIC_CLIENT_FLAGS)
 
     async def create_session(self, request: Request) -> Response:
         body = decode_request(request.body, CreateSessionRequest)
@@ -641,6 +729,25 @@ class BackendApp:
         )
 
     async def forward_backward(self, request: Request) -> Response:
+        content_type = request.header("content-type") or ""
+        if _protobuf.PROTOBUF_CONTENT_TYPE in content_type:
+            # PROTOCOL.md 3.9: protobuf forward is forward_backward with forward_only set.
+            proto_body = self._protobuf_fwdbwd(request)
+            if isinstance(proto_body, ForwardRequest):
+                return await self._forward_backward(
+                    request,
+                    proto_body,
+                    proto_body.forward_input,
+                    forward_only=True,
+                    request_type="Forward",
+                )
+            return await self._forward_backward(
+                request,
+                proto_body,
+                proto_body.forward_backward_input,
+                forward_only=False,
+                request_type="ForwardBackward",
+            )
         body = await self._training_body(request, ForwardBackwardRequest)
         return await self._forward_backward(
             request,
@@ -1147,6 +1254,46 @@ class BackendApp:
             status=rendered.status, body=rendered.body, content_type=rendered.content_type
         )
 
+    async def retrieve_futures(self, request: Request) -> Response:
+        """Session-wide completion polling (PROTOCOL.md 4.8): events after `prev_cursor`.
+
+        Long-polls until at least one completion is newer than `prev_cursor` or the window
+        (the request's `timeout`, else the server's poll window, at most 30 s) passes; `timeout:
+        0` answers at once (ack-only polls). Payloads are kept after `retrieved_request_ids`
+        acknowledges them: the store keeps every result until its TTL anyway.
+        """
+        body = decode_request(request.body, _RetrieveFuturesRequest)
+        target = body.target
+        if self.store.get_sampling_session(target.sampling_session_id) is None:
+            raise HTTPError(404, f"unknown sampling_session_id {target.sampling_session_id!r}")
+        log = self.registry.completion_log(target.sampling_session_id, target.cloned_sampler_id)
+        window = self.settings.poll_timeout if body.timeout is None else body.timeout
+        window = max(0.0, min(window, MAX_RETRIEVE_FUTURES_TIMEOUT))
+        events = log.after(body.prev_cursor)
+        if not events and window > 0:
+            with trio.move_on_after(window):
+                while not events:
+                    await log.changed.wait()
+                    events = log.after(body.prev_cursor)
+        else:
+            await trio.lowlevel.checkpoint()
+        completions = [
+            _Completion(
+                state=e.state,
+                request_id=e.request_id,
+                response_payload_uncompressed_size=e.size if e.state == "finished" else None,
+            )
+            for e in events
+        ]
+        cursor = events[-1].cursor if events else max(body.prev_cursor, log.next_cursor - 1)
+        return json_response(_RetrieveFuturesResponse(completions=completions, cursor=cursor))
+
+    async def cancel_future(self, request: Request) -> Response:
+        """PROTOCOL.md 4.9: an abandoned sample; its future fails as cancelled if still pending."""
+        body = decode_request(request.body, _CancelFutureRequest)
+        self.registry.cancel(body.request_id)
+        return json_response({})
+
     # ------------------------------------------------------------------ REST
 
     def _training_run(self, model: ModelRow) -> TrainingRun:
@@ -1363,11 +1510,14 @@ async def open_backend_app(
     api_key: str | None = None,
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
     engine_in_thread: bool = True,
+    client_flags: dict[str, Any] | None = None,
 ) -> AsyncIterator[BackendApp]:
     """Open the store, start the background tasks, yield the ASGI app; stop them on exit.
 
     `engine_in_thread=False` runs engine calls inline on the trio thread (virtual-time tests
-    with a fake engine); the default runs them in one worker thread.
+    with a fake engine); the default runs them in one worker thread. `client_flags` are
+    merged over `DEFAULT_CLIENT_FLAGS` for `client/config` (e.g. `proto_compress_fwdbwd`,
+    `fwdbwd_max_chunk_len`).
     """
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -1377,6 +1527,7 @@ async def open_backend_app(
         secret=load_or_create_secret(data_dir),
         poll_timeout=poll_timeout,
         engine_in_thread=engine_in_thread,
+        client_flags={**DEFAULT_CLIENT_FLAGS, **(client_flags or {})},
     )
     store = Store.open(data_dir / "state.sqlite3")
     try:

@@ -6,8 +6,11 @@ long-poll: it returns as soon as the future finishes, or after the poll window w
 still pending, and the caller then answers `try_again` (PROTOCOL.md 4.2, A.3.7).
 
 Result payloads are stored as JSON bytes. `render_result` is the one place that turns a stored
-future into a poll response, so serving protobuf to pollers that send
-`Accept: application/x-protobuf` (PROTOCOL.md 4.5) is a change to that function only.
+future into a poll response: pollers that send `Accept: application/x-protobuf` get
+forward/forward_backward and sample results as protobuf (PROTOCOL.md 4.5), everyone else JSON.
+
+Sampling futures also feed a `CompletionLog` per (sampling session, clone id): the event list
+that `retrieve_futures` long-polls with a cursor (PROTOCOL.md 4.8).
 """
 
 from __future__ import annotations
@@ -15,10 +18,13 @@ from __future__ import annotations
 import logging
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
 import msgspec
 import trio
+
+from tinkex_trio import _protobuf, types as t
 
 from ._store import Category, FutureRow, Store
 
@@ -30,6 +36,47 @@ logger = logging.getLogger("tinkex_trio.local.futures")
 DEFAULT_POLL_TIMEOUT = 20.0
 
 JSON_CONTENT_TYPE = "application/json"
+#: Result types served as protobuf to a poller that asks for it (PROTOCOL.md 4.5, 9.12).
+PROTOBUF_RESULT_TYPES: Final = frozenset({"Forward", "ForwardBackward", "Sample"})
+#: PROTOCOL.md 5.3: a clone's seq_ids start at clone_id * 1e9, so seq_id // 1e9 is its id.
+CLONE_SEQ_STRIDE: Final = 1_000_000_000
+#: Completion events kept per sampling session beyond the newest acknowledged cursor.
+MAX_LOG_EVENTS: Final = 100_000
+
+
+@dataclass
+class CompletionEvent:
+    cursor: int
+    request_id: str
+    state: str  # "finished" | "failed"
+    size: int
+
+
+@dataclass
+class CompletionLog:
+    """Finished sampling requests of one (sampling session, clone), in completion order.
+
+    Cursors count from 1; a poller that acknowledged cursor c has seen every event <= c, so
+    those may be trimmed (PROTOCOL.md 4.8).
+    """
+
+    events: list[CompletionEvent] = field(default_factory=list)
+    next_cursor: int = 1
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def append(self, request_id: str, state: str, size: int) -> None:
+        self.events.append(CompletionEvent(self.next_cursor, request_id, state, size))
+        self.next_cursor += 1
+        if len(self.events) > MAX_LOG_EVENTS:
+            del self.events[: len(self.events) - MAX_LOG_EVENTS]
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def after(self, cursor: int) -> list[CompletionEvent]:
+        # Everything at or before an acknowledged cursor is seen: trim it.
+        while self.events and self.events[0].cursor <= cursor:
+            self.events.pop(0)
+        return [e for e in self.events if e.cursor > cursor]
 
 
 def new_request_id() -> str:
@@ -43,6 +90,33 @@ class FutureRegistry:
         self._store = store
         # One Event per future that some poller may still wait on; set and dropped on finish.
         self._events: dict[str, trio.Event] = {}
+        self._logs: dict[tuple[str, int], CompletionLog] = {}
+
+    def completion_log(self, sampling_session_id: str, clone_id: int) -> CompletionLog:
+        key = (sampling_session_id, clone_id)
+        log = self._logs.get(key)
+        if log is None:
+            log = self._logs[key] = CompletionLog()
+        return log
+
+    def _log_completion(self, request_id: str, state: str, size: int) -> None:
+        row = self._store.get_future(request_id)
+        if row is None or row.sampling_session_id is None or row.seq_id is None:
+            return
+        clone = row.seq_id // CLONE_SEQ_STRIDE
+        self.completion_log(row.sampling_session_id, clone).append(request_id, state, size)
+
+    def cancel(self, request_id: str) -> bool:
+        """Fail a pending future as cancelled (PROTOCOL.md 4.9); False if unknown or finished.
+
+        The engine may still finish the work; its result is then dropped (`complete` and
+        `fail` leave finished futures alone).
+        """
+        row = self._store.get_future(request_id)
+        if row is None or row.state in ("done", "failed"):
+            return False
+        self.fail(request_id, "cancelled by the client (cancel_future)", "user")
+        return True
 
     def create(
         self,
@@ -74,13 +148,23 @@ class FutureRegistry:
     def mark_running(self, request_id: str) -> None:
         self._store.mark_running(request_id)
 
+    def _finished(self, request_id: str) -> bool:
+        row = self._store.get_future(request_id)
+        return row is not None and row.state in ("done", "failed")
+
     def complete(self, request_id: str, result: bytes) -> None:
+        if self._finished(request_id):  # cancelled meanwhile: keep the first outcome
+            return
         self._store.complete_future(request_id, result, trio_now_wall())
         self._wake(request_id)
+        self._log_completion(request_id, "finished", len(result))
 
     def fail(self, request_id: str, message: str, category: Category) -> None:
+        if self._finished(request_id):
+            return
         self._store.fail_future(request_id, message, category, trio_now_wall())
         self._wake(request_id)
+        self._log_completion(request_id, "failed", 0)
 
     def _wake(self, request_id: str) -> None:
         event = self._events.pop(request_id, None)
@@ -133,11 +217,20 @@ class _Failure(msgspec.Struct):
 def render_result(row: FutureRow, *, accept: str | None = None) -> RenderedResult:
     """Turn a future row into the `retrieve_future` answer (PROTOCOL.md 4.2, A.3.2-A.3.5).
 
-    `accept` is the poll's Accept header; today every answer is JSON (A.2.4: JSON is what a
-    client gets unless it asks for protobuf, and protobuf is not implemented yet).
+    `accept` is the poll's Accept header: a forward/forward_backward or sample result goes as
+    protobuf when it names `application/x-protobuf` (4.5); everything else, including
+    try_again and error bodies of those requests, is JSON (A.2.4: JSON unless asked).
     """
-    del accept  # protobuf results (PROTOCOL.md 4.5) will branch here.
     if row.state == "done":
+        if (
+            accept is not None
+            and _protobuf.PROTOBUF_CONTENT_TYPE in accept
+            and row.request_type in PROTOBUF_RESULT_TYPES
+            and row.result is not None
+        ):
+            return RenderedResult(
+                200, _protobuf.PROTOBUF_CONTENT_TYPE, _as_protobuf(row.request_type, row.result)
+            )
         return RenderedResult(200, JSON_CONTENT_TYPE, row.result or b"{}")
     if row.state == "failed":
         category = row.category if row.category in ("user", "server", "unknown") else "unknown"
@@ -147,3 +240,10 @@ def render_result(row: FutureRow, *, accept: str | None = None) -> RenderedResul
         _TryAgain(type="try_again", request_id=row.request_id, queue_state="active")
     )
     return RenderedResult(200, JSON_CONTENT_TYPE, body)
+
+
+def _as_protobuf(request_type: str, stored: bytes) -> bytes:
+    """The stored JSON result re-encoded as the protobuf message of PROTOCOL.md 6.4 / 6.5."""
+    if request_type == "Sample":
+        return _protobuf.encode_sample_response(t.decode(stored, t.SampleResponse))
+    return _protobuf.encode_forward_backward_output(t.decode(stored, t.ForwardBackwardOutput))
