@@ -27,6 +27,7 @@ from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
     APIStatusError,
+    ConflictError,
     InternalServerError,
     InvalidInputError,
     NotFoundError,
@@ -669,3 +670,21 @@ async def test_fault_server_pages_and_mutations() -> None:
     assert (put.method, put.path) == ("PUT", f"{V1}{CHECKPOINT_ROUTE}/ttl")
     assert put.json() == {"ttl_seconds": 3600}
     assert put.headers["x-api-key"] == "tml-test"
+
+
+async def test_publish_conflict_is_an_answer_not_retried(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """409 "already public/private" is final, although 409 is retryable elsewhere (9.3)."""
+    router = Router()
+    path = f"/training_runs/{RUN}/checkpoints/weights/a/publish"
+    router.on("POST", path, httpx.Response(409, json={"detail": "already public"}))
+    router.on("DELETE", path, httpx.Response(503), httpx.Response(409, json={"detail": "private"}))
+    rest = client(router)
+    with pytest.raises(ConflictError, match="already public"):
+        await rest.publish_checkpoint(RUN, "weights/a")
+    assert len(router.requests) == 1 and trio.current_time() == 0
+    with pytest.raises(ConflictError, match="private"):
+        await rest.unpublish_checkpoint(RUN, "weights/a")
+    # A 503 is still retried (layer B, 1 s), then the 409 ends it.
+    assert len(router.requests) == 3 and trio.current_time() == 1

@@ -244,9 +244,13 @@ class RestClient:
     delete_checkpoint_from_tinker_path = delete_checkpoint_by_tinker_path
 
     async def publish_checkpoint(self, training_run_id: str, checkpoint_id: str) -> None:
-        """Make a checkpoint public (`POST .../publish`; the server may answer 409 if it is)."""
+        """Make a checkpoint public (`POST .../publish`).
+
+        Raises:
+            ConflictError: it is public already (not retried: a 409 here is an answer).
+        """
         path = _checkpoint_path(training_run_id, checkpoint_id) + "/publish"
-        await self._call("POST", path, None)
+        await self._call("POST", path, None, conflict_is_final=True)
 
     async def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> None:
         """Make the checkpoint at `tinker_path` public."""
@@ -256,9 +260,13 @@ class RestClient:
     publish_checkpoint_by_tinker_path = publish_checkpoint_from_tinker_path
 
     async def unpublish_checkpoint(self, training_run_id: str, checkpoint_id: str) -> None:
-        """Make a checkpoint private again (`DELETE .../publish`)."""
+        """Make a checkpoint private again (`DELETE .../publish`).
+
+        Raises:
+            ConflictError: it is private already (not retried: a 409 here is an answer).
+        """
         path = _checkpoint_path(training_run_id, checkpoint_id) + "/publish"
-        await self._call("DELETE", path, None)
+        await self._call("DELETE", path, None, conflict_is_final=True)
 
     async def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> None:
         """Make the checkpoint at `tinker_path` private again."""
@@ -360,17 +368,34 @@ class RestClient:
         *,
         params: dict[str, Any] | None = None,
         content: bytes | None = None,
+        conflict_is_final: bool = False,
     ) -> T:
-        """One layer-B-retried request; the body is decoded into `type_` (ignored if None)."""
+        """One layer-B-retried request; the body is decoded into `type_` (ignored if None).
+
+        PROTOCOL.md 9.3 retries 409 like a transient error. Where the API uses 409 as a final
+        answer (publish an already public checkpoint), `conflict_is_final` raises it at once:
+        layer-A retries are off for the call and a 409 leaves the layer-B loop unretried.
+        """
         headers = _JSON_HEADERS if content is not None else None
 
         async def attempt() -> httpx.Response:
-            return await self._transport.request(
-                method, API_PREFIX + path, content=content, params=params, headers=headers
+            response = await self._transport.request(
+                method,
+                API_PREFIX + path,
+                content=content,
+                params=params,
+                headers=headers,
+                max_retries=0 if conflict_is_final else None,
+                raise_for_status=not conflict_is_final,
             )
+            if conflict_is_final and response.status_code != 409 and response.is_error:
+                raise status_error_for(response)
+            return response
 
         retried: Callable[[], Awaitable[httpx.Response]] = attempt
         response = await self._transport.with_retries(retried)
+        if response.status_code == 409:
+            raise status_error_for(response)
         if type_ is None:
             return None  # type: ignore[return-value]
         return decode(response.content, type_)
