@@ -17,43 +17,22 @@ TINKER_BASE_URL are set, in which case it uses that service. Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import trio
+from _backend import add_backend_arguments, open_example_service
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 import tinkex_trio
 from tinkex_trio import types
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 TEXTS = [
     "The capital of France is Paris.",
     "Two plus two is four.",
     "Water boils at one hundred degrees Celsius.",
     "The quick brown fox jumps over the lazy dog.",
 ]
-
-
-@asynccontextmanager
-async def open_backend(args: argparse.Namespace) -> AsyncIterator[tinkex_trio.ServiceClient]:
-    """A hosted service if TINKER_API_KEY and TINKER_BASE_URL are set, else the local one."""
-    if os.environ.get("TINKER_API_KEY") and os.environ.get("TINKER_BASE_URL"):
-        print(f"backend: hosted Tinker service at {os.environ['TINKER_BASE_URL']}")
-        async with tinkex_trio.open_service() as service:
-            yield service
-        return
-    from tinkex_trio.local import open_local_backend
-
-    async with open_local_backend(data_dir=args.data_dir, models=[args.model]) as backend:
-        print(f"backend: local tinkex_trio backend at {backend.base_url} (data: {args.data_dir})")
-        async with tinkex_trio.open_service(
-            base_url=backend.base_url, api_key=backend.api_key
-        ) as service:
-            yield service
 
 
 def make_data(tokenizer: tinkex_trio.Tokenizer) -> list[types.Datum]:
@@ -88,7 +67,7 @@ async def train_step(
 async def run(args: argparse.Namespace) -> None:
     started = time.monotonic()
     adam = types.AdamParams(learning_rate=args.learning_rate)
-    async with open_backend(args) as service:
+    async with open_example_service(args.model, args.data_dir) as service:
         rest = service.create_rest_client()
 
         # 1. train
@@ -146,12 +125,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    add_backend_arguments(parser)
     parser.add_argument("--steps", type=int, default=3, help="training steps before saving")
     parser.add_argument("--rank", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--quick", action="store_true", help="same as --steps 1")
-    parser.add_argument("--data-dir", type=Path, default=Path("tinkex-data"))
     parser.add_argument(
         "--output-dir",
         type=Path,

@@ -25,38 +25,16 @@ TINKER_BASE_URL are set, in which case it uses that service. Usage::
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import trio
+from _backend import add_backend_arguments, open_example_service
 
 import tinkex_trio
 from tinkex_trio import types
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 FEW_SHOT = "1+2=3\n4+4=8\n2+7=9\n5+3=8\n"
-
-
-@asynccontextmanager
-async def open_backend(args: argparse.Namespace) -> AsyncIterator[tinkex_trio.ServiceClient]:
-    """A hosted service if TINKER_API_KEY and TINKER_BASE_URL are set, else the local one."""
-    if os.environ.get("TINKER_API_KEY") and os.environ.get("TINKER_BASE_URL"):
-        print(f"backend: hosted Tinker service at {os.environ['TINKER_BASE_URL']}")
-        async with tinkex_trio.open_service() as service:
-            yield service
-        return
-    from tinkex_trio.local import open_local_backend
-
-    async with open_local_backend(data_dir=args.data_dir, models=[args.model]) as backend:
-        print(f"backend: local tinkex_trio backend at {backend.base_url} (data: {args.data_dir})")
-        async with tinkex_trio.open_service(
-            base_url=backend.base_url, api_key=backend.api_key
-        ) as service:
-            yield service
 
 
 def make_problems(rng: random.Random, count: int) -> list[tuple[str, int]]:
@@ -136,7 +114,7 @@ async def sample_all(
 async def run(args: argparse.Namespace) -> None:
     rng = random.Random(args.seed)
     started = time.monotonic()
-    async with open_backend(args) as service:
+    async with open_example_service(args.model, args.data_dir) as service:
         training = await service.create_lora_training_client(args.model, rank=args.rank)
         tokenizer = training.get_tokenizer()
         policy = await training.save_weights_and_get_sampling_client()
@@ -193,7 +171,7 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    add_backend_arguments(parser)
     parser.add_argument("--iterations", type=int, default=10)
     parser.add_argument("--prompts", type=int, default=8, help="problems per iteration")
     parser.add_argument("--num-samples", type=int, default=8, help="samples per problem")
@@ -201,7 +179,6 @@ def main() -> None:
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="2 iterations x 2 prompts x 4 samples")
-    parser.add_argument("--data-dir", type=Path, default=Path("tinkex-data"))
     args = parser.parse_args()
     if args.quick:
         args.iterations, args.prompts, args.num_samples = 2, 2, 4

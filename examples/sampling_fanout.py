@@ -32,43 +32,21 @@ rise and `RetryScheduled`/queue-state events appear.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 
 import trio
+from _backend import add_backend_arguments, open_example_service
 
 import tinkex_trio
 from tinkex_trio import telemetry, types
 
-DEFAULT_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPTS = [
     "The capital of France is",
     "Once upon a time",
     "The best way to learn is",
     "In the beginning",
 ]
-
-
-@asynccontextmanager
-async def open_backend(args: argparse.Namespace) -> AsyncIterator[tinkex_trio.ServiceClient]:
-    """A hosted service if TINKER_API_KEY and TINKER_BASE_URL are set, else the local one."""
-    if os.environ.get("TINKER_API_KEY") and os.environ.get("TINKER_BASE_URL"):
-        print(f"backend: hosted Tinker service at {os.environ['TINKER_BASE_URL']}")
-        async with tinkex_trio.open_service() as service:
-            yield service
-        return
-    from tinkex_trio.local import open_local_backend
-
-    async with open_local_backend(data_dir=args.data_dir, models=[args.model]) as backend:
-        print(f"backend: local tinkex_trio backend at {backend.base_url} (data: {args.data_dir})")
-        async with tinkex_trio.open_service(
-            base_url=backend.base_url, api_key=backend.api_key
-        ) as service:
-            yield service
 
 
 class EventCounts:
@@ -116,7 +94,7 @@ async def monitor(
 async def run(args: argparse.Namespace) -> None:
     counts = EventCounts()
     peaks = Peaks()
-    async with open_backend(args) as service:
+    async with open_example_service(args.model, args.data_dir) as service:
         remove_handler = service.telemetry.add_handler(counts)
         sampler = await service.create_sampling_client(base_model=args.model)
         tokenizer = sampler.get_tokenizer()
@@ -183,12 +161,11 @@ async def run(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"default: {DEFAULT_MODEL}")
+    add_backend_arguments(parser)
     parser.add_argument("--count", type=int, default=2000, help="samples (default: 2000)")
     parser.add_argument("--quick", action="store_true", help="same as --count 100")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--buffer", type=int, default=16, help="result channel capacity")
-    parser.add_argument("--data-dir", type=Path, default=Path("tinkex-data"))
     args = parser.parse_args()
     if args.quick:
         args.count = 100

@@ -2,7 +2,6 @@
 
 Each runs as a subprocess exactly as a user would start it (plus `--model` and a size flag),
 with no TINKER_* variables set, so it must pick the local backend and say so.
-(`examples/sl_quickstart.py` has its own test.)
 """
 
 from __future__ import annotations
@@ -86,3 +85,13 @@ def test_sampling_fanout(tmp_path: Path) -> None:
     assert re.search(r"queue-state events: \d+", out)
     assert "FutureCompleted Sample ok: 48" in out
     assert "RequestFinished asample 200: 48" in out
+
+
+def test_sl_quickstart(tmp_path: Path) -> None:
+    out = run_example("sl_quickstart.py", "--quick", data_dir=tmp_path / "data")
+    first, last = map(float, re.findall(r"first loss (\d+\.\d+) -> last loss (\d+\.\d+)", out)[0])
+    assert last < first, out
+    curve = re.findall(r"loss curve \(per answer token\): (.*)", out)[0].split()
+    assert len(curve) == 6, out
+    assert "Answers before and after fine-tuning" in out
+    assert "What is the capital of Vellmora?" in out
