@@ -10,7 +10,7 @@ import trio
 import trio.testing
 from fake_tinker import FakeTinker
 
-from tinkex_trio import Config, MissingAPIKeyError, open_service
+from tinkex_trio import Config, MissingAPIKeyError, ModelInput, open_service
 from tinkex_trio.errors import ClientClosedError, InvalidInputError
 from tinkex_trio.service import HEARTBEAT_INTERVAL
 
@@ -206,3 +206,35 @@ async def test_tinker_log_turns_on_sdk_logging(caplog: pytest.LogCaptureFixture)
     lines = [r.getMessage() for r in caplog.records if r.name == "tinkex_trio"]
     assert any(line.startswith("RequestStarted") for line in lines)
     assert all(fake.api_key not in line for line in lines)
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_cancel_at_random_points_over_sockets_closes_every_connection(seed: int) -> None:
+    """Real sockets: whatever point the block is cancelled at, no connection stays open."""
+    import random
+
+    from fault_server import open_fault_server
+
+    fake = FakeTinker()
+    fake.poll_try_again = 2
+    cancel_after = random.Random(seed).uniform(0.0, 0.15)
+    with trio.fail_after(30):
+        async with open_fault_server(fake.fault_handler) as server:
+            config = Config(api_key=fake.api_key, base_url=server.base_url, telemetry=False)
+            async with trio.open_nursery() as nursery:
+                before = len(nursery.child_tasks)
+                with trio.move_on_after(cancel_after):
+                    async with open_service(config) as service:
+                        training = await service.create_lora_training_client("fake/model")
+                        sampler = await service.create_sampling_client(base_model="fake/model")
+                        async with trio.open_nursery() as work:
+                            for i in range(20):
+                                work.start_soon(sampler.sample, ModelInput.from_ints([i]))
+                                work.start_soon(training.optim_step)
+                        await trio.sleep_forever()
+                assert len(nursery.child_tasks) == before
+            # The client closed its pool; wait for the server to notice every close.
+            while server.open_connections:
+                await trio.sleep(0.01)
+    if "sess-1" in fake.finished:
+        assert fake.finished["sess-1"] == "interrupted"
