@@ -20,7 +20,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from tinkex_trio import Config, ModelInput, open_service  # noqa: E402
+from tinkex_trio import Config, ModelInput, open_service
 
 
 def _serve(port_queue: multiprocessing.Queue[int]) -> None:
@@ -31,8 +31,11 @@ def _serve(port_queue: multiprocessing.Queue[int]) -> None:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(lambda task_status: serve_fault_server(
-                handler=fake.fault_handler, task_status=task_status))
+            server = await nursery.start(
+                lambda task_status: serve_fault_server(
+                    handler=fake.fault_handler, task_status=task_status
+                )
+            )
             port_queue.put(server.port)
 
     trio.run(main)

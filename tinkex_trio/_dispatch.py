@@ -70,7 +70,9 @@ class RateLimiter:
         return now < self._cooldown_until
 
     def _limit(self, now: float) -> int:
-        return MAX_CONCURRENT_SUBMITS_BACKING_OFF if self._backing_off(now) else MAX_CONCURRENT_SUBMITS
+        return (
+            MAX_CONCURRENT_SUBMITS_BACKING_OFF if self._backing_off(now) else MAX_CONCURRENT_SUBMITS
+        )
 
     async def wait_window(self) -> None:
         """Wait until no 429 back-off window is open."""

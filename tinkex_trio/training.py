@@ -309,9 +309,7 @@ class TrainingClient:
                     _FwdBwdChunk(self.model_id, seq_id, chunk, loss_fn, config, forward_only)
                 )
             futures.append(
-                self._enqueue(
-                    seq_id, path, request_type, body, _fwdbwd_result, nbytes=nbytes
-                )
+                self._enqueue(seq_id, path, request_type, body, _fwdbwd_result, nbytes=nbytes)
             )
         return futures
 

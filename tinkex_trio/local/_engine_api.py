@@ -55,7 +55,9 @@ class DatumArrays:
     """One training datum: the model input tokens and its loss inputs, all length N."""
 
     tokens: npt.NDArray[np.int64]  # [N] model input
-    loss_fn_inputs: dict[str, npt.NDArray[np.generic]]  # target_tokens int64 [N], weights f32 [N], ...
+    loss_fn_inputs: dict[
+        str, npt.NDArray[np.generic]
+    ]  # target_tokens int64 [N], weights f32 [N], ...
 
 
 @dataclass

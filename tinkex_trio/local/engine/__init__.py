@@ -9,6 +9,6 @@ import os
 # (benchmarks/bench_local.py). Only effective if torch is not imported yet; users can set it.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from .engine import TorchEngine as TorchEngine  # noqa: E402
+from .engine import TorchEngine as TorchEngine
 
 __all__ = ["TorchEngine"]
