@@ -1,4 +1,4 @@
-"""Developer sessions: `nox -s tests lint typecheck`."""
+"""Developer sessions: `nox -s tests lint typecheck`, and `nox -s conformance`."""
 
 import nox
 
@@ -16,6 +16,14 @@ def _install(session: nox.Session) -> None:
 def tests(session: nox.Session) -> None:
     _install(session)
     session.run("pytest", *session.posargs, success_codes=[0, 5])
+
+
+@nox.session
+def conformance(session: nox.Session) -> None:
+    """The official `tinker` SDK (0.38 protobuf, 0.15 JSON) against the local backend; the
+    SDKs live in `.conformance-venvs/` (built by the tests, kept between runs)."""
+    _install(session)
+    session.run("pytest", "tests/conformance", *session.posargs)
 
 
 @nox.session

@@ -1,0 +1,191 @@
+"""Conformance: the official `tinker` SDK drives the local backend (tiny model), checked by value.
+
+Each test runs the local backend in this trio loop (Hypercorn on 127.0.0.1, the torch engine in
+its worker thread) and `official_client.py` in a subprocess with the python of a venv holding a
+pinned official SDK (conftest.py): 0.38.0 speaks protobuf forward_backward (zstd, chunked two
+datums per request by the `fwdbwd_max_chunk_len` flag) and protobuf results; 0.15.0 speaks JSON
+only (PROTOCOL.md Appendix A). The parity test runs the same job through tinkex_trio and
+compares losses, sampled tokens and logprobs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import trio
+
+pytest.importorskip("torch")
+
+from official_venvs import JSON_VERSION, PROTOBUF_VERSION
+from ours_job import run_job
+
+from tinkex_trio.local import open_local_backend
+
+TINY = "tinkex-trio/SmolLM2-tiny-random"
+SCRIPT = Path(__file__).with_name("official_client.py")
+#: Wall-clock bound per job (the install is bounded separately in conftest.py).
+JOB_LIMIT = 240
+#: Float tolerance between two passes over the same weights (float32 on CPU).
+LOGPROB_ATOL = 1e-4
+#: 0.38: protobuf with zstd, 5 datums cut into chunks of 2 (PROTOCOL.md 2.1, 6.3, 9.1).
+PROTOBUF_FLAGS: dict[str, Any] = {"proto_compress_fwdbwd": True, "fwdbwd_max_chunk_len": 2}
+
+
+async def run_official(python: Path, base_url: str, api_key: str) -> dict[str, Any]:
+    env = {**os.environ, "TINKER_TELEMETRY": "0"}
+    env.pop("TINKER_API_KEY", None)
+    env.pop("TINKER_BASE_URL", None)
+    done = await trio.run_process(
+        [str(python), str(SCRIPT), base_url, api_key, TINY],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        env=env,
+    )
+    if done.returncode != 0:
+        pytest.fail(
+            f"the official client failed (exit {done.returncode}):\n"
+            + done.stderr.decode(errors="replace")[-4000:]
+        )
+    result: dict[str, Any] = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    return result
+
+
+def check_values(result: dict[str, Any]) -> None:
+    """What the job must show whichever client ran it."""
+    losses = result["losses"]
+    assert losses[-1] < losses[0], f"loss did not fall: {losses}"
+    assert result["sample_tokens"] == result["sample_tokens_again"], "same seed, other tokens"
+    assert all(len(tokens) == 6 for tokens in result["sample_tokens"])
+    assert all("length" in reason.lower() for reason in result["sample_stop_reasons"])
+    # save_state + create_training_client_from_state_with_optimizer: the same weights.
+    for a, b in zip(result["forward"], result["resumed_forward"], strict=True):
+        np.testing.assert_allclose(a, b, atol=LOGPROB_ATOL)
+    # compute_logprobs on the sampler agrees with the training forward pass (datum 0).
+    computed = result["computed_logprobs"]
+    assert computed[0] is None
+    np.testing.assert_allclose(computed[1:], result["forward"][0], atol=LOGPROB_ATOL)
+    prompt_logprobs = result["prompt_logprobs"]
+    assert prompt_logprobs[0] is None and all(x is not None for x in prompt_logprobs[1:])
+    # REST listing sees the run and its checkpoint.
+    assert result["model_id"] in result["run_ids"]
+    assert "weights/conformance" in result["checkpoint_ids"]
+    assert result["saved_path"].endswith("/weights/conformance")
+
+
+@pytest.mark.parametrize(
+    ("version", "flags"),
+    [(PROTOBUF_VERSION, PROTOBUF_FLAGS), (JSON_VERSION, {})],
+    ids=["tinker-0.38-protobuf", "tinker-0.15-json"],
+)
+async def test_official_sdk_job_against_local_backend(
+    tmp_path: Path,
+    official_python: Callable[[str], Path],
+    version: str,
+    flags: dict[str, Any],
+) -> None:
+    python = official_python(version)
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=flags
+        ) as backend:
+            result = await run_official(python, backend.base_url, backend.api_key)
+    assert result["version"] == version
+    check_values(result)
+
+
+async def test_parity_with_the_official_sdk(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """Same job, same server flags: our SDK (JSON and protobuf) and tinker 0.38 agree."""
+    python = official_python(PROTOBUF_VERSION)
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            official = await run_official(python, backend.base_url, backend.api_key)
+            ours_json = await run_job(backend.base_url, backend.api_key, TINY)
+            ours_proto = await run_job(
+                backend.base_url, backend.api_key, TINY, wire_format="protobuf"
+            )
+    for ours in (ours_json, ours_proto):
+        check_values({**ours, "sample_stop_reasons": ours["sample_stop_reasons"]})
+        np.testing.assert_allclose(ours["losses"], official["losses"], rtol=1e-5)
+        assert ours["sample_tokens"] == official["sample_tokens"]
+        for a, b in zip(ours["forward"], official["forward"], strict=True):
+            np.testing.assert_allclose(a, b, atol=LOGPROB_ATOL)
+        np.testing.assert_allclose(
+            ours["computed_logprobs"][1:], official["computed_logprobs"][1:], atol=LOGPROB_ATOL
+        )
+        np.testing.assert_allclose(
+            ours["prompt_logprobs"][1:], official["prompt_logprobs"][1:], atol=LOGPROB_ATOL
+        )
+
+
+if sys.platform == "win32":  # pragma: no cover - venv layout differs (Scripts/python.exe)
+    pytest.skip("the conformance venvs assume a POSIX layout", allow_module_level=True)
+
+
+async def test_our_protobuf_request_decodes_with_the_official_classes(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """Byte level: our protobuf forward_backward body, read by tinker 0.38's generated
+    classes, carries exactly what our JSON form (Appendix A.1) carries."""
+    import msgspec
+
+    from tinkex_trio import _protobuf, types as t
+    from tinkex_trio.training import _fwdbwd_json, _FwdBwdChunk
+
+    rng = np.random.default_rng(3)
+    data = []
+    for n in (4, 9, 1):
+        tokens = rng.integers(0, 150_000, size=n + 1)
+        data.append(
+            t.Datum(
+                model_input=t.ModelInput.from_ints(tokens[:-1]),
+                loss_fn_inputs={
+                    "target_tokens": tokens[1:],
+                    "logprobs": rng.normal(size=n).astype(np.float32),
+                    "advantages": rng.normal(size=n).astype(np.float32),
+                },
+            )
+        )
+    config = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.25}
+    body = _protobuf.encode_forward_backward_request(
+        model_id="s:train:0",
+        seq_id=7,
+        data=data,
+        loss_fn="ppo",
+        loss_fn_config=config,
+        forward_only=False,
+    )
+    path = tmp_path / "body.pb"
+    path.write_bytes(body)
+    done = await trio.run_process(
+        [
+            str(official_python(PROTOBUF_VERSION)),
+            str(SCRIPT.with_name("decode_with_official.py")),
+            str(path),
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
+    official = json.loads(done.stdout)
+
+    _, json_body = _fwdbwd_json(_FwdBwdChunk("s:train:0", 7, data, "ppo", config, False))
+    ours = msgspec.json.decode(json_body)
+    fb_input = ours["forward_backward_input"]
+    assert official["model_id"] == ours["model_id"] and official["seq_id"] == ours["seq_id"]
+    assert official["forward_only"] is False and official["loss_fn"] == fb_input["loss_fn"]
+    assert official["loss_fn_config"] == fb_input["loss_fn_config"] == config
+    assert official["loss_fn_config_v2"] == config
+    assert official["data"] == fb_input["data"]
