@@ -112,9 +112,17 @@ class FuturePoller:
         started = trio.current_time()
         ok = False
         try:
-            result = await self._poll(
-                request_id, request_type, decode, on_queue_state, accept, headers or {}
-            )
+            # Bytes reserved for a metadata-only result are held until the payload is decoded.
+            async with AsyncExitStack() as reservations:
+                result = await self._poll_loop(
+                    request_id,
+                    request_type,
+                    decode,
+                    on_queue_state,
+                    accept,
+                    headers or {},
+                    reservations,
+                )
             ok = True
             return result
         finally:
@@ -127,26 +135,6 @@ class FuturePoller:
                         ok=ok,
                     )
                 )
-
-    async def _poll(
-        self,
-        request_id: str,
-        request_type: str,
-        decode: ResultDecoder[T],
-        on_queue_state: Callable[[str, str | None], None] | None,
-        accept: str,
-        extra_headers: dict[str, str],
-    ) -> T:
-        async with AsyncExitStack() as reservations:
-            return await self._poll_loop(
-                request_id,
-                request_type,
-                decode,
-                on_queue_state,
-                accept,
-                extra_headers,
-                reservations,
-            )
 
     async def _poll_loop(
         self,

@@ -422,16 +422,13 @@ class TrainingClient:
         params = adam_params if adam_params is not None else t.AdamParams()
         if not isinstance(params, t.AdamParams):
             raise InvalidInputError(f"adam_params must be AdamParams, got {type(params).__name__}")
-        seq_id = self._reserve()
-        body = t.encode(
-            t.OptimStepRequest(model_id=self.model_id, seq_id=seq_id, adam_params=params)
-        )
-        return self._enqueue(
-            seq_id,
+        return self._queue_request(
             "/api/v1/optim_step",
             "OptimStep",
-            _static(body),
-            json_decoder(t.OptimStepResponse),
+            lambda seq_id: t.OptimStepRequest(
+                model_id=self.model_id, seq_id=seq_id, adam_params=params
+            ),
+            t.OptimStepResponse,
         )
 
     async def save_state(
@@ -441,23 +438,18 @@ class TrainingClient:
         self._check_usable()
         _validate_name(name)
         _validate_ttl(ttl_seconds)
-        seq_id = self._reserve()
-        body = t.encode(
-            t.SaveWeightsRequest(
+        # PROTOCOL.md 9.3: saves go without layer-A retries (layer B still applies).
+        return self._queue_request(
+            "/api/v1/save_weights",
+            "SaveWeights",
+            lambda seq_id: t.SaveWeightsRequest(
                 model_id=self.model_id,
                 path=name,
                 seq_id=seq_id,
                 ttl_seconds=t.UNSET if ttl_seconds is None else ttl_seconds,
                 overwrite=overwrite,
-            )
-        )
-        # PROTOCOL.md 9.3: saves go without layer-A retries (layer B still applies).
-        return self._enqueue(
-            seq_id,
-            "/api/v1/save_weights",
-            "SaveWeights",
-            _static(body),
-            json_decoder(t.SaveWeightsResponse),
+            ),
+            t.SaveWeightsResponse,
             max_retries=0,
         )
 
@@ -475,18 +467,13 @@ class TrainingClient:
             t.ParsedTinkerPath.parse(path)
         except ValueError as exc:
             raise InvalidInputError(f"path: {exc}") from None
-        seq_id = self._reserve()
-        body = t.encode(
-            t.LoadWeightsRequest(
-                model_id=self.model_id, seq_id=seq_id, path=path, optimizer=optimizer
-            )
-        )
-        return self._enqueue(
-            seq_id,
+        return self._queue_request(
             "/api/v1/load_weights",
             "LoadWeights",
-            _static(body),
-            json_decoder(t.LoadWeightsResponse),
+            lambda seq_id: t.LoadWeightsRequest(
+                model_id=self.model_id, seq_id=seq_id, path=path, optimizer=optimizer
+            ),
+            t.LoadWeightsResponse,
         )
 
     async def save_weights_for_sampler(
@@ -496,41 +483,32 @@ class TrainingClient:
         self._check_usable()
         _validate_name(name)
         _validate_ttl(ttl_seconds)
-        seq_id = self._reserve()
-        body = t.encode(
-            t.SaveWeightsForSamplerRequest(
+        return self._queue_request(
+            "/api/v1/save_weights_for_sampler",
+            "SaveWeightsForSampler",
+            lambda seq_id: t.SaveWeightsForSamplerRequest(
                 model_id=self.model_id,
                 path=name,
                 seq_id=seq_id,
                 ttl_seconds=t.UNSET if ttl_seconds is None else ttl_seconds,
-            )
-        )
-        return self._enqueue(
-            seq_id,
-            "/api/v1/save_weights_for_sampler",
-            "SaveWeightsForSampler",
-            _static(body),
-            json_decoder(t.SaveWeightsForSamplerResponse),
+            ),
+            t.SaveWeightsForSamplerResponse,
             max_retries=0,
         )
 
     async def save_weights_and_get_sampling_client(self) -> SamplingClient:
         """Snapshot the current weights into a new sampling session and return its client."""
         self._check_usable()
-        seq_id = self._reserve()
-        body = t.encode(
-            t.SaveWeightsForSamplerRequest(
-                model_id=self.model_id,
-                seq_id=seq_id,
-                sampling_session_seq_id=next(self._ctx.sampling_session_seq_ids),
-            )
-        )
-        future = self._enqueue(
-            seq_id,
+        sampling_session_seq_id = next(self._ctx.sampling_session_seq_ids)
+        future = self._queue_request(
             "/api/v1/save_weights_for_sampler",
             "SaveWeightsForSampler",
-            _static(body),
-            json_decoder(t.SaveWeightsForSamplerResponse),
+            lambda seq_id: t.SaveWeightsForSamplerRequest(
+                model_id=self.model_id,
+                seq_id=seq_id,
+                sampling_session_seq_id=sampling_session_seq_id,
+            ),
+            t.SaveWeightsForSamplerResponse,
             max_retries=0,
         )
         saved = await future
@@ -572,6 +550,27 @@ class TrainingClient:
         """The next seq_id (PROTOCOL.md 5.2: id + 1, so the first after create_model is 1)."""
         self._next_request_id += 1
         return self._next_request_id
+
+    def _queue_request(
+        self,
+        path: str,
+        request_type: str,
+        build: Callable[[int], t.Request],
+        result_type: type[T],
+        *,
+        max_retries: int | None = None,
+    ) -> APIFuture[T]:
+        """Reserve the next seq_id, encode `build(seq_id)` and queue it; JSON result."""
+        seq_id = self._reserve()
+        body = t.encode(build(seq_id))
+        return self._enqueue(
+            seq_id,
+            path,
+            request_type,
+            _static(body),
+            json_decoder(result_type),
+            max_retries=max_retries,
+        )
 
     def _enqueue(
         self,

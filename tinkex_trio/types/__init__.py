@@ -2,6 +2,8 @@
 
 from tinkex_trio.types._base import (
     UNSET as UNSET,
+    Request as Request,
+    Response as Response,
     UnsetType as UnsetType,
     decode as decode,
     decode_request as decode_request,
@@ -157,7 +159,9 @@ __all__ = [
     "PollEnvelope",
     "QueueState",
     "QueueStateBody",
+    "Request",
     "RequestFailedResponse",
+    "Response",
     "RetrieveFutureRequest",
     "SampleRequest",
     "SampleResponse",
