@@ -29,6 +29,7 @@ import msgspec
 import trio
 
 from tinkex_trio import _protobuf, types as t
+from tinkex_trio._completions import CompletionWatcher
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import SAMPLE_BYTES_PER_TOKEN
 from tinkex_trio.errors import (
@@ -99,6 +100,7 @@ class SamplingClient:
     _completed: int
     _retries: int
     _random: random.Random
+    _watcher: CompletionWatcher | None
 
     def __init__(self) -> None:
         raise TypeError("create SamplingClient with ServiceClient.create_sampling_client()")
@@ -122,6 +124,7 @@ class SamplingClient:
         self._completed = 0
         self._retries = 0
         self._random = random.Random()
+        self._watcher = None
         return self
 
     def get_base_model(self) -> str:
@@ -276,6 +279,11 @@ class SamplingClient:
             limiter.on_success()
             break
         future = _decode_submit(response)
+        if ctx.client_config.sample_use_retrieve_futures:
+            # PROTOCOL.md 4.8: wait on the sampling session's shared long-poll, then fetch.
+            if self._watcher is None:
+                self._watcher = CompletionWatcher(ctx, self.sampling_session_id)
+            await self._watcher.wait(future.request_id)
         ids = future.sample_sequence_ids
         # PROTOCOL.md 4.5: a protobuf-speaking client asks for the result as protobuf.
         accept = (

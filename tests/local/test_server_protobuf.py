@@ -244,3 +244,43 @@ async def test_retrieve_futures_reports_completions_by_cursor_and_cancel_future(
                 "/api/v1/retrieve_future", json={"request_id": ids[0], "allow_metadata_only": False}
             )
             assert "sequences" in r.json()
+
+
+async def _count_sample_polls(data_dir: Path, n: int, *, session_wide: bool) -> dict[str, int]:
+    """n concurrent samples that each take longer than the server's long-poll window."""
+    async with open_backend_app(
+        data_dir=data_dir,
+        engine=FakeEngine(delay=0.3),
+        api_key=API_KEY,
+        poll_timeout=0.1,
+        engine_in_thread=True,
+        client_flags={"sample_use_retrieve_futures": session_wide},
+    ) as app:
+        rec = Recording(httpx.ASGITransport(app=app))
+        cfg = Config(api_key=API_KEY, base_url="http://testserver", telemetry=False)
+        async with open_service(cfg, transport=rec) as service:
+            sampler = await service.create_sampling_client(base_model=FAKE_TINY_NAME)
+            start = len(rec.seen)
+            async with trio.open_nursery() as nursery:
+                for i in range(n):
+                    nursery.start_soon(
+                        sampler.sample,
+                        t.ModelInput.from_ints([i + 1]),
+                        1,
+                        t.SamplingParams(max_tokens=2),
+                    )
+            paths = [s[0] for s in rec.seen[start:]]
+    return {p.rsplit("/", 1)[1]: paths.count(p) for p in set(paths)}
+
+
+async def test_retrieve_futures_replaces_per_sample_long_polls(tmp_path: Path) -> None:
+    with trio.fail_after(120):
+        alone = await _count_sample_polls(tmp_path / "a", 12, session_wide=False)
+        shared = await _count_sample_polls(tmp_path / "b", 12, session_wide=True)
+    assert alone["asample"] == shared["asample"] == 12
+    assert "retrieve_futures" not in alone
+    # Without: every sample re-polls each 0.1 s window until its 0.3 s+ batch is done.
+    assert alone["retrieve_future"] > 2 * 12
+    # With: one shared long-poll stream, then exactly one payload fetch per sample.
+    assert shared["retrieve_future"] == 12
+    assert shared["retrieve_futures"] < alone["retrieve_future"] - 12
