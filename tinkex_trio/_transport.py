@@ -150,6 +150,13 @@ def _status_reason(resp: httpx.Response) -> str:
     return f"status {resp.status_code}"
 
 
+class _NoCookies(httpx.Cookies):
+    """A cookie store that ignores `Set-Cookie`: the API is stateless (PROTOCOL.md 1.3)."""
+
+    def extract_cookies(self, response: httpx.Response) -> None:
+        return None
+
+
 @final
 class Transport:
     """The SDK's HTTP client: one ``httpx.AsyncClient`` with the SDK's headers and retries.
@@ -210,6 +217,11 @@ class Transport:
             follow_redirects=True,
             event_hooks={"request": [self._strip_foreign_credentials]},
         )
+        # The Tinker API sets no cookies, and httpx parses every response for them (it builds
+        # an email.message.Message of the headers each time): ~10 % of the client's CPU per
+        # sample call in benchmarks/bench_fanout.py. `_cookies` is what the client reads.
+        if isinstance(getattr(self._client, "_cookies", None), httpx.Cookies):
+            self._client._cookies = _NoCookies()
 
     # -- properties ------------------------------------------------------------------------------
 
