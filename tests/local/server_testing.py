@@ -105,6 +105,18 @@ def fb_body(model_id: str, seq_id: int, tokens: list[int] | None = None) -> dict
     }
 
 
+def sample_body(
+    sampling_session_id: str, seq_id: int, tokens: list[int] | None = None
+) -> dict[str, Any]:
+    return {
+        "num_samples": 1,
+        "prompt": {"chunks": [{"tokens": tokens or [5, 6]}]},
+        "sampling_params": {"max_tokens": 2},
+        "sampling_session_id": sampling_session_id,
+        "seq_id": seq_id,
+    }
+
+
 @asynccontextmanager
 async def open_harness(
     data_dir: Path,
@@ -112,7 +124,9 @@ async def open_harness(
     engine: FakeEngine | None = None,
     poll_timeout: float = POLL,
     in_thread: bool = False,
+    **app_kwargs: Any,
 ) -> AsyncIterator[Harness]:
+    """`app_kwargs` go to `open_backend_app` (e.g. `max_queued_samples=`)."""
     engine = engine if engine is not None else FakeEngine()
     async with open_backend_app(
         data_dir=data_dir,
@@ -120,6 +134,7 @@ async def open_harness(
         api_key=API_KEY,
         poll_timeout=poll_timeout,
         engine_in_thread=in_thread,
+        **app_kwargs,
     ) as app:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(

@@ -145,6 +145,16 @@ DYNAMIC_CLIENT_FLAGS: Final[dict[str, Any]] = {
 }
 #: PROTOCOL.md 4.8: retrieve_futures long-polls like retrieve_future unless `timeout` says less.
 MAX_RETRIEVE_FUTURES_TIMEOUT: Final = 30.0
+#: PROTOCOL.md 9.5, 10.8: `asample` answers 429 once this many sampling requests wait for the
+#: engine. 256 is 16 full engine batches (`SAMPLE_BATCH_MAX`), minutes of CPU decoding: more
+#: queued work only adds latency and held memory, while a burst from one SDK (up to 400
+#: concurrent submits, 9.5) is pushed back instead of starving other clients. It stays well
+#: above the 10 submissions the SDK allows itself while backing off, so a backed-off client
+#: refills the queue without another 429 storm.
+DEFAULT_MAX_QUEUED_SAMPLES: Final = 256
+#: The `retry-after-ms` of that 429: the SDK's own back-off window (PROTOCOL.md 9.5, 1 s);
+#: clients that honour the header (layer A, 9.3) wait as long as the SDK does.
+SAMPLE_RETRY_AFTER_MS: Final = 1000
 
 
 class _FuturesTarget(msgspec.Struct, kw_only=True):
@@ -233,6 +243,8 @@ class AppSettings:
     poll_timeout: float = DEFAULT_POLL_TIMEOUT
     engine_in_thread: bool = True
     client_flags: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CLIENT_FLAGS))
+    #: None: no limit (every asample is queued).
+    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES
 
 
 def _read_or_create(path: Path, make: Callable[[], str]) -> str:
@@ -1166,6 +1178,25 @@ class BackendApp:
             )
         return json_response(CreateSamplingSessionResponse(sampling_session_id=sampler_id))
 
+    def _check_sample_backpressure(self) -> None:
+        """429 when the engine's sampling queue is full (PROTOCOL.md 3.3, 9.5, 10.8).
+
+        Called after every check that could answer 4xx and after deduplication (a resubmitted
+        seq_id that was accepted before gets its future, full queue or not), and before
+        anything is created: a rejected submission leaves no trace, so the SDK's resubmission
+        with the same seq_id is a first submission.
+        """
+        limit = self.settings.max_queued_samples
+        queued = self.batcher.queued
+        if limit is not None and queued >= limit:
+            raise HTTPError(
+                429,
+                f"the local backend has {queued} sampling requests waiting for the engine "
+                f"(limit {limit}); back off and resubmit",
+                category="server",
+                headers={"retry-after-ms": str(SAMPLE_RETRY_AFTER_MS)},
+            )
+
     async def get_sampler(self, request: Request) -> Response:
         sampler_id = request.params["sampler_id"]
         row = self.store.get_sampling_session(sampler_id)
@@ -1209,6 +1240,7 @@ class BackendApp:
                     earlier, sample_ids=_sequence_ids(earlier, body.num_samples)
                 )
         engine_request = _convert.sample_request(body, info, adapter_dir)
+        self._check_sample_backpressure()
         request_id = self.registry.create(
             request_type="Sample",
             payload_hash=payload_hash,
@@ -1511,14 +1543,21 @@ async def open_backend_app(
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
     engine_in_thread: bool = True,
     client_flags: dict[str, Any] | None = None,
+    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
 ) -> AsyncIterator[BackendApp]:
     """Open the store, start the background tasks, yield the ASGI app; stop them on exit.
 
     `engine_in_thread=False` runs engine calls inline on the trio thread (virtual-time tests
     with a fake engine); the default runs them in one worker thread. `client_flags` are
     merged over `DEFAULT_CLIENT_FLAGS` for `client/config` (e.g. `proto_compress_fwdbwd`,
-    `fwdbwd_max_chunk_len`).
+    `fwdbwd_max_chunk_len`). `max_queued_samples` is the sampling back-pressure limit
+    (`DEFAULT_MAX_QUEUED_SAMPLES`; None: unlimited).
+
+    Raises:
+        ValueError: `max_queued_samples` is below 1.
     """
+    if max_queued_samples is not None and max_queued_samples < 1:
+        raise ValueError(f"max_queued_samples must be >= 1 or None, got {max_queued_samples!r}")
     data_dir = Path(data_dir)
     data_dir.mkdir(parents=True, exist_ok=True)
     settings = AppSettings(
@@ -1528,6 +1567,7 @@ async def open_backend_app(
         poll_timeout=poll_timeout,
         engine_in_thread=engine_in_thread,
         client_flags={**DEFAULT_CLIENT_FLAGS, **(client_flags or {})},
+        max_queued_samples=max_queued_samples,
     )
     store = Store.open(data_dir / "state.sqlite3")
     try:
@@ -1547,6 +1587,7 @@ async def open_backend_app(
 
 
 __all__ = [
+    "DEFAULT_MAX_QUEUED_SAMPLES",
     "AppSettings",
     "BackendApp",
     "load_or_create_api_key",

@@ -11,7 +11,9 @@
   filled. A seq_id whose submission was rejected with a 4xx still counts as consumed (5.2), so
   the lane gets a no-op for it.
 * **Sampling.** Requests are collected for a short window (and for as long as the engine is
-  busy with something else), then handed to `engine.sample` as one batch.
+  busy with something else), then handed to `engine.sample` as one batch. `SampleBatcher.queued`
+  counts the requests submitted but not yet handed to the engine: the app answers `asample`
+  with 429 when it reaches the back-pressure limit (PROTOCOL.md 9.5, 10.8).
 * **Failures.** A job's `EngineUserError` fails its future with category `user`; any other
   exception fails it with category `server` and is logged with its traceback. Either way the
   lane moves on: one failed request never poisons the next (PROTOCOL.md 4.7).
@@ -21,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -57,6 +60,16 @@ class EngineRunner:
     @property
     def busy(self) -> bool:
         return self._limiter.borrowed_tokens > 0
+
+    @asynccontextmanager
+    async def exclusive(self) -> AsyncIterator[None]:
+        """Hold the engine for the block: no engine call starts until it ends.
+
+        What a long engine call looks like from outside, without a thread: virtual-time tests
+        use it to make the engine "slow" (a sleep in the FakeEngine would be real time).
+        """
+        async with self._limiter:
+            yield
 
     async def call(self, fn: Callable[..., T], *args: object) -> T:
         if self._in_thread:
@@ -177,12 +190,20 @@ class SampleBatcher:
         self._runner = runner
         self._registry = registry
         self._send, self._receive = trio.open_memory_channel[_SampleJob](math.inf)
+        self._queued = 0
+
+    @property
+    def queued(self) -> int:
+        """Requests submitted but not yet handed to the engine (in the channel or a batch
+        still being gathered): the number the asample back-pressure limit applies to."""
+        return self._queued
 
     def submit(
         self, request_id: str, request: SampleRequest, finish: Callable[[SampleResult], bytes]
     ) -> None:
         """Queue a request; `finish` turns its engine result into the JSON result payload."""
         self._send.send_nowait(_SampleJob(request_id, request, finish))
+        self._queued += 1
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -198,6 +219,7 @@ class SampleBatcher:
             await self._run_batch(batch)
 
     async def _run_batch(self, batch: Sequence[_SampleJob]) -> None:
+        self._queued -= len(batch)
         for job in batch:
             self._registry.mark_running(job.request_id)
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import trio
 
-from ._app import load_or_create_api_key, open_backend_app
+from ._app import DEFAULT_MAX_QUEUED_SAMPLES, load_or_create_api_key, open_backend_app
 from ._engine_api import Engine
 from ._futures import DEFAULT_POLL_TIMEOUT
 
@@ -71,6 +71,7 @@ async def serve_local_backend(
     extra_models: dict[str, str] | None = None,
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
     client_flags: dict[str, Any] | None = None,
+    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the backend until cancelled; `task_status.started(base_url)` once it listens.
@@ -79,6 +80,8 @@ async def serve_local_backend(
     With `port=0` the OS picks a free port and the started value tells which.
     `client_flags` override the `client/config` flags (PROTOCOL.md 2.1), e.g.
     `{"proto_compress_fwdbwd": True, "fwdbwd_max_chunk_len": 2}`.
+    `max_queued_samples` bounds the sampling requests waiting for the engine; beyond it
+    `asample` answers 429 and the SDK backs off (PROTOCOL.md 9.5; None: unlimited).
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -97,6 +100,7 @@ async def serve_local_backend(
         api_key=api_key,
         poll_timeout=poll_timeout,
         client_flags=client_flags,
+        max_queued_samples=max_queued_samples,
     ) as app:
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, app, config)
@@ -115,6 +119,7 @@ async def open_local_backend(
     extra_models: dict[str, str] | None = None,
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
     client_flags: dict[str, Any] | None = None,
+    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
 ) -> AsyncIterator[LocalBackend]:
     """Run the backend as a child task while the block runs; yield its URL and key.
 
@@ -136,6 +141,7 @@ async def open_local_backend(
                 extra_models=extra_models,
                 poll_timeout=poll_timeout,
                 client_flags=client_flags,
+                max_queued_samples=max_queued_samples,
             ),
         )
         try:
@@ -160,6 +166,16 @@ def _parse_models(values: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
+    return number
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """`tinkex-trio serve`: run the local backend in the foreground until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="tinkex-trio serve", description=main.__doc__)
@@ -173,6 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[],
         metavar="NAME=PATH",
         help="serve an extra model from a local directory (repeatable)",
+    )
+    parser.add_argument(
+        "--max-queued-samples",
+        type=_positive_int,
+        default=DEFAULT_MAX_QUEUED_SAMPLES,
+        metavar="N",
+        help="answer asample with 429 (back off) once N sampling requests wait for the engine "
+        f"(default {DEFAULT_MAX_QUEUED_SAMPLES})",
     )
     args = parser.parse_args(argv)
     try:
@@ -192,6 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     data_dir=args.data_dir,
                     api_key=key,
                     extra_models=extra or None,
+                    max_queued_samples=args.max_queued_samples,
                 ),
             )
             print(f"tinkex-trio local backend listening on {url}", flush=True)
