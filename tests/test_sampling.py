@@ -222,3 +222,46 @@ async def test_rate_limiter_limits_concurrency_while_backing_off(
     assert trio.current_time() - start >= 1.0
     limiter.on_success()
     assert not limiter.statistics().backing_off
+
+
+async def test_samples_survive_drops_410_and_slow_polls_over_real_sockets() -> None:
+    """Dropped connections on submits and polls, a 410, slow polls: every call completes."""
+    from fault_server import Reply
+
+    fake = FakeTinker()
+    results: list[int] = []
+    with trio.fail_after(60):
+        async with open_fault_server(fake.fault_handler) as server:
+            server.script(
+                "POST",
+                "/api/v1/asample",
+                Reply.drop_connection("before_response"),
+                Reply.drop_connection("reset"),
+            )
+            server.script(
+                "POST",
+                "/api/v1/retrieve_future",
+                Reply(
+                    body=b'{"type": "try_again", "request_id": "r", "queue_state": "active"}',
+                    drop="mid_body",
+                ),
+                Reply(status=410, body=b'{"detail": "expired"}'),
+                Reply(status=503, body=b'{"detail": "busy"}', delay=0.2),
+                Reply(
+                    body=b'{"type": "try_again", "request_id": "r", "queue_state": "active"}',
+                    drop="after_headers",
+                ),
+            )
+            async with open_service(config_for(fake, server.base_url)) as service:
+                sampler = await service.create_sampling_client(base_model="fake/model")
+
+                async def one(i: int) -> None:
+                    response = await sampler.sample(ModelInput.from_ints([i]))
+                    results.append(response.sequences[0].tokens[0])
+
+                async with trio.open_nursery() as nursery:
+                    for i in range(50):
+                        nursery.start_soon(one, i)
+                retries = sampler.statistics().retries
+    assert sorted(results) == list(range(50))
+    assert retries >= 1  # at least the 410 made a whole call start again
