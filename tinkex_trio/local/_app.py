@@ -1281,7 +1281,14 @@ class BackendApp:
         row = await self.registry.wait_finished(body.request_id, self.settings.poll_timeout)
         if row is None:
             raise HTTPError(404, f"unknown request_id {body.request_id!r}")
+        if row.state == "done" and row.result is None:
+            raise HTTPError(
+                410,
+                f"result already retrieved: request {body.request_id!r} was listed in "
+                "retrieved_request_ids and its payload deleted; submit the request again",
+            )
         rendered = render_result(row, accept=request.header("accept"))
+        self.registry.delivered(row)
         return Response(
             status=rendered.status, body=rendered.body, content_type=rendered.content_type
         )
@@ -1291,13 +1298,14 @@ class BackendApp:
 
         Long-polls until at least one completion is newer than `prev_cursor` or the window
         (the request's `timeout`, else the server's poll window, at most 30 s) passes; `timeout:
-        0` answers at once (ack-only polls). Payloads are kept after `retrieved_request_ids`
-        acknowledges them: the store keeps every result until its TTL anyway.
+        0` answers at once (ack-only polls). `retrieved_request_ids` are handled first: each
+        payload is deleted once also delivered (`FutureRegistry.acknowledge_retrieved`).
         """
         body = decode_request(request.body, _RetrieveFuturesRequest)
         target = body.target
         if self.store.get_sampling_session(target.sampling_session_id) is None:
             raise HTTPError(404, f"unknown sampling_session_id {target.sampling_session_id!r}")
+        self.registry.acknowledge_retrieved(target.sampling_session_id, body.retrieved_request_ids)
         log = self.registry.completion_log(target.sampling_session_id, target.cloned_sampler_id)
         window = self.settings.poll_timeout if body.timeout is None else body.timeout
         window = max(0.0, min(window, MAX_RETRIEVE_FUTURES_TIMEOUT))

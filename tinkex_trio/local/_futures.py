@@ -11,6 +11,14 @@ forward/forward_backward and sample results as protobuf (PROTOCOL.md 4.5), every
 
 Sampling futures also feed a `CompletionLog` per (sampling session, clone id): the event list
 that `retrieve_futures` long-polls with a cursor (PROTOCOL.md 4.8).
+
+Retrieved payloads (4.8 `retrieved_request_ids`): a sample's result is deleted once the client
+has listed it as retrieved *and* the server has delivered the full payload at least once, in
+either order. The protocol says the list holds fully fetched requests, but a client may list a
+request as soon as it is reported complete (this SDK's `CompletionWatcher` does: the next
+`retrieve_futures` poll can overtake the woken sample's `retrieve_future`); deleting on the
+acknowledgement alone would then answer that fetch 410 and force a resubmission. A poll after
+the deletion answers 410 (4.3: the promise is gone).
 """
 
 from __future__ import annotations
@@ -42,6 +50,11 @@ PROTOBUF_RESULT_TYPES: Final = frozenset({"Forward", "ForwardBackward", "Sample"
 CLONE_SEQ_STRIDE: Final = 1_000_000_000
 #: Completion events kept per sampling session beyond the newest acknowledged cursor.
 MAX_LOG_EVENTS: Final = 100_000
+#: Sample futures remembered as "acknowledged, not yet delivered" and as "delivered, not yet
+#: acknowledged" (each; oldest forgotten first). Clients that never acknowledge (no
+#: retrieve_futures, PROTOCOL.md 4.8) would otherwise grow the second set forever; a forgotten
+#: entry only means that payload is kept, as it would be without retrieved_request_ids.
+MAX_TRACKED_RETRIEVALS: Final = 100_000
 
 
 @dataclass
@@ -91,6 +104,9 @@ class FutureRegistry:
         # One Event per future that some poller may still wait on; set and dropped on finish.
         self._events: dict[str, trio.Event] = {}
         self._logs: dict[tuple[str, int], CompletionLog] = {}
+        # Insertion-ordered sets (dicts) of sample request ids; see the module docstring.
+        self._acknowledged: dict[str, None] = {}
+        self._delivered: dict[str, None] = {}
 
     def completion_log(self, sampling_session_id: str, clone_id: int) -> CompletionLog:
         key = (sampling_session_id, clone_id)
@@ -105,6 +121,42 @@ class FutureRegistry:
             return
         clone = row.seq_id // CLONE_SEQ_STRIDE
         self.completion_log(row.sampling_session_id, clone).append(request_id, state, size)
+
+    def acknowledge_retrieved(self, sampling_session_id: str, request_ids: list[str]) -> int:
+        """`retrieved_request_ids` of a `retrieve_futures` poll (PROTOCOL.md 4.8).
+
+        Only finished sample futures of `sampling_session_id` count (a client cannot delete
+        another session's results); unknown or pending ids are ignored. Each payload already
+        delivered is deleted now, the others when they are delivered. Returns the number of
+        payloads deleted.
+        """
+        dropped = 0
+        for request_id in request_ids:
+            row = self._store.get_future(request_id)
+            if (
+                row is None
+                or row.sampling_session_id != sampling_session_id
+                or row.state != "done"
+                or row.result is None
+            ):
+                continue
+            if request_id in self._delivered:
+                del self._delivered[request_id]
+                self._store.drop_result(request_id)
+                dropped += 1
+            else:
+                _remember(self._acknowledged, request_id)
+        return dropped
+
+    def delivered(self, row: FutureRow) -> None:
+        """A poll was answered with the full result of `row` (not metadata-only, 4.4)."""
+        if row.state != "done" or row.sampling_session_id is None or row.result is None:
+            return
+        if row.request_id in self._acknowledged:
+            del self._acknowledged[row.request_id]
+            self._store.drop_result(row.request_id)
+        else:
+            _remember(self._delivered, row.request_id)
 
     def cancel(self, request_id: str) -> bool:
         """Fail a pending future as cancelled (PROTOCOL.md 4.9); False if unknown or finished.
@@ -189,6 +241,12 @@ class FutureRegistry:
         with trio.move_on_after(window):
             await event.wait()
         return self._store.get_future(request_id)
+
+
+def _remember(ids: dict[str, None], request_id: str) -> None:
+    ids[request_id] = None
+    if len(ids) > MAX_TRACKED_RETRIEVALS:
+        del ids[next(iter(ids))]
 
 
 def trio_now_wall() -> float:

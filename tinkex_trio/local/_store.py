@@ -566,6 +566,17 @@ class Store:
             (result, now, request_id),
         )
 
+    def drop_result(self, request_id: str) -> None:
+        """Delete a finished future's result payload (PROTOCOL.md 4.8 `retrieved_request_ids`).
+
+        The row stays `done` with a NULL result, which no completion ever writes, so a later
+        poll can tell "retrieved and deleted" (410) from "unknown" (404); the seq_id stays
+        taken, so a resubmission of it is still recognised as a duplicate.
+        """
+        self._conn.execute(
+            "UPDATE futures SET result=NULL WHERE request_id=? AND state='done'", (request_id,)
+        )
+
     def fail_future(self, request_id: str, error: str, category: Category, now: float) -> None:
         self._conn.execute(
             "UPDATE futures SET state='failed', error=?, category=?, finished_at=?"
