@@ -29,7 +29,9 @@ def conformance(session: nox.Session) -> None:
 @nox.session
 def lint(session: nox.Session) -> None:
     session.install("ruff")
-    session.run("ruff", "check", "tinkex_trio", "tests", "examples", "benchmarks")
+    paths = ["tinkex_trio", "tests", "examples", "benchmarks", "scripts"]
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
 
 
 @nox.session
