@@ -3,15 +3,18 @@ answers (4.4), in-process in virtual time; the SDK side through `httpx.ASGITrans
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
+import pytest
 import trio
-from server_testing import API_KEY, POLL, Harness, open_harness, sample_body
+from server_testing import API_KEY, POLL, Harness, fb_body, open_harness, sample_body
 
 import tinkex_trio
-from tinkex_trio import ModelInput, SamplingParams
+from tinkex_trio import AdamParams, Datum, ModelInput, SamplingParams, _protobuf
 from tinkex_trio.local._app import open_backend_app
 from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
 
@@ -105,3 +108,107 @@ async def test_sdk_acknowledgements_delete_payloads_without_410(
             "SELECT COUNT(*) FROM futures WHERE request_type='Sample' AND result IS NULL"
         ).fetchone()[0]
         assert rows >= 10
+
+
+async def _poll_until_done(h: Harness, request_id: str, **headers: str) -> httpx.Response:
+    while True:
+        r = await h.post(
+            "retrieve_future",
+            {"request_id": request_id, "allow_metadata_only": True},
+            headers=headers,
+        )
+        assert r.status_code == 200, r.text
+        if b"try_again" not in r.content:
+            return r
+
+
+async def test_metadata_only_once_then_the_payload(tmp_path: Path, autojump_clock: object) -> None:
+    async with open_harness(tmp_path, metadata_only_threshold=200) as h:
+        sid = await h.session()
+        mid = await h.model(sid)  # a small result (create_model): inlined at once
+        tokens = list(range(1, 41))
+        for seq, accept in ((1, "application/json"), (2, _protobuf.PROTOBUF_CONTENT_TYPE)):
+            fb = await h.ok("forward_backward", fb_body(mid, seq, tokens))
+            first = await _poll_until_done(h, fb["request_id"], accept=accept)
+            announced = first.json()
+            assert announced["status"] == "complete_metadata"
+            # Still allowed metadata-only, but a future is announced at most once.
+            full = await _poll_until_done(h, fb["request_id"], accept=accept)
+            assert accept in full.headers["content-type"]
+            assert announced["response_payload_size"] == len(full.content) > 200
+            again = await _poll_until_done(h, fb["request_id"], accept=accept)
+            assert again.content == full.content
+        # allow_metadata_only: false gets the payload directly.
+        fb = await h.ok("forward_backward", fb_body(mid, 3, tokens))
+        await _poll_until_done(h, fb["request_id"])
+        fb = await h.ok("forward_backward", fb_body(mid, 4, tokens))
+        while True:
+            r = await h.post(
+                "retrieve_future", {"request_id": fb["request_id"], "allow_metadata_only": False}
+            )
+            if b"try_again" not in r.content:
+                break
+        assert len(r.json()["loss_fn_outputs"]) == 1
+
+
+class _PollSpy(httpx.AsyncBaseTransport):
+    """Records each retrieve_future answer: (request_id, allow_metadata_only, announced?)."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.polls: list[tuple[str, bool, bool]] = []
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        response = await self.inner.handle_async_request(request)
+        content = await response.aread()
+        if request.url.path.endswith("/retrieve_future"):
+            body = json.loads(request.content)
+            announced = (
+                "json" in response.headers.get("content-type", "")
+                and json.loads(content).get("status") == "complete_metadata"
+            )
+            self.polls.append((body["request_id"], body["allow_metadata_only"], announced))
+        return httpx.Response(response.status_code, headers=response.headers, content=content)
+
+
+async def test_sdk_gets_large_results_through_metadata_only(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    async with open_backend_app(
+        data_dir=tmp_path,
+        engine=FakeEngine(),
+        api_key=API_KEY,
+        poll_timeout=POLL,
+        engine_in_thread=False,
+        metadata_only_threshold=100,
+    ) as app:
+        spy = _PollSpy(httpx.ASGITransport(app=app))
+        async with tinkex_trio.open_service(
+            base_url=BASE_URL, api_key=API_KEY, transport=spy
+        ) as service:
+            training = await service.create_lora_training_client(FAKE_TINY_NAME, rank=4)
+            lengths = (30, 20)
+            batch = [
+                Datum(
+                    model_input=ModelInput.from_ints(list(range(1, n + 1))),
+                    loss_fn_inputs={
+                        "target_tokens": np.arange(2, n + 2),
+                        "weights": np.ones(n, np.float32),
+                    },
+                )
+                for n in lengths
+            ]
+            with trio.fail_after(600):
+                output = await (await training.forward_backward(batch, "cross_entropy"))
+                await (await training.optim_step(AdamParams(learning_rate=1e-3)))
+        # The FakeEngine's logprobs before any step: -1 / (1 + position).
+        for datum_output, n in zip(output.loss_fn_outputs, lengths, strict=True):
+            expected = -1.0 / (1.0 + np.arange(n))
+            np.testing.assert_allclose(datum_output["logprobs"].to_numpy(), expected, rtol=1e-6)
+        assert output.metrics["loss:sum"] == pytest.approx(
+            sum(float((1.0 / (1.0 + np.arange(n))).sum()) for n in lengths), rel=1e-5
+        )
+        announced = [rid for rid, _allow, was in spy.polls if was]
+        assert len(announced) == 1 and len(set(announced)) == 1  # the forward_backward only
+        fetched = [(allow, was) for rid, allow, was in spy.polls if rid == announced[0]]
+        assert fetched == [(True, True), (False, False)]

@@ -152,6 +152,11 @@ MAX_RETRIEVE_FUTURES_TIMEOUT: Final = 30.0
 #: above the 10 submissions the SDK allows itself while backing off, so a backed-off client
 #: refills the queue without another 429 storm.
 DEFAULT_MAX_QUEUED_SAMPLES: Final = 256
+#: PROTOCOL.md 4.4: a finished result larger than this is first answered metadata-only to a
+#: poll that allows it. The SDK reserves the announced bytes from its 50 MiB in-flight response
+#: budget (2.1) before fetching, so a dozen 4 MiB payloads still fit at once; below that an
+#: extra round trip costs more than the memory it protects.
+DEFAULT_METADATA_ONLY_THRESHOLD: Final = 4 * 1024 * 1024
 #: The `retry-after-ms` of that 429: the SDK's own back-off window (PROTOCOL.md 9.5, 1 s);
 #: clients that honour the header (layer A, 9.3) wait as long as the SDK does.
 SAMPLE_RETRY_AFTER_MS: Final = 1000
@@ -181,6 +186,13 @@ class _Completion(msgspec.Struct, kw_only=True, omit_defaults=True):
 class _RetrieveFuturesResponse(msgspec.Struct, kw_only=True):
     completions: list[_Completion]
     cursor: int
+
+
+class _CompleteMetadata(msgspec.Struct, kw_only=True):
+    """A finished future whose payload is withheld until the next poll (PROTOCOL.md 4.4)."""
+
+    status: Literal["complete_metadata"] = "complete_metadata"
+    response_payload_size: int
 
 
 class _CancelFutureRequest(msgspec.Struct, kw_only=True):
@@ -245,6 +257,8 @@ class AppSettings:
     client_flags: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_CLIENT_FLAGS))
     #: None: no limit (every asample is queued).
     max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES
+    #: None: results are always inlined.
+    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD
 
 
 def _read_or_create(path: Path, make: Callable[[], str]) -> str:
@@ -1277,6 +1291,8 @@ class BackendApp:
     # --------------------------------------------------------------- futures
 
     async def retrieve_future(self, request: Request) -> Response:
+        """Long-poll one future (PROTOCOL.md 4.2): its result, error, try_again, 410 if its
+        payload was retrieved and deleted (4.8), or once `complete_metadata` if large (4.4)."""
         body = decode_request(request.body, RetrieveFutureRequest)
         row = await self.registry.wait_finished(body.request_id, self.settings.poll_timeout)
         if row is None:
@@ -1288,6 +1304,17 @@ class BackendApp:
                 "retrieved_request_ids and its payload deleted; submit the request again",
             )
         rendered = render_result(row, accept=request.header("accept"))
+        threshold = self.settings.metadata_only_threshold
+        if (
+            body.allow_metadata_only
+            and row.state == "done"
+            and threshold is not None
+            and len(rendered.body) > threshold
+            and self.registry.announce_metadata_only(row.request_id)
+        ):
+            # The exact size of the body the next poll gets (protobuf or JSON), so the client
+            # reserves what it will receive; rendering twice is paid once per large result.
+            return json_response(_CompleteMetadata(response_payload_size=len(rendered.body)))
         self.registry.delivered(row)
         return Response(
             status=rendered.status, body=rendered.body, content_type=rendered.content_type
@@ -1552,6 +1579,7 @@ async def open_backend_app(
     engine_in_thread: bool = True,
     client_flags: dict[str, Any] | None = None,
     max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
+    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
 ) -> AsyncIterator[BackendApp]:
     """Open the store, start the background tasks, yield the ASGI app; stop them on exit.
 
@@ -1559,7 +1587,9 @@ async def open_backend_app(
     with a fake engine); the default runs them in one worker thread. `client_flags` are
     merged over `DEFAULT_CLIENT_FLAGS` for `client/config` (e.g. `proto_compress_fwdbwd`,
     `fwdbwd_max_chunk_len`). `max_queued_samples` is the sampling back-pressure limit
-    (`DEFAULT_MAX_QUEUED_SAMPLES`; None: unlimited).
+    (`DEFAULT_MAX_QUEUED_SAMPLES`; None: unlimited). Results larger than
+    `metadata_only_threshold` bytes are announced metadata-only first (PROTOCOL.md 4.4;
+    `DEFAULT_METADATA_ONLY_THRESHOLD`; None: never).
 
     Raises:
         ValueError: `max_queued_samples` is below 1.
@@ -1576,6 +1606,7 @@ async def open_backend_app(
         engine_in_thread=engine_in_thread,
         client_flags={**DEFAULT_CLIENT_FLAGS, **(client_flags or {})},
         max_queued_samples=max_queued_samples,
+        metadata_only_threshold=metadata_only_threshold,
     )
     store = Store.open(data_dir / "state.sqlite3")
     try:
@@ -1596,6 +1627,7 @@ async def open_backend_app(
 
 __all__ = [
     "DEFAULT_MAX_QUEUED_SAMPLES",
+    "DEFAULT_METADATA_ONLY_THRESHOLD",
     "AppSettings",
     "BackendApp",
     "load_or_create_api_key",

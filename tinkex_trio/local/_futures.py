@@ -107,6 +107,8 @@ class FutureRegistry:
         # Insertion-ordered sets (dicts) of sample request ids; see the module docstring.
         self._acknowledged: dict[str, None] = {}
         self._delivered: dict[str, None] = {}
+        # Futures that were answered metadata-only once (PROTOCOL.md 4.4: never twice).
+        self._metadata_announced: dict[str, None] = {}
 
     def completion_log(self, sampling_session_id: str, clone_id: int) -> CompletionLog:
         key = (sampling_session_id, clone_id)
@@ -157,6 +159,18 @@ class FutureRegistry:
             self._store.drop_result(row.request_id)
         else:
             _remember(self._delivered, row.request_id)
+
+    def announce_metadata_only(self, request_id: str) -> bool:
+        """True the first time only: whether this poll may answer `complete_metadata` (4.4).
+
+        The client asserts that a future is announced at most once; remembering it here (not
+        trusting the next poll's `allow_metadata_only: false`) also covers a second client
+        polling the same future, or a first answer lost on the way.
+        """
+        if request_id in self._metadata_announced:
+            return False
+        _remember(self._metadata_announced, request_id)
+        return True
 
     def cancel(self, request_id: str) -> bool:
         """Fail a pending future as cancelled (PROTOCOL.md 4.9); False if unknown or finished.

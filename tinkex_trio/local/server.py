@@ -21,7 +21,12 @@ from typing import Any
 
 import trio
 
-from ._app import DEFAULT_MAX_QUEUED_SAMPLES, load_or_create_api_key, open_backend_app
+from ._app import (
+    DEFAULT_MAX_QUEUED_SAMPLES,
+    DEFAULT_METADATA_ONLY_THRESHOLD,
+    load_or_create_api_key,
+    open_backend_app,
+)
 from ._engine_api import Engine
 from ._futures import DEFAULT_POLL_TIMEOUT
 
@@ -72,6 +77,7 @@ async def serve_local_backend(
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
     client_flags: dict[str, Any] | None = None,
     max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
+    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the backend until cancelled; `task_status.started(base_url)` once it listens.
@@ -82,6 +88,8 @@ async def serve_local_backend(
     `{"proto_compress_fwdbwd": True, "fwdbwd_max_chunk_len": 2}`.
     `max_queued_samples` bounds the sampling requests waiting for the engine; beyond it
     `asample` answers 429 and the SDK backs off (PROTOCOL.md 9.5; None: unlimited).
+    Results larger than `metadata_only_threshold` bytes are first answered metadata-only
+    (PROTOCOL.md 4.4; None: never).
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -101,6 +109,7 @@ async def serve_local_backend(
         poll_timeout=poll_timeout,
         client_flags=client_flags,
         max_queued_samples=max_queued_samples,
+        metadata_only_threshold=metadata_only_threshold,
     ) as app:
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, app, config)
@@ -120,6 +129,7 @@ async def open_local_backend(
     poll_timeout: float = DEFAULT_POLL_TIMEOUT,
     client_flags: dict[str, Any] | None = None,
     max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
+    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
 ) -> AsyncIterator[LocalBackend]:
     """Run the backend as a child task while the block runs; yield its URL and key.
 
@@ -142,6 +152,7 @@ async def open_local_backend(
                 poll_timeout=poll_timeout,
                 client_flags=client_flags,
                 max_queued_samples=max_queued_samples,
+                metadata_only_threshold=metadata_only_threshold,
             ),
         )
         try:
