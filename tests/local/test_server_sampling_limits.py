@@ -18,8 +18,9 @@ from server_testing import API_KEY, POLL, Harness, open_harness, sample_body
 import tinkex_trio
 from tinkex_trio import ModelInput, SamplingParams
 from tinkex_trio.local import server
-from tinkex_trio.local._app import SAMPLE_RETRY_AFTER_MS, open_backend_app
+from tinkex_trio.local._app import open_backend_app
 from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
+from tinkex_trio.local._routes_sampling import SAMPLE_RETRY_AFTER_MS
 from tinkex_trio.local._scheduler import SAMPLE_BATCH_WINDOW
 
 BASE_URL = "http://testserver"
