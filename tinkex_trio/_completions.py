@@ -35,6 +35,8 @@ logger = logging.getLogger("tinkex_trio.sampling")
 RETRIEVE_FUTURES_PATH: Final = "/api/v1/retrieve_futures"
 # PROTOCOL.md 1.5: retrieve_futures polls time out after 45 s; the server long-polls ~30 s.
 RETRIEVE_FUTURES_TIMEOUT: Final = 45.0
+# PROTOCOL.md 1.5: an acknowledgement-only poll (timeout 0) times out after 5 s.
+ACK_ONLY_TIMEOUT: Final = 5.0
 # PROTOCOL.md 4.8: retryable poll errors are retried after 1 s.
 RETRY_DELAY: Final = 1.0
 BILLING_RETRY_DELAY: Final = 5.0
@@ -53,6 +55,8 @@ class _Request(msgspec.Struct, kw_only=True):
     target: _Target
     prev_cursor: int
     retrieved_request_ids: list[str]
+    # Omitted: the server's default long-poll; 0: answer at once (an acknowledgement-only poll).
+    timeout: float | msgspec.UnsetType = msgspec.UNSET
 
 
 class _Completion(msgspec.Struct, kw_only=True):
@@ -77,6 +81,7 @@ class CompletionWatcher:
         self._acknowledge: list[str] = []
         self._cursor = 0
         self._running = False
+        self._flushing = False
         self.broken = False
         self.polls = 0
 
@@ -106,39 +111,65 @@ class CompletionWatcher:
         try:
             while self._waiters:
                 response = await self._poll_once()
-                if response is None:
-                    continue
-                for completion in response.completions:
-                    event = self._waiters.pop(completion.request_id, None)
-                    if event is not None:
-                        event.set()
-                    else:
-                        self._early[completion.request_id] = None
-                        if len(self._early) > MAX_EARLY_COMPLETIONS:
-                            del self._early[next(iter(self._early))]
-                    self._acknowledge.append(completion.request_id)
-                self._cursor = max(self._cursor, response.cursor)
+                if response is not None:
+                    self._deliver(response)
         finally:
             self._running = False
 
-    async def _poll_once(self) -> _Response | None:
+    def _deliver(self, response: _Response) -> None:
+        """Wake the samples whose requests finished; remember the others for later waiters."""
+        for completion in response.completions:
+            event = self._waiters.pop(completion.request_id, None)
+            if event is not None:
+                event.set()
+            else:
+                self._early[completion.request_id] = None
+                if len(self._early) > MAX_EARLY_COMPLETIONS:
+                    del self._early[next(iter(self._early))]
+        self._cursor = max(self._cursor, response.cursor)
+
+    def retrieved(self, request_id: str) -> None:
+        """`request_id`'s result (or error) has been fetched: the server may drop its payload.
+
+        Reported on the next poll; if no sample waits (so no poll is coming), one
+        acknowledgement-only poll (`timeout: 0`) is sent from the service nursery.
+        """
+        self._acknowledge.append(request_id)
+        if not self._running and not self._flushing and not self.broken:
+            self._flushing = True
+            self._ctx.nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            await self._poll_once(ack_only=True)
+        finally:
+            self._flushing = False
+
+    async def _poll_once(self, *, ack_only: bool = False) -> _Response | None:
+        sent, self._acknowledge = self._acknowledge, []
         body = t.encode(
             _Request(
                 target=self._target,
                 prev_cursor=self._cursor,
-                retrieved_request_ids=sorted(self._acknowledge),
+                retrieved_request_ids=sorted(sent),
+                timeout=0.0 if ack_only else msgspec.UNSET,
             )
         )
         self.polls += 1
         try:
-            response = await self._ctx.transport.request(
-                "POST",
-                RETRIEVE_FUTURES_PATH,
-                content=body,
-                timeout=RETRIEVE_FUTURES_TIMEOUT,
-                max_retries=0,
-            )
-            decoded = t.decode(response.content, _Response)
+            try:
+                response = await self._ctx.transport.request(
+                    "POST",
+                    RETRIEVE_FUTURES_PATH,
+                    content=body,
+                    timeout=ACK_ONLY_TIMEOUT if ack_only else RETRIEVE_FUTURES_TIMEOUT,
+                    max_retries=0,
+                )
+                decoded = t.decode(response.content, _Response)
+            except BaseException:
+                # Not delivered: report these ids again with the next poll.
+                self._acknowledge = sent + self._acknowledge
+                raise
         except APIConnectionError:
             await trio.sleep(RETRY_DELAY)
             return None
@@ -154,8 +185,10 @@ class CompletionWatcher:
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             self._break(f"invalid body: {exc}")
             return None
-        # Ids reported in earlier answers are fetched by their samples right after waking.
-        self._acknowledge = []
+        if ack_only:
+            # Completions in this answer are remembered like any others.
+            self._deliver(decoded)
+            return None
         return decoded
 
     def _break(self, why: str) -> None:

@@ -40,6 +40,7 @@ from tinkex_trio.errors import (
     GoneError,
     InvalidInputError,
     ResultTimeoutError,
+    TinkexError,
     status_error_for,
 )
 
@@ -279,11 +280,13 @@ class SamplingClient:
             limiter.on_success()
             break
         future = _decode_submit(response)
+        watcher: CompletionWatcher | None = None
         if ctx.client_config.sample_use_retrieve_futures:
             # PROTOCOL.md 4.8: wait on the sampling session's shared long-poll, then fetch.
             if self._watcher is None:
                 self._watcher = CompletionWatcher(ctx, self.sampling_session_id)
-            await self._watcher.wait(future.request_id)
+            watcher = self._watcher
+            await watcher.wait(future.request_id)
         ids = future.sample_sequence_ids
         # PROTOCOL.md 4.5: a protobuf-speaking client asks for the result as protobuf.
         accept = (
@@ -291,9 +294,16 @@ class SamplingClient:
             if ctx.config.wire_format == "protobuf"
             else "application/json"
         )
-        result = await ctx.poller.poll(
-            future.request_id, "Sample", functools.partial(_sample_result, ids), accept=accept
-        )
+        try:
+            result = await ctx.poller.poll(
+                future.request_id, "Sample", functools.partial(_sample_result, ids), accept=accept
+            )
+        except TinkexError:
+            if watcher is not None:
+                watcher.retrieved(future.request_id)
+            raise
+        if watcher is not None:
+            watcher.retrieved(future.request_id)
         if ids is not None and len(ids) == len(result.sequences):
             for sequence, sequence_id in zip(result.sequences, ids, strict=True):
                 sequence.sequence_id = sequence_id
