@@ -551,7 +551,8 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def _positive_int(value: str) -> int:
+def positive_int(value: str) -> int:
+    """argparse type: an int >= 1 (also used by `tinkex-trio serve`)."""
     try:
         number = int(value)
     except ValueError:
@@ -595,7 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     ck = checkpoint.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = ck.add_parser("list", help="list checkpoints (all, or of one run)", parents=[common])
     p.add_argument("--run", metavar="RUN_ID", help="only this training run's checkpoints")
-    p.add_argument("--limit", type=_positive_int, help="show at most this many")
+    p.add_argument("--limit", type=positive_int, help="show at most this many")
     p.set_defaults(rest=_checkpoint_list)
     for name, func, text in (
         ("info", _checkpoint_info, "show a checkpoint's model, size, visibility, expiry"),
@@ -615,14 +616,14 @@ def build_parser() -> argparse.ArgumentParser:
         "set-ttl", help="expire a checkpoint SECONDS from now (--remove: never)", parents=[common]
     )
     p.add_argument("path", metavar="PATH", help="tinker://RUN_ID/weights/NAME")
-    p.add_argument("seconds", metavar="SECONDS", nargs="?", type=_positive_int)
+    p.add_argument("seconds", metavar="SECONDS", nargs="?", type=positive_int)
     p.add_argument("--remove", action="store_true", help="remove the expiry")
     p.set_defaults(rest=_checkpoint_set_ttl)
 
     run = commands.add_parser("run", help="training runs")
     rn = run.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = rn.add_parser("list", help="list training runs", parents=[common])
-    p.add_argument("--limit", type=_positive_int, help="show at most this many")
+    p.add_argument("--limit", type=positive_int, help="show at most this many")
     p.set_defaults(rest=_run_list)
     p = rn.add_parser("info", help="show a training run and its checkpoints", parents=[common])
     p.add_argument("run_id", metavar="RUN_ID")
@@ -631,7 +632,7 @@ def build_parser() -> argparse.ArgumentParser:
     session = commands.add_parser("session", help="sessions")
     ss = session.add_subparsers(dest="action", metavar="ACTION", required=True)
     p = ss.add_parser("list", help="list sessions", parents=[common])
-    p.add_argument("--limit", type=_positive_int, help="show at most this many")
+    p.add_argument("--limit", type=positive_int, help="show at most this many")
     p.set_defaults(rest=_session_list)
     p = ss.add_parser("info", help="show a session's training runs and samplers", parents=[common])
     p.add_argument("session_id", metavar="SESSION_ID")
@@ -649,7 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=_non_negative_int, default=64, help="default: 64")
     p.add_argument("--temperature", type=float, default=0.7, help="default: 0.7 (0: greedy)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("-n", "--num-samples", type=_positive_int, default=1, help="default: 1")
+    p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="default: 1")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
     return parser
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import trio
 
+from tinkex_trio.cli import positive_int
+
 from ._app import (
     DEFAULT_MAX_QUEUED_SAMPLES,
     DEFAULT_METADATA_ONLY_THRESHOLD,
@@ -177,16 +179,6 @@ def _parse_models(values: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {number}")
-    return number
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`tinkex-trio serve`: run the local backend in the foreground until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="tinkex-trio serve", description=main.__doc__)
@@ -203,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--max-queued-samples",
-        type=_positive_int,
+        type=positive_int,
         default=DEFAULT_MAX_QUEUED_SAMPLES,
         metavar="N",
         help="answer asample with 429 (back off) once N sampling requests wait for the engine "
