@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import trio
@@ -272,3 +273,30 @@ def test_numpy_tensor_inputs_convert_without_loops() -> None:
     )
     assert d.loss_fn_inputs["weights"].dtype == "float32"
     assert d.model_input.length == 12
+
+
+async def test_futures_never_submitted_fail_with_client_closed_when_the_service_closes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A future queued behind a slow submit must not wait forever once the block is left."""
+    from tinkex_trio.errors import ClientClosedError
+
+    fake = FakeTinker()
+    inner = fake.mock_transport()
+
+    async def slow_submits(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/optim_step"):
+            await trio.sleep(100)
+        return await inner.handle_async_request(request)
+
+    with trio.move_on_after(10):
+        async with open_service(
+            config_for(fake), transport=httpx.MockTransport(slow_submits)
+        ) as service:
+            training = await service.create_lora_training_client("fake/model")
+            in_flight = await training.optim_step()
+            queued = [await training.optim_step() for _ in range(3)]
+            await trio.sleep_forever()
+    for fut in [in_flight, *queued]:
+        with pytest.raises(ClientClosedError, match="open_service"):
+            await fut

@@ -32,7 +32,7 @@ import trio
 from tinkex_trio import _protobuf, types as t
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._metrics import reduce_metrics
-from tinkex_trio.errors import APIStatusError, InvalidInputError, TinkexError
+from tinkex_trio.errors import APIStatusError, ClientClosedError, InvalidInputError, TinkexError
 from tinkex_trio.futures import APIFuture, ResultDecoder, json_decoder
 
 if TYPE_CHECKING:
@@ -590,38 +590,66 @@ class TrainingClient:
         return future
 
     async def _sender(self, receive: trio.MemoryReceiveChannel[_Submission]) -> None:
-        """Submit queued requests one by one, in seq_id order; start a poll for each."""
+        """Submit queued requests one by one, in seq_id order; start a poll for each.
+
+        When the service closes (this task is cancelled), every request not yet handed to a
+        poll task gets `ClientClosedError`, so no future is left waiting forever.
+        """
+        current: _Submission | None = None
         async with receive:
-            async for sub in receive:
-                if self._poisoned is not None:
-                    sub.future._set_error(
-                        TinkexError("this TrainingClient is poisoned by a failed custom loss")
-                    )
-                    continue
-                try:
-                    body = await sub.body()
-                except Exception as exc:  # the user's custom loss failed
-                    self._poisoned = exc
-                    error = TinkexError(f"forward_backward_custom's loss failed: {exc!r}")
-                    error.__cause__ = exc
-                    sub.future._set_error(error)
-                    continue
-                await self._ctx.fwdbwd_budget.acquire(sub.nbytes)
-                try:
-                    submitted = await self._submit(sub, body)
-                    future = t.decode(submitted.content, t.UntypedAPIFuture)
-                except (TinkexError, msgspec.ValidationError, msgspec.DecodeError) as exc:
-                    self._ctx.fwdbwd_budget.release(sub.nbytes)
-                    sub.future._set_error(
-                        exc
-                        if isinstance(exc, TinkexError)
-                        else TinkexError(f"bad submit response: {exc}")
-                    )
-                    continue
-                sub.future.request_id = future.request_id
-                self._ctx.nursery.start_soon(
-                    sub.future._run, functools.partial(self._poll, sub, future.request_id)
-                )
+            try:
+                async for sub in receive:
+                    current = sub
+                    await self._send_one(sub)
+                    current = None
+            finally:
+                self._fail_unsent(current, receive)
+
+    @staticmethod
+    def _fail_unsent(
+        current: _Submission | None, receive: trio.MemoryReceiveChannel[_Submission]
+    ) -> None:
+        closed = ClientClosedError(
+            "the service closed before this request was submitted; await training "
+            "futures inside the `async with open_service(...)` block"
+        )
+        if current is not None:
+            current.future._set_error(closed)
+        while True:
+            try:
+                receive.receive_nowait().future._set_error(closed)
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                break
+
+    async def _send_one(self, sub: _Submission) -> None:
+        """Submit one queued request; its future gets the outcome (or a poll task)."""
+        if self._poisoned is not None:
+            sub.future._set_error(
+                TinkexError("this TrainingClient is poisoned by a failed custom loss")
+            )
+            return
+        try:
+            body = await sub.body()
+        except Exception as exc:  # the user's custom loss failed
+            self._poisoned = exc
+            error = TinkexError(f"forward_backward_custom's loss failed: {exc!r}")
+            error.__cause__ = exc
+            sub.future._set_error(error)
+            return
+        await self._ctx.fwdbwd_budget.acquire(sub.nbytes)
+        try:
+            submitted = await self._submit(sub, body)
+            future = t.decode(submitted.content, t.UntypedAPIFuture)
+        except (TinkexError, msgspec.ValidationError, msgspec.DecodeError) as exc:
+            self._ctx.fwdbwd_budget.release(sub.nbytes)
+            sub.future._set_error(
+                exc if isinstance(exc, TinkexError) else TinkexError(f"bad submit response: {exc}")
+            )
+            return
+        sub.future.request_id = future.request_id
+        self._ctx.nursery.start_soon(
+            sub.future._run, functools.partial(self._poll, sub, future.request_id)
+        )
 
     async def _submit(self, sub: _Submission, body: bytes | _FwdBwdChunk) -> Any:
         """POST one request (layers A and B); a forward_backward chunk in the current wire form.
