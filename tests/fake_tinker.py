@@ -9,6 +9,10 @@ request, and lets a test inject faults per path. One object serves two ways:
 Faults: `fake.faults[path]` is a list of statuses (or None for "answer normally") consumed one
 per request to that path; `fake.poll_try_again` makes each future answer `try_again` that many
 times before its result.
+
+`fake.dynamic_config` (None: the route answers 404, as a server without it) is the body of
+`client/dynamic_config`; `fake.cancelled` lists the request ids of `cancel_future` calls
+(unknown ids answer 404, like the local backend).
 """
 
 from __future__ import annotations
@@ -38,6 +42,9 @@ class FakeTinker:
         self.faults: dict[str, list[int | None]] = defaultdict(list)
         self.poll_try_again = 0
         self.client_config: dict[str, Any] = {}
+        self.dynamic_config: dict[str, Any] | None = None
+        self.cancelled: list[str] = []
+        self.sample_request_ids: list[str] = []
         self.sample_sequence_ids = True
         self._ids = itertools.count()
         self._results: dict[str, tuple[int, Any]] = {}
@@ -92,6 +99,14 @@ class FakeTinker:
         route = path.removeprefix("/api/v1/")
         if route == "client/config":
             return self._json(200, self.client_config)
+        if route == "client/dynamic_config" and self.dynamic_config is not None:
+            return self._json(200, self.dynamic_config)
+        if route == "cancel_future":
+            request_id = body["request_id"]
+            if request_id not in self._results:
+                return self._json(404, {"detail": f"unknown request {request_id}"})
+            self.cancelled.append(request_id)
+            return self._json(200, {})
         if route == "create_session":
             return self._json(200, {"session_id": "sess-1"})
         if route == "session_heartbeat":
@@ -176,6 +191,7 @@ class FakeTinker:
             if body.get("prompt_logprobs"):
                 result["prompt_logprobs"] = [None] + [-2.0] * (len(prompt) - 1)
             status, hdrs, content = self._future(result)
+            self.sample_request_ids.append(json.loads(content)["request_id"])
             if self.sample_sequence_ids:
                 reply = json.loads(content)
                 reply["sample_sequence_ids"] = [f"seq-{i}" for i in range(n)]

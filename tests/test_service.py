@@ -26,7 +26,7 @@ async def test_session_lifecycle_success(autojump_clock: trio.testing.MockClock)
         await trio.sleep(3 * HEARTBEAT_INTERVAL + 1)
         assert fake.heartbeats == 3
     assert fake.finished == {"sess-1": "success"}
-    assert fake.paths()[:2] == ["client/config", "create_session"]
+    assert fake.paths()[:3] == ["client/config", "client/dynamic_config", "create_session"]
     create = next(r for r in fake.requests if r.path.endswith("create_session"))
     assert create.body["type"] == "create_session" and create.body["tags"] == []
     assert fake.paths()[-1] == "sessions/sess-1/finish"

@@ -9,6 +9,7 @@ import trio
 
 from tinkex_trio import types as t
 from tinkex_trio._dispatch import RateLimiter
+from tinkex_trio._dynamic import DynamicConfig, SampleCanceller
 from tinkex_trio._limits import ByteBudget
 from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
@@ -21,8 +22,9 @@ from tinkex_trio.telemetry import Telemetry
 class ServiceContext:
     """Owned by `open_service`; clients hold a reference and check `closed` before each use.
 
-    `nursery` runs every background task (training senders, future polls, heartbeat). The
-    counters are the per-session counters of PROTOCOL.md 5.1.
+    `nursery` runs every background task (training senders, future polls, heartbeat,
+    dynamic-config refresh, sample cancels). The counters are the per-session counters of
+    PROTOCOL.md 5.1.
     """
 
     config: Config
@@ -34,6 +36,9 @@ class ServiceContext:
     client_config: t.ClientConfigResponse
     rate_limiter: RateLimiter
     fwdbwd_budget: ByteBudget
+    # PROTOCOL.md 2.1 step 3 and 4.9: refreshed flags, and where abandoned samples go.
+    dynamic_config: DynamicConfig
+    sample_canceller: SampleCanceller
     model_seq_ids: itertools.count[int] = dataclasses.field(default_factory=itertools.count)
     sampling_session_seq_ids: itertools.count[int] = dataclasses.field(
         default_factory=itertools.count

@@ -7,7 +7,9 @@ users expect). Each call goes through:
 2. the service-wide `RateLimiter`: a 429 window shared by every sampling client of the service,
    and the dispatch limits on concurrent submissions and bytes (9.5);
 3. `POST /api/v1/asample`, resubmitted with the same seq_id after a 429 or 402;
-4. polling of the result, with no lock or slot held;
+4. polling of the result, with no lock or slot held; a call abandoned here (cancelled, timed
+   out, service closing) has its request cancelled on the server when the server's dynamic
+   flag `sample_cancel_enabled` is on (PROTOCOL.md 4.9, `tinkex_trio._dynamic`);
 5. the retry handler (9.4): timeouts, connection errors, 410 (the result expired) and
    408/409/5xx retry the whole call with a new seq_id after `min(0.5 * 2**k, 10)` s +-25 %.
 
@@ -280,6 +282,24 @@ class SamplingClient:
             limiter.on_success()
             break
         future = _decode_submit(response)
+        try:
+            result = await self._result_of(future)
+        except BaseException as exc:
+            if not isinstance(exc, Exception):
+                # Abandoned (cancel scope, `timeout=`, service closing) while the server still
+                # works on it: queue a cancel_future (PROTOCOL.md 4.9). Never awaited here, so
+                # a cancelled caller does not wait on the network.
+                ctx.sample_canceller.abandon(future.request_id)
+            raise
+        ids = future.sample_sequence_ids
+        if ids is not None and len(ids) == len(result.sequences):
+            for sequence, sequence_id in zip(result.sequences, ids, strict=True):
+                sequence.sequence_id = sequence_id
+        return result
+
+    async def _result_of(self, future: t.UntypedAPIFuture) -> t.SampleResponse:
+        """Wait for a submitted sample's result (session-wide watcher or its own polls)."""
+        ctx = self._ctx
         watcher: CompletionWatcher | None = None
         if ctx.client_config.sample_use_retrieve_futures:
             # PROTOCOL.md 4.8: wait on the sampling session's shared long-poll, then fetch.
@@ -304,9 +324,6 @@ class SamplingClient:
             raise
         if watcher is not None:
             watcher.retrieved(future.request_id)
-        if ids is not None and len(ids) == len(result.sequences):
-            for sequence, sequence_id in zip(result.sequences, ids, strict=True):
-                sequence.sequence_id = sequence_id
         return result
 
 

@@ -8,9 +8,13 @@ Exception-group policy of `open_service` (written down, as trio-websocket does):
 * A bug in an SDK task (anything that is not a `TinkexError` stored in a future) crashes the
   service nursery; it is raised from `open_service` like any other single error.
 
-On exit the session is finished as ``success`` (the block completed), ``errored`` (an
-Exception left it) or ``interrupted`` (cancellation, KeyboardInterrupt); then every background
-task is cancelled and the HTTP client closed. Nothing outlives the block.
+At start the server's feature flags (`client/config`) and dynamic flags
+(`client/dynamic_config`, PROTOCOL.md 2.1 step 3) are fetched; the dynamic ones are refreshed
+by a background task, and enable cancelling abandoned samples on the server (4.9,
+`tinkex_trio._dynamic`). On exit every background task is cancelled, queued sample cancels
+are flushed (for at most `CANCEL_FLUSH_TIMEOUT` s), the session is finished as ``success``
+(the block completed), ``errored`` (an Exception left it) or ``interrupted`` (cancellation,
+KeyboardInterrupt), and the HTTP client closed. Nothing outlives the block.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import trio
 from tinkex_trio import types as t
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import RateLimiter
+from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, DynamicConfig, SampleCanceller
 from tinkex_trio._limits import ByteBudget
 from tinkex_trio._transport import Transport
 from tinkex_trio._version import __version__
@@ -418,6 +423,8 @@ async def open_service(
         try:
             with trio.fail_after(SESSION_OPEN_TIMEOUT):
                 client_config = await _fetch_client_config(http)
+                dynamic_config = DynamicConfig()
+                await dynamic_config.load(http)
                 session_id = await _create_session(config, http)
         except trio.TooSlowError:
             raise APITimeoutError(
@@ -444,8 +451,13 @@ async def open_service(
                     client_config=client_config,
                     rate_limiter=RateLimiter(client_config.sample_dispatch_bytes_semaphore_size),
                     fwdbwd_budget=ByteBudget(client_config.fwdbwd_dispatch_bytes_semaphore_size),
+                    dynamic_config=dynamic_config,
+                    sample_canceller=SampleCanceller(http, dynamic_config),
                 )
                 await nursery.start(_heartbeat, http, telemetry, session_id)
+                if dynamic_config.supported:
+                    await nursery.start(dynamic_config.refresh_forever, http)
+                await nursery.start(ctx.sample_canceller.run)
                 reason = "success"
                 detail: str | None = None
                 try:
@@ -461,6 +473,10 @@ async def open_service(
                 finally:
                     ctx.closed = True
                     nursery.cancel_scope.cancel()
+                    # Samples abandoned by the block's end are cancelled on the server before
+                    # the session finishes (PROTOCOL.md 4.9), within a short bound.
+                    with trio.CancelScope(shield=True), trio.move_on_after(CANCEL_FLUSH_TIMEOUT):
+                        await ctx.sample_canceller.flush()
                     with trio.CancelScope(shield=True), trio.move_on_after(SESSION_FINISH_TIMEOUT):
                         await _finish_session(http, session_id, reason, detail)
                     if telemetry.active:

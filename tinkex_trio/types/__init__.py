@@ -10,6 +10,7 @@ from tinkex_trio.types._base import (
     encode as encode,
 )
 from tinkex_trio.types._futures import (
+    CancelFutureRequest as CancelFutureRequest,
     CompleteMetadataResponse as CompleteMetadataResponse,
     ErrorCategory as ErrorCategory,
     PollEnvelope as PollEnvelope,
@@ -68,6 +69,8 @@ from tinkex_trio.types._session import (
     ClientConfigResponse as ClientConfigResponse,
     CreateSessionRequest as CreateSessionRequest,
     CreateSessionResponse as CreateSessionResponse,
+    DynamicConfigRequest as DynamicConfigRequest,
+    DynamicConfigResponse as DynamicConfigResponse,
     FinishReason as FinishReason,
     FinishReasonType as FinishReasonType,
     FinishSessionRequest as FinishSessionRequest,
@@ -114,6 +117,7 @@ __all__ = [
     "TINKER_SCHEME",
     "UNSET",
     "AdamParams",
+    "CancelFutureRequest",
     "Checkpoint",
     "CheckpointArchiveUrlResponse",
     "CheckpointType",
@@ -129,6 +133,8 @@ __all__ = [
     "CreateSessionResponse",
     "Cursor",
     "Datum",
+    "DynamicConfigRequest",
+    "DynamicConfigResponse",
     "EncodedTextChunk",
     "ErrorCategory",
     "FinishReason",

@@ -23,6 +23,12 @@ class RetrieveFutureRequest(Request, kw_only=True):
     allow_metadata_only: bool = True
 
 
+class CancelFutureRequest(Request, kw_only=True):
+    """Body of `POST /api/v1/cancel_future` for an abandoned sample (PROTOCOL.md 3.4, 4.9)."""
+
+    request_id: str
+
+
 class TryAgainResponse(Response, kw_only=True):
     """Still pending (4.6). The server long-polled before answering this.
 

@@ -32,6 +32,25 @@ class ClientConfigResponse(Response, kw_only=True):
     sample_use_retrieve_futures: bool = False
 
 
+class DynamicConfigRequest(Request, kw_only=True):
+    """Body of `POST /api/v1/client/dynamic_config` (PROTOCOL.md 2.1 step 3, 3.1)."""
+
+    sdk_version: str
+
+
+class DynamicConfigResponse(Response, kw_only=True):
+    """Flags the server may change during a session (PROTOCOL.md 2.1 step 3).
+
+    Refreshed every `max(refresh_interval_sec, 10)` s; `sample_cancel_enabled` turns on
+    `cancel_future` for abandoned samples (4.9), sent in parallel batches of up to
+    `sample_cancel_max_batch_size`. Unknown flags are ignored.
+    """
+
+    refresh_interval_sec: float = 300.0
+    sample_cancel_enabled: bool = False
+    sample_cancel_max_batch_size: int = 64
+
+
 class CreateSessionRequest(Request, kw_only=True):
     tags: list[str] = []
     user_metadata: dict[str, str] = {}
