@@ -237,9 +237,10 @@ async def test_retrieve_futures_reports_completions_by_cursor_and_cancel_future(
             )
             assert r.headers["content-type"] == _protobuf.PROTOBUF_CONTENT_TYPE
             assert len(_protobuf.decode_sample_response(r.content).sequences) == 2
-            # cancel_future on a finished request changes nothing; unknown ids are fine too.
+            # cancel_future on a finished request changes nothing; an unknown id is a 404.
             await ok("cancel_future", {"request_id": ids[0]})
-            await ok("cancel_future", {"request_id": "req-unknown"})
+            unknown = await client.post("/api/v1/cancel_future", json={"request_id": "req-x"})
+            assert unknown.status_code == 404
             r = await client.post(
                 "/api/v1/retrieve_future", json={"request_id": ids[0], "allow_metadata_only": False}
             )

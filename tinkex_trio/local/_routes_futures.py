@@ -153,7 +153,26 @@ class FutureRoutes:
         return json_response(_RetrieveFuturesResponse(completions=completions, cursor=cursor))
 
     async def cancel_future(self, request: Request) -> Response:
-        """PROTOCOL.md 4.9: an abandoned sample; its future fails as cancelled if still pending."""
+        """An abandoned sample (PROTOCOL.md 4.9): stop it if the engine has not started it.
+
+        * Unknown request id: 404.
+        * Already finished (done or failed): 200, nothing changes; the result stays.
+        * A sample still waiting for the engine: taken out of the `SampleBatcher` queue (the
+          engine never runs it, its `max_queued_samples` slot is free at once) and its future
+          fails as cancelled (category `user`).
+        * A sample the engine is running: its future fails as cancelled now; the engine's
+          result, when it comes, is dropped (a batched engine call cannot be interrupted, and
+          the client that cancelled is no longer polling).
+        * Any other request (training): 200, nothing changes. Training requests run in seq_id
+          order whatever happens (5.2), so failing the future would only hide a step that was
+          still applied; clients never cancel them (4.9).
+        """
         body = decode_request(request.body, _CancelFutureRequest)
-        self.backend.registry.cancel(body.request_id)
+        row = self.backend.store.get_future(body.request_id)
+        if row is None:
+            raise HTTPError(404, f"unknown request_id {body.request_id!r}")
+        if row.request_type == "Sample" and row.state not in ("done", "failed"):
+            self.backend.batcher.cancel(body.request_id)
+            self.backend.registry.cancel(body.request_id)
+        await trio.lowlevel.checkpoint()
         return json_response({})

@@ -13,7 +13,9 @@
 * **Sampling.** Requests are collected for a short window (and for as long as the engine is
   busy with something else), then handed to `engine.sample` as one batch. `SampleBatcher.queued`
   counts the requests submitted but not yet handed to the engine: the app answers `asample`
-  with 429 when it reaches the back-pressure limit (PROTOCOL.md 9.5, 10.8).
+  with 429 when it reaches the back-pressure limit (PROTOCOL.md 9.5, 10.8). `cancel_future`
+  (4.9) takes a request out of the queue (`SampleBatcher.cancel`): the engine never runs it and
+  its back-pressure slot is free at once.
 * **Failures.** A job's `EngineUserError` fails its future with category `user`; any other
   exception fails it with category `server` and is logged with its traceback. Either way the
   lane moves on: one failed request never poisons the next (PROTOCOL.md 4.7).
@@ -181,6 +183,8 @@ class _SampleJob:
     request_id: str
     request: SampleRequest
     finish: Callable[[SampleResult], bytes]
+    # Set by `SampleBatcher.cancel`; the job then stays in the channel but is skipped.
+    cancelled: bool = False
 
 
 class SampleBatcher:
@@ -190,37 +194,64 @@ class SampleBatcher:
         self._runner = runner
         self._registry = registry
         self._send, self._receive = trio.open_memory_channel[_SampleJob](math.inf)
-        self._queued = 0
+        # Submitted, not yet handed to the engine, not cancelled; by request id.
+        self._waiting: dict[str, _SampleJob] = {}
 
     @property
     def queued(self) -> int:
         """Requests submitted but not yet handed to the engine (in the channel or a batch
-        still being gathered): the number the asample back-pressure limit applies to."""
-        return self._queued
+        still being gathered) and not cancelled: the number the asample back-pressure limit
+        applies to."""
+        return len(self._waiting)
 
     def submit(
         self, request_id: str, request: SampleRequest, finish: Callable[[SampleResult], bytes]
     ) -> None:
         """Queue a request; `finish` turns its engine result into the JSON result payload."""
-        self._send.send_nowait(_SampleJob(request_id, request, finish))
-        self._queued += 1
+        job = _SampleJob(request_id, request, finish)
+        self._send.send_nowait(job)
+        self._waiting[request_id] = job
+
+    def cancel(self, request_id: str) -> bool:
+        """Take a request out of the queue (PROTOCOL.md 4.9): the engine will never run it.
+
+        Returns False if it is not waiting (unknown, already handed to the engine, or
+        cancelled before). The caller fails its future; this only frees the queue slot.
+        """
+        job = self._waiting.pop(request_id, None)
+        if job is None:
+            return False
+        job.cancelled = True
+        return True
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         async for first in self._receive:
+            if first.cancelled:
+                continue
             batch = [first]
             with trio.move_on_after(SAMPLE_BATCH_WINDOW):
                 while len(batch) < SAMPLE_BATCH_MAX:
-                    batch.append(await self._receive.receive())
+                    self._gather(batch, await self._receive.receive())
             # While the engine is busy (a training step), keep gathering.
             while self._runner.busy and len(batch) < SAMPLE_BATCH_MAX:
                 with trio.move_on_after(SAMPLE_BATCH_WINDOW):
-                    batch.append(await self._receive.receive())
+                    self._gather(batch, await self._receive.receive())
             await self._run_batch(batch)
 
-    async def _run_batch(self, batch: Sequence[_SampleJob]) -> None:
-        self._queued -= len(batch)
+    @staticmethod
+    def _gather(batch: list[_SampleJob], job: _SampleJob) -> None:
+        if not job.cancelled:
+            batch.append(job)
+
+    async def _run_batch(self, gathered: Sequence[_SampleJob]) -> None:
+        # Jobs cancelled while the batch was being gathered are left out.
+        batch = [job for job in gathered if not job.cancelled]
+        if not batch:
+            await trio.lowlevel.checkpoint()
+            return
         for job in batch:
+            del self._waiting[job.request_id]
             self._registry.mark_running(job.request_id)
         try:
             results = await self._runner.call(
