@@ -22,6 +22,7 @@ from tinkex_trio._dynamic import (
     MIN_REFRESH_INTERVAL,
 )
 from tinkex_trio.errors import ResultTimeoutError
+from tinkex_trio.types import DynamicConfigResponse
 
 CANCEL_ON: dict[str, Any] = {"sample_cancel_enabled": True, "sample_cancel_max_batch_size": 4}
 
@@ -97,7 +98,7 @@ async def test_a_server_without_dynamic_config_costs_one_request(
     fake = FakeTinker()  # client/dynamic_config answers 404
     async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
         assert trio.current_time() == 0.0
-        assert service._ctx.dynamic_config.value.sample_cancel_enabled is False
+        assert service.dynamic_config == DynamicConfigResponse()
         await trio.sleep(3600)
     assert fake.paths().count("client/dynamic_config") == 1
 

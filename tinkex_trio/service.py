@@ -86,6 +86,11 @@ class ServiceClient:
         return self._ctx.client_config
 
     @property
+    def dynamic_config(self) -> t.DynamicConfigResponse:
+        """The server's current dynamic flags (PROTOCOL.md 2.1 step 3; defaults if it has none)."""
+        return self._ctx.dynamic_config.value
+
+    @property
     def telemetry(self) -> Telemetry:
         return self._ctx.telemetry
 
