@@ -41,7 +41,6 @@ from tinkex_trio.errors import (
     GoneError,
     InvalidInputError,
     NotFoundError,
-    TinkexError,
 )
 from tinkex_trio.futures import FuturePoller, json_decoder
 from tinkex_trio.rest import RestClient
@@ -514,4 +513,4 @@ def _unwrap(
     return None
 
 
-__all__ = ["ServiceClient", "TinkexError", "open_service"]
+__all__ = ["ServiceClient", "open_service"]
