@@ -186,6 +186,58 @@ async def test_default_jitter_stays_in_bounds(autojump_clock: trio.testing.MockC
     assert 0.375 <= rec.times[1] <= 0.5
 
 
+# -- PROTOCOL.md 1.6: a bare 400 is a "Cloudflare reset" --------------------------------------------
+
+
+async def test_bare_400_is_retried_as_a_connection_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder(status(400, b""), status(400, b""), ok())
+    t = make(rec)
+    resp = await t.request("POST", "/api/v1/x", content=b"{}")
+    assert resp.status_code == 200
+    assert rec.times == [0.0, 0.5, 1.5]
+    assert len({r.headers["x-idempotency-key"] for r in rec.requests}) == 1
+
+
+async def test_bare_400_out_of_layer_a_retries_is_a_connection_error(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder(status(400, b""))
+    t = make(rec, max_retries=2)
+    with pytest.raises(APIConnectionError, match="empty body"):
+        await t.request("GET", "/x")
+    assert len(rec.requests) == 3
+
+
+async def test_400_with_a_body_is_not_retried() -> None:
+    rec = Recorder(status(400))
+    t = make(rec)
+    with pytest.raises(APIStatusError) as info:
+        await t.request("GET", "/x")
+    assert info.value.status_code == 400
+    assert len(rec.requests) == 1
+
+
+async def test_bare_400_budget_is_spent_and_replenished_by_successes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # 16 bare 400s are retried; the 17th is the server's answer (a plain 400 error).
+    rec = Recorder(*([status(400, b"")] * 17), ok())
+    t = make(rec, max_retries=100)
+    with pytest.raises(APIStatusError) as info:
+        await t.request("GET", "/x")
+    assert info.value.status_code == 400
+    assert len(rec.requests) == 17
+    # Two successes give two units back: two bare 400s are retried again, a third is not.
+    rec.outcomes = [ok(), ok(), status(400, b""), status(400, b""), status(400, b""), ok()]
+    await t.request("GET", "/x")
+    await t.request("GET", "/x")
+    with pytest.raises(APIStatusError):
+        await t.request("GET", "/x")
+    assert len(rec.requests) == 17 + 2 + 3
+
+
 @pytest.mark.parametrize(
     ("headers", "expected_gap"),
     [

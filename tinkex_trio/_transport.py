@@ -91,6 +91,12 @@ BILLING_INCIDENT_RESET: Final = 300.0
 """After this long without a 402, the next 402 starts a new incident (a new pause window)."""
 BILLING_WARNING_INTERVAL: Final = 60.0
 
+# PROTOCOL.md 1.6 "Cloudflare reset": a 400 with an empty body is a connection reset in disguise,
+# retried like a connection error (layer A) while this budget lasts. Each such retry spends one
+# unit, each success gives one back (up to the cap), so a server that really answers bare 400s
+# cannot keep every call retrying forever.
+BARE_400_RETRY_BUDGET: Final = 16
+
 # Headers that carry credentials; never sent to an origin other than base_url's.
 _SECRET_HEADERS: Final = ("x-api-key", "cf-access-client-id", "cf-access-client-secret")
 
@@ -133,6 +139,11 @@ def _is_retryable_transport_error(exc: httpx.TransportError) -> bool:
         exc,
         httpx.TimeoutException | httpx.NetworkError | httpx.RemoteProtocolError | httpx.ProxyError,
     )
+
+
+def _is_bare_400(response: httpx.Response) -> bool:
+    """A 400 with no body (``Content-Length: 0`` or none): a reset, not the server's answer."""
+    return response.status_code == 400 and not response.content
 
 
 def _map_transport_error(exc: httpx.RequestError) -> APIConnectionError:
@@ -200,6 +211,7 @@ class Transport:
         self._billing_last = -math.inf
         self._billing_warned = -math.inf
         self._closed = False
+        self._bare_400_budget = BARE_400_RETRY_BUDGET
 
         headers: dict[str, str] = {"User-Agent": USER_AGENT}
         if config.api_key is not None:
@@ -353,7 +365,20 @@ class Transport:
                 )
             self._log_deprecation(response)
             if response.is_success:
+                self._bare_400_budget = min(self._bare_400_budget + 1, BARE_400_RETRY_BUDGET)
                 return response
+            if _is_bare_400(response) and self._bare_400_budget > 0:
+                self._bare_400_budget -= 1
+                await response.aclose()
+                if attempt >= max_retries:
+                    raise APIConnectionError(
+                        "Connection error: HTTP 400 with an empty body (connection reset)",
+                        request=request,
+                    )
+                delay = self._backoff(attempt, None)
+                await self._retry_sleep(method, path, attempt, delay, "bare 400 (reset)")
+                attempt += 1
+                continue
             if attempt < max_retries and self._should_retry(response):
                 await response.aclose()
                 delay = self._backoff(attempt, response)
@@ -444,7 +469,10 @@ class Transport:
         0 disables them).
 
         Error handling (layer A, PROTOCOL.md 9.3): retried are connection errors and timeouts
-        (httpx NetworkError, TimeoutException, RemoteProtocolError) and responses 408, 409, 429
+        (httpx NetworkError, TimeoutException, RemoteProtocolError), a 400 with an empty body
+        (PROTOCOL.md 1.6 "Cloudflare reset": a connection error, within a budget of
+        `BARE_400_RETRY_BUDGET` per transport that each success replenishes by one; once spent
+        such a 400 is a plain :class:`BadRequestError`), responses 408, 409, 429
         and >= 500, or any non-2xx carrying ``x-should-retry: true`` (never one carrying
         ``false``). Delay: the server's ``retry-after-ms`` / ``retry-after`` (seconds or
         HTTP-date) if within (0, 60] s, else ``min(0.5 * 2**n, 10) * uniform(0.75, 1.0)`` s, with
