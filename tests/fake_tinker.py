@@ -13,13 +13,21 @@ times before its result.
 `fake.dynamic_config` (None: the route answers 404, as a server without it) is the body of
 `client/dynamic_config`; `fake.cancelled` lists the request ids of `cancel_future` calls
 (unknown ids answer 404, like the local backend).
+
+JWT exchange (PROTOCOL.md 1.3): with `fake.jwt_lifetime` set, `auth/token` answers the raw key
+with a fresh unsigned JWT (`exp`/`iat` from `time.time()`) and `client/config` says
+`pjwt_auth_enabled: true`; every route then accepts the raw key or a token in
+`fake.valid_jwts`. Any other `eyJ...` key gets 401 with `WWW-Authenticate: Bearer
+error="invalid_token"` (clear `valid_jwts` to "expire" the issued tokens).
 """
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
 import json
+import time
 from collections import defaultdict
 from typing import Any
 
@@ -53,6 +61,9 @@ class FakeTinker:
         self.heartbeats = 0
         self.submitted_seq_ids: dict[str, list[int]] = defaultdict(list)
         self.sample_seq_ids: list[int] = []
+        self.jwt_lifetime: float | None = None
+        self.issued_jwts: list[str] = []
+        self.valid_jwts: set[str] = set()
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -89,7 +100,14 @@ class FakeTinker:
         body = json.loads(raw) if raw else None
         lowered = {k.lower(): v for k, v in headers.items()}
         self.requests.append(Recorded(method, path, lowered, body))
-        if lowered.get("x-api-key") != self.api_key:
+        key = lowered.get("x-api-key")
+        if key in self.valid_jwts and path.endswith("/auth/token"):
+            return self._json(401, {"detail": "exchange needs the raw key"})
+        if key != self.api_key and key not in self.valid_jwts:
+            if key is not None and key.startswith("eyJ"):
+                status, hdrs, content = self._json(401, {"detail": "token expired"})
+                hdrs["www-authenticate"] = 'Bearer error="invalid_token"'
+                return status, hdrs, content
             return self._json(401, {"detail": "bad key"})
         queue = self.faults.get(path)
         if queue:
@@ -98,7 +116,12 @@ class FakeTinker:
                 return self._json(fault, {"detail": f"injected {fault}"})
         route = path.removeprefix("/api/v1/")
         if route == "client/config":
-            return self._json(200, self.client_config)
+            flags = dict(self.client_config)
+            if self.jwt_lifetime is not None:
+                flags.setdefault("pjwt_auth_enabled", True)
+            return self._json(200, flags)
+        if route == "auth/token" and self.jwt_lifetime is not None:
+            return self._json(200, {"jwt": self.issue_jwt()})
         if route == "client/dynamic_config" and self.dynamic_config is not None:
             return self._json(200, self.dynamic_config)
         if route == "cancel_future":
@@ -155,6 +178,14 @@ class FakeTinker:
         if route == "save_weights":
             self.submitted_seq_ids[body["model_id"]].append(body["seq_id"])
             return self._future({"path": f"tinker://{body['model_id']}/weights/{body['path']}"})
+        if route == "save_weights_external":
+            self.submitted_seq_ids[body["model_id"]].append(body["seq_id"])
+            return self._future(
+                {
+                    "path": f"tinker://{body['model_id']}/external_weights/{body['path']}",
+                    "size_bytes": 1234,
+                }
+            )
         if route == "save_weights_for_sampler":
             self.submitted_seq_ids[body["model_id"]].append(body["seq_id"])
             if "path" in body:
@@ -211,6 +242,24 @@ class FakeTinker:
         if route == "get_server_capabilities":
             return self._json(200, {"supported_models": [{"model_name": "fake/model"}]})
         return self._json(404, {"detail": f"no route {path}"})
+
+    def issue_jwt(self) -> str:
+        def part(obj: Any) -> str:
+            return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+        assert self.jwt_lifetime is not None
+        iat = time.time()
+        claims = {
+            "sub": "user-1",
+            "org_id": "org-1",
+            "iat": iat,
+            "exp": iat + self.jwt_lifetime,
+            "n": len(self.issued_jwts),
+        }
+        token = f"{part({'alg': 'none', 'typ': 'JWT'})}.{part(claims)}.sig"
+        self.issued_jwts.append(token)
+        self.valid_jwts.add(token)
+        return token
 
     def paths(self) -> list[str]:
         return [r.path.removeprefix("/api/v1/") for r in self.requests]

@@ -31,18 +31,38 @@ from tinkex_trio.errors import (
     InternalServerError,
     InvalidInputError,
     NotFoundError,
+    RequestFailedError,
+    TinkexError,
 )
-from tinkex_trio.rest import ARCHIVE_ATTEMPTS, ARCHIVE_RETRY_DELAY, RestClient
+from tinkex_trio.rest import (
+    ARCHIVE_ATTEMPTS,
+    ARCHIVE_RETRY_DELAY,
+    TRACE_EXPORT_POLL_INTERVAL,
+    RestClient,
+)
 from tinkex_trio.types import (
     Checkpoint,
     CheckpointsListResponse,
+    CopyWeightsResponse,
+    ExternalWeightsUrlsResponse,
+    FailureReasonTrainingRun,
     GetSamplerResponse,
     GetSessionResponse,
     ListSessionsResponse,
+    SearchOwnerAccessible,
+    SearchOwnerUsers,
+    SearchStatusActive,
+    SearchStatusClientFinished,
     ServerCapabilities,
+    SessionSearchCursor,
+    SessionSearchRequest,
+    SessionSearchResponse,
+    SessionStatusClientFinished,
+    SessionStatusFailed,
     TrainingRun,
     TrainingRunsResponse,
     WeightsInfoResponse,
+    encode,
 )
 
 BASE = "http://api.test"
@@ -340,6 +360,241 @@ async def test_get_sampler(make_client: MakeClient) -> None:
     assert router.only()[0].url.raw_path.decode() == f"{V1}/samplers/sess-1:sample:0"
 
 
+EXTERNAL_PATH = f"tinker://{RUN}/external_weights/dl"
+TOKEN = "wat-secret-123"
+
+
+async def test_get_external_weights_urls(make_client: MakeClient) -> None:
+    router = Router()
+    route = f"/training_runs/{RUN}/checkpoints/external_weights/dl/external_weights_urls"
+    router.on(
+        "GET",
+        route,
+        ok(
+            {
+                "urls": {"adapter_config.json": "https://s.test/a?sig=1"},
+                "expires": "2026-01-05T11:00:00Z",
+            }
+        ),
+    )
+    urls = await make_client(router).get_external_weights_urls(EXTERNAL_PATH)
+    assert isinstance(urls, ExternalWeightsUrlsResponse)
+    assert urls.urls == {"adapter_config.json": "https://s.test/a?sig=1"}
+    assert urls.expires == datetime(2026, 1, 5, 11, tzinfo=UTC)
+    assert router.only()[0].url.raw_path.decode() == V1 + route
+
+
+async def test_copy_weights_token_only_in_header(make_client: MakeClient) -> None:
+    router = Router()
+    router.on("POST", "/copy_weights", ok({"tinker_path": "tinker://copy:train:0/weights/a"}))
+    rest = make_client(router)
+    copied = await rest.copy_weights(
+        PATH, destination_project_id="proj-archive", ttl_seconds=3600, weights_access_token=TOKEN
+    )
+    assert isinstance(copied, CopyWeightsResponse)
+    assert copied.tinker_path == "tinker://copy:train:0/weights/a"
+    request, body = router.only()
+    assert json.loads(body) == {
+        "source_path": PATH,
+        "destination_project_id": "proj-archive",
+        "ttl_seconds": 3600,
+    }
+    assert TOKEN.encode() not in body
+    assert request.headers["x-tinker-weights-access-token"] == TOKEN
+    # A bare uuid4, not the `stainless-python-retry-` form (PROTOCOL.md 1.4).
+    key = request.headers["x-idempotency-key"]
+    assert len(key) == 36 and key.count("-") == 4
+    assert TOKEN not in repr(rest)
+
+
+async def test_copy_weights_defaults_and_one_key_across_retries(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = Router()
+    router.on(
+        "POST",
+        "/copy_weights",
+        httpx.Response(500, json={"detail": "boom"}),
+        httpx.Response(503, json={"detail": "boom"}),
+        ok({"tinker_path": "tinker://c:train:0/weights/step-100"}),
+    )
+    rest = client(router, project_id="proj-default", max_retries=1)
+    await rest.copy_weights(PATH)
+    assert json.loads(router.bodies[0]) == {
+        "source_path": PATH,
+        "destination_project_id": "proj-default",
+    }
+    assert len(router.requests) == 3
+    assert len({r.headers["x-idempotency-key"] for r in router.requests}) == 1
+    assert all("x-tinker-weights-access-token" not in r.headers for r in router.requests)
+
+    router = Router()
+    router.on("POST", "/copy_weights", ok({"tinker_path": "tinker://c:train:0/weights/x"}))
+    await client(router).copy_weights(PATH)
+    assert json.loads(router.only()[1]) == {"source_path": PATH}
+
+
+async def test_copy_weights_does_not_follow_redirects_with_the_token() -> None:
+    router = Router()
+    router.on(
+        "POST",
+        "/copy_weights",
+        httpx.Response(307, headers={"Location": "https://elsewhere.test/steal"}),
+    )
+    with pytest.raises(APIStatusError):
+        await client(router, max_retries=0).copy_weights(PATH, weights_access_token=TOKEN)
+    assert [r.url.host for r in router.requests] == ["api.test"]
+
+
+async def test_copy_weights_bad_token_is_not_echoed() -> None:
+    router = Router()
+    for bad in ("", "  ", "s3cr3t\nX", "s3cr3t\r"):
+        with pytest.raises(InvalidInputError, match="weights_access_token") as info:
+            await client(router).copy_weights(PATH, weights_access_token=bad)
+        assert "s3cr3t" not in str(info.value)
+    assert router.requests == []
+
+
+async def test_assign_session_project(make_client: MakeClient) -> None:
+    router = Router()
+    router.on("PUT", "/sessions/sess-1/project", ok({}))
+    assert await make_client(router).assign_session_project("sess-1", "proj-2") is None
+    request, body = router.only()
+    assert json.loads(body) == {"project_id": "proj-2"}
+    assert request.headers["content-type"] == "application/json"
+
+
+TRACE_ROUTE = "/sessions/sess-1/trace_export"
+
+
+async def test_export_session_trace_polls_every_5_s(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = Router()
+    router.on(
+        "GET",
+        TRACE_ROUTE,
+        ok({"status": "pending"}),
+        ok({"status": "pending", "url": None}),
+        ok({"status": "ready", "url": "https://s.test/trace.json?sig=1"}),
+    )
+    ready = await client(router).export_session_trace("sess-1")
+    assert (ready.status, ready.url) == ("ready", "https://s.test/trace.json?sig=1")
+    assert router.times == [0.0, TRACE_EXPORT_POLL_INTERVAL, 2 * TRACE_EXPORT_POLL_INTERVAL]
+    assert TRACE_EXPORT_POLL_INTERVAL == 5.0
+
+
+async def test_export_session_trace_failed_and_ready_without_url(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    router = Router()
+    router.on(
+        "GET", TRACE_ROUTE, ok({"status": "pending"}), ok({"status": "failed", "error": "disk"})
+    )
+    with pytest.raises(RequestFailedError, match="disk"):
+        await client(router).export_session_trace("sess-1")
+    assert router.times == [0.0, 5.0]
+    router = Router()
+    router.on("GET", TRACE_ROUTE, ok({"status": "ready"}))
+    with pytest.raises(TinkexError, match="no url"):
+        await client(router).export_session_trace("sess-1")
+
+
+def summary_json(i: int, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {
+        "session_id": f"sess-{i}",
+        "created_at": f"2026-01-05T10:{59 - i:02d}:00Z",
+        "owner": "tml:user:42",
+        "project_id": None,
+        "checkpoints_count": i,
+        **({"status": status} if status is not None else {}),
+    }
+
+
+async def test_search_sessions_request_and_typed_statuses(make_client: MakeClient) -> None:
+    router = Router()
+    failed = {
+        "type": "failed",
+        "category": "user",
+        "message": "bad batch",
+        "reason": {"type": "training_run", "training_run_id": RUN},
+    }
+    finished = {"type": "client_finished", "reason": {"type": "errored"}, "detail": "x"}
+    router.on(
+        "POST",
+        "/sessions/search",
+        ok(
+            {
+                "sessions": [summary_json(0, failed), summary_json(1, finished), summary_json(2)],
+                "next_cursor": {
+                    "last_created_at": "2026-01-05T10:57:00Z",
+                    "last_session_id": "sess-2",
+                },
+            }
+        ),
+    )
+    request = SessionSearchRequest(
+        project_ids=["proj-1"],
+        user_metadata={"team": "rl"},
+        display_name="nightly",
+        owner=SearchOwnerAccessible(),
+        statuses=[SearchStatusActive(), SearchStatusClientFinished(reasons=["errored"])],
+        limit=3,
+    )
+    page = await make_client(router).search_sessions(request)
+    assert isinstance(page, SessionSearchResponse)
+    s0, s1, s2 = page.sessions
+    assert isinstance(s0.status, SessionStatusFailed)
+    assert s0.status.reason == FailureReasonTrainingRun(training_run_id=RUN)
+    assert isinstance(s1.status, SessionStatusClientFinished)
+    assert s1.status.reason.type == "errored"
+    assert s2.status is None and s2.checkpoints_count == 2
+    assert page.next_cursor == SessionSearchCursor(
+        last_created_at=datetime(2026, 1, 5, 10, 57, tzinfo=UTC), last_session_id="sess-2"
+    )
+    _, body = router.only()
+    assert json.loads(body) == {
+        "project_ids": ["proj-1"],
+        "user_metadata": {"team": "rl"},
+        "display_name": "nightly",
+        "owner": {"type": "accessible"},
+        "statuses": [{"type": "active"}, {"type": "client_finished", "reasons": ["errored"]}],
+        "limit": 3,
+    }
+    # Defaults are sent, unset filters omitted (PROTOCOL.md 7.9).
+    assert json.loads(encode(SessionSearchRequest())) == {"owner": {"type": "own"}, "limit": 50}
+
+
+async def test_iter_search_sessions_follows_next_cursor(make_client: MakeClient) -> None:
+    everything = [summary_json(i) for i in range(5)]
+
+    def reply(request: httpx.Request) -> httpx.Response:
+        sent = json.loads(request.content)
+        start = 0
+        if "cursor" in sent:
+            start = int(sent["cursor"]["last_session_id"].split("-")[1]) + 1
+        page = everything[start : start + sent["limit"]]
+        more = start + sent["limit"] < len(everything)
+        cursor = (
+            {"last_created_at": page[-1]["created_at"], "last_session_id": page[-1]["session_id"]}
+            if more
+            else None
+        )
+        return ok({"sessions": page, "next_cursor": cursor})
+
+    router = Router()
+    router.on("POST", "/sessions/search", reply)
+    rest = make_client(router)
+    seen = [s.session_id async for s in rest.iter_search_sessions(SessionSearchRequest(limit=2))]
+    assert seen == [f"sess-{i}" for i in range(5)]
+    cursors = [json.loads(b).get("cursor") for b in router.bodies]
+    assert cursors == [
+        None,
+        {"last_created_at": "2026-01-05T10:58:00Z", "last_session_id": "sess-1"},
+        {"last_created_at": "2026-01-05T10:56:00Z", "last_session_id": "sess-3"},
+    ]
+
+
 def test_official_spellings_are_aliases() -> None:
     pairs = [
         ("delete_checkpoint_from_tinker_path", "delete_checkpoint_by_tinker_path"),
@@ -352,6 +607,8 @@ def test_official_spellings_are_aliases() -> None:
         ("unpublish_checkpoint_by_tinker_path", "unpublish_checkpoint_from_tinker_path"),
         ("get_training_run_from_tinker_path", "get_training_run_by_tinker_path"),
         ("get_weights_info_from_tinker_path", "get_weights_info_by_tinker_path"),
+        ("get_external_weights_urls_by_tinker_path", "get_external_weights_urls"),
+        ("get_external_weights_urls_from_tinker_path", "get_external_weights_urls"),
     ]
     for alias, name in pairs:
         assert getattr(RestClient, alias) is getattr(RestClient, name), alias
@@ -459,6 +716,35 @@ async def test_iteration_ends_on_empty_page_despite_overstated_total(
             lambda r: r.get_checkpoint_archive_url_by_tinker_path("tinker://r%2f/weights/x"),
             "tinker_path",
         ),
+        (lambda r: r.get_external_weights_urls(PATH), "external_weights"),
+        (lambda r: r.get_external_weights_urls("tinker://r/external_weights/a?b"), "tinker_path"),
+        (lambda r: r.copy_weights("tinker://r/weights"), "tinker_path"),
+        (lambda r: r.copy_weights(PATH, destination_project_id=""), "destination_project_id"),
+        (lambda r: r.copy_weights(PATH, ttl_seconds=0), "ttl_seconds"),
+        (lambda r: r.assign_session_project("a/b", "p"), "session_id"),
+        (lambda r: r.assign_session_project("s", ""), "project_id"),
+        (lambda r: r.export_session_trace(""), "session_id"),
+        (lambda r: r.search_sessions(SessionSearchRequest(limit=0)), "limit"),
+        (lambda r: r.search_sessions(SessionSearchRequest(limit=201)), "limit"),
+        (
+            lambda r: r.search_sessions(
+                SessionSearchRequest(owner=SearchOwnerUsers(owner_urns=[]))
+            ),
+            "owner_urns",
+        ),
+        (
+            lambda r: r.search_sessions(
+                SessionSearchRequest(owner=SearchOwnerUsers(owner_urns=["u"] * 11))
+            ),
+            "owner_urns",
+        ),
+        (
+            lambda r: r.search_sessions(
+                SessionSearchRequest(statuses=[SearchStatusClientFinished(reasons=[])])
+            ),
+            "reasons",
+        ),
+        (lambda r: r.search_sessions({"limit": 5}), "SessionSearchRequest"),
     ],
 )
 async def test_bad_input_raises_before_sending(
@@ -477,8 +763,9 @@ async def test_iterators_check_page_size_before_sending() -> None:
         rest.iter_training_runs(page_size=0),
         rest.iter_user_checkpoints(page_size=-3),
         rest.iter_sessions(page_size=0),
+        rest.iter_search_sessions(SessionSearchRequest(limit=0)),
     ):
-        with pytest.raises(InvalidInputError, match="page_size"):
+        with pytest.raises(InvalidInputError, match=r"page_size|limit"):
             await iterator.__anext__()
     assert router.requests == []
 

@@ -219,6 +219,30 @@ async def test_save_state_and_sampling_client_from_training() -> None:
     assert save.headers["x-stainless-retry-count"] == "0"
 
 
+async def test_save_weights_external() -> None:
+    fake = FakeTinker()
+    async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
+        training = await service.create_lora_training_client("fake/model")
+        with pytest.raises(InvalidInputError, match="name"):
+            await training.save_weights_external("a/b")
+        with pytest.raises(InvalidInputError, match="ttl_seconds"):
+            await training.save_weights_external("a", ttl_seconds=0)
+        exported = await (await training.save_weights_external("dl", ttl_seconds=3600))
+        assert isinstance(exported, t.SaveWeightsExternalResponse)
+        assert exported.path == "tinker://sess-1:train:0/external_weights/dl"
+        assert exported.size_bytes == 1234
+    save = next(r for r in fake.requests if r.path.endswith("/save_weights_external"))
+    assert save.body == {
+        "model_id": "sess-1:train:0",
+        "path": "dl",
+        "seq_id": 1,
+        "ttl_seconds": 3600,
+        "type": "save_weights_external",
+    }
+    # Layer-A retries are off for saves (PROTOCOL.md 3.2).
+    assert save.headers["x-stainless-retry-count"] == "0"
+
+
 async def test_forward_backward_custom_with_torch() -> None:
     torch = pytest.importorskip("torch")
     fake = FakeTinker()

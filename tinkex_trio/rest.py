@@ -12,31 +12,55 @@ and `*_by_tinker_path` in others. Both spellings exist here for every such metho
 written against either reads naturally. There are no `*_async` twins: everything is async.
 
 Pagination: the `list_*` methods return one page with its `Cursor`; `iter_training_runs()`,
-`iter_user_checkpoints()` and `iter_sessions()` walk every page. They are async generators
-that hold no resource between pages, so breaking out of the loop early is fine.
+`iter_user_checkpoints()`, `iter_sessions()` and `iter_search_sessions()` walk every page. They
+are async generators that hold no resource between pages, so breaking out of the loop early is
+fine.
+
+Secrets: `copy_weights`' access token is sent only in the `X-Tinker-Weights-Access-Token`
+header, never in a body, a log line, an error message or a repr, and never to a redirect target.
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, final
 
 import httpx
+import msgspec
 import trio
 
-from tinkex_trio.errors import APIStatusError, InvalidInputError, status_error_for
+from tinkex_trio.errors import (
+    APIStatusError,
+    InvalidInputError,
+    RequestFailedError,
+    TinkexError,
+    status_error_for,
+)
 from tinkex_trio.types import (
+    SESSION_SEARCH_MAX_LIMIT,
+    UNSET,
+    AssignSessionProjectRequest,
     Checkpoint,
     CheckpointArchiveUrlResponse,
     CheckpointsListResponse,
+    CopyWeightsRequest,
+    CopyWeightsResponse,
+    ExternalWeightsUrlsResponse,
     GetSamplerResponse,
     GetSessionResponse,
     ListSessionsResponse,
     ParsedTinkerPath,
+    SearchOwnerUsers,
+    SearchStatusClientFinished,
     ServerCapabilities,
+    SessionSearchRequest,
+    SessionSearchResponse,
+    SessionSummary,
+    SessionTraceExportResponse,
     SetCheckpointTtlRequest,
     TrainingRun,
     TrainingRunsResponse,
@@ -72,6 +96,13 @@ ARCHIVE_ATTEMPTS: Final = 6
 ARCHIVE_RETRY_DELAY: Final = 30.0
 # Expiry assumed when the 302 has no parsable `Expires` header (the official SDK's default).
 ARCHIVE_DEFAULT_EXPIRY: Final = timedelta(minutes=15)
+
+# PROTOCOL.md 3.5: `trace_export` is polled at this fixed cadence until it is no longer
+# `pending` (the official SDK's number; exports of long sessions take a while to build).
+TRACE_EXPORT_POLL_INTERVAL: Final = 5.0
+# PROTOCOL.md 7.9: at most this many owner URNs in a `{"type": "user"}` search filter.
+MAX_SEARCH_OWNER_URNS: Final = 10
+WEIGHTS_ACCESS_TOKEN_HEADER: Final = "X-Tinker-Weights-Access-Token"
 
 _JSON_HEADERS: Final = {"Content-Type": "application/json"}
 # Characters that would change the meaning of a URL path if an id contained them.
@@ -145,6 +176,73 @@ class RestClient:
         path = f"/sessions/{_path_id(session_id, 'session_id')}"
         params = {"access_scope": _access_scope(access_scope)}
         return await self._call("GET", path, GetSessionResponse, params=params)
+
+    async def assign_session_project(self, session_id: str, project_id: str) -> None:
+        """Move a session (and its runs) to a project (`PUT sessions/{id}/project`)."""
+        path = f"/sessions/{_path_id(session_id, 'session_id')}/project"
+        body = encode(AssignSessionProjectRequest(project_id=_non_empty(project_id, "project_id")))
+        await self._call("PUT", path, None, content=body)
+
+    async def export_session_trace(self, session_id: str) -> SessionTraceExportResponse:
+        """Export a session's trace; returns once the server has it ready (status `ready`).
+
+        `GET sessions/{id}/trace_export` is asked every `TRACE_EXPORT_POLL_INTERVAL` seconds
+        while the answer is `pending` (each ask has layer-B retries of its own). Bound the
+        total wait with a trio cancel scope if needed.
+
+        Raises:
+            InvalidInputError: a malformed session id (nothing is sent).
+            RequestFailedError: the server reports the export `failed` (its `error` is the
+                message).
+            TinkexError: the server says `ready` without a `url`.
+        """
+        path = f"/sessions/{_path_id(session_id, 'session_id')}/trace_export"
+        while True:
+            answer = await self._call("GET", path, SessionTraceExportResponse)
+            if answer.status == "ready":
+                if not answer.url:
+                    raise TinkexError(
+                        f"the server reports the trace export of session {session_id!r} "
+                        "ready but gives no url (PROTOCOL.md 3.5)"
+                    )
+                return answer
+            if answer.status == "failed":
+                raise RequestFailedError(
+                    f"the trace export of session {session_id!r} failed: "
+                    f"{answer.error or 'no error given'}",
+                    category="unknown",
+                )
+            _logger.debug(
+                "trace export of %s pending; asking again in %.0f s",
+                session_id,
+                TRACE_EXPORT_POLL_INTERVAL,
+            )
+            await trio.sleep(TRACE_EXPORT_POLL_INTERVAL)
+
+    async def search_sessions(self, request: SessionSearchRequest) -> SessionSearchResponse:
+        """One page of sessions matching `request`, newest first (`POST sessions/search`).
+
+        Experimental on the server side (PROTOCOL.md 7.9). Pass `response.next_cursor` as the
+        next request's `cursor`, or use `iter_search_sessions`.
+        """
+        body = encode(_search_request(request))
+        return await self._call("POST", "/sessions/search", SessionSearchResponse, content=body)
+
+    async def iter_search_sessions(
+        self, request: SessionSearchRequest
+    ) -> AsyncIterator[SessionSummary]:
+        """Every session matching `request`, newest first, following `next_cursor`.
+
+        Starts from `request.cursor` (usually unset); pages hold `request.limit` sessions.
+        """
+        _search_request(request)
+        while True:
+            page = await self.search_sessions(request)
+            for summary in page.sessions:
+                yield summary
+            if page.next_cursor is None or not page.sessions:
+                return
+            request = msgspec.structs.replace(request, cursor=page.next_cursor)
 
     # --- training runs -----------------------------------------------------------------------
 
@@ -292,6 +390,87 @@ class RestClient:
 
     set_checkpoint_ttl_by_tinker_path = set_checkpoint_ttl_from_tinker_path
 
+    async def get_external_weights_urls(self, tinker_path: str) -> ExternalWeightsUrlsResponse:
+        """Signed download URLs of an `external_weights/<name>` checkpoint's files.
+
+        `GET training_runs/{run}/checkpoints/external_weights/{name}/external_weights_urls`.
+        The URLs need no Tinker headers and expire at `expires`; ask again for fresh ones.
+
+        Raises:
+            InvalidInputError: `tinker_path` is malformed or not an external_weights path.
+        """
+        parsed = _parse_tinker_path(tinker_path)
+        if parsed.kind != "external":
+            raise InvalidInputError(
+                f"tinker_path must be a tinker://<run>/external_weights/<name> path, got "
+                f"{tinker_path!r}; create one with TrainingClient.save_weights_external"
+            )
+        path = _checkpoint_path(parsed.training_run_id, parsed.checkpoint_id)
+        return await self._call("GET", path + "/external_weights_urls", ExternalWeightsUrlsResponse)
+
+    get_external_weights_urls_by_tinker_path = get_external_weights_urls
+    get_external_weights_urls_from_tinker_path = get_external_weights_urls
+
+    async def copy_weights(
+        self,
+        tinker_path: str,
+        destination_project_id: str | None = None,
+        ttl_seconds: int | None = None,
+        weights_access_token: str | None = None,
+    ) -> CopyWeightsResponse:
+        """Copy a checkpoint into a new, untrainable training run (`POST copy_weights`).
+
+        The copy shares storage with the source and keeps its kind (weights, sampler_weights
+        or external_weights). `destination_project_id` defaults to `Config.project_id`;
+        when both are None the server picks (the caller's default project).
+        `weights_access_token` grants access to another account's checkpoint; it is sent only
+        in the `X-Tinker-Weights-Access-Token` header.
+
+        Error handling: layer-B retries, all with one bare-uuid4 `X-Idempotency-Key` so a
+        server can tell a retry from a second copy (PROTOCOL.md 1.4). Redirects are not
+        followed, so the token goes to the API origin only.
+
+        Raises:
+            InvalidInputError: a malformed path, project id, ttl or token (nothing is sent;
+                the token's value is never in the message).
+        """
+        _parse_tinker_path(tinker_path)
+        if destination_project_id is None:
+            destination_project_id = self._transport.config.project_id
+        else:
+            _non_empty(destination_project_id, "destination_project_id")
+        _ttl(ttl_seconds)
+        headers = {"X-Idempotency-Key": str(uuid.uuid4())}
+        if weights_access_token is not None:
+            if not isinstance(weights_access_token, str) or not weights_access_token.strip():
+                raise InvalidInputError(
+                    "weights_access_token must be a non-empty string, or None for your own "
+                    "checkpoints"
+                )
+            if any(c in weights_access_token for c in "\r\n\0"):
+                raise InvalidInputError(
+                    "weights_access_token contains a line break or NUL and cannot be sent in "
+                    "a header"
+                )
+            headers[WEIGHTS_ACCESS_TOKEN_HEADER] = weights_access_token
+        body = encode(
+            CopyWeightsRequest(
+                source_path=tinker_path,
+                destination_project_id=UNSET
+                if destination_project_id is None
+                else destination_project_id,
+                ttl_seconds=UNSET if ttl_seconds is None else ttl_seconds,
+            )
+        )
+        return await self._call(
+            "POST",
+            "/copy_weights",
+            CopyWeightsResponse,
+            content=body,
+            headers=headers,
+            follow_redirects=False,
+        )
+
     # --- archives (PROTOCOL.md A.4) ----------------------------------------------------------
 
     async def get_checkpoint_archive_url(
@@ -369,14 +548,20 @@ class RestClient:
         params: dict[str, Any] | None = None,
         content: bytes | None = None,
         conflict_is_final: bool = False,
+        headers: dict[str, str] | None = None,
+        follow_redirects: bool = True,
     ) -> T:
         """One layer-B-retried request; the body is decoded into `type_` (ignored if None).
 
         PROTOCOL.md 9.3 retries 409 like a transient error. Where the API uses 409 as a final
         answer (publish an already public checkpoint), `conflict_is_final` raises it at once:
         layer-A retries are off for the call and a 409 leaves the layer-B loop unretried.
+
+        `headers` are sent on every attempt as given (so a caller's idempotency key is the same
+        across all retries).
         """
-        headers = _JSON_HEADERS if content is not None else None
+        if content is not None:
+            headers = {**_JSON_HEADERS, **(headers or {})}
 
         async def attempt() -> httpx.Response:
             response = await self._transport.request(
@@ -387,6 +572,7 @@ class RestClient:
                 headers=headers,
                 max_retries=0 if conflict_is_final else None,
                 raise_for_status=not conflict_is_final,
+                follow_redirects=follow_redirects,
             )
             if conflict_is_final and response.status_code != 409 and response.is_error:
                 raise status_error_for(response)
@@ -482,6 +668,34 @@ def _ttl(ttl_seconds: int | None) -> int | None:
             f"got {ttl_seconds!r}"
         )
     return ttl_seconds
+
+
+def _search_request(request: SessionSearchRequest) -> SessionSearchRequest:
+    """Check a session search before sending it (PROTOCOL.md 7.9 bounds)."""
+    if not isinstance(request, SessionSearchRequest):
+        raise InvalidInputError(
+            f"request must be a SessionSearchRequest, got {type(request).__name__}"
+        )
+    limit = request.limit
+    if not _is_int(limit) or not 1 <= limit <= SESSION_SEARCH_MAX_LIMIT:
+        raise InvalidInputError(
+            f"request.limit must be an integer in 1..{SESSION_SEARCH_MAX_LIMIT}, got {limit!r}"
+        )
+    if isinstance(request.owner, SearchOwnerUsers) and not (
+        1 <= len(request.owner.owner_urns) <= MAX_SEARCH_OWNER_URNS
+    ):
+        raise InvalidInputError(
+            f"request.owner.owner_urns must hold 1..{MAX_SEARCH_OWNER_URNS} owner URNs, got "
+            f"{len(request.owner.owner_urns)}"
+        )
+    if request.statuses is not UNSET:
+        for status in request.statuses:
+            if isinstance(status, SearchStatusClientFinished) and status.reasons == []:
+                raise InvalidInputError(
+                    "request.statuses: client_finished reasons must be non-empty when given "
+                    "(leave them unset to match every reason)"
+                )
+    return request
 
 
 def _next_offset(cursor: Any, offset: int, received: int, page_size: int) -> int | None:

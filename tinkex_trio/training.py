@@ -496,6 +496,30 @@ class TrainingClient:
             max_retries=0,
         )
 
+    async def save_weights_external(
+        self, name: str, ttl_seconds: int | None = None
+    ) -> APIFuture[t.SaveWeightsExternalResponse]:
+        """Export the adapter as `tinker://<run>/external_weights/<name>` (PEFT files).
+
+        Download its files with `RestClient.get_external_weights_urls`. Like the other saves,
+        submitted without layer-A retries (PROTOCOL.md 3.2, 9.3).
+        """
+        self._check_usable()
+        _validate_name(name)
+        _validate_ttl(ttl_seconds)
+        return self._queue_request(
+            "/api/v1/save_weights_external",
+            "SaveWeightsExternal",
+            lambda seq_id: t.SaveWeightsExternalRequest(
+                model_id=self.model_id,
+                path=name,
+                seq_id=seq_id,
+                ttl_seconds=t.UNSET if ttl_seconds is None else ttl_seconds,
+            ),
+            t.SaveWeightsExternalResponse,
+            max_retries=0,
+        )
+
     async def save_weights_and_get_sampling_client(self) -> SamplingClient:
         """Snapshot the current weights into a new sampling session and return its client."""
         self._check_usable()

@@ -1,11 +1,13 @@
-"""REST shapes: checkpoints, training runs, sessions (PROTOCOL.md 3.5, 7.8, A.4)."""
+"""REST shapes: checkpoints, runs, sessions, session search (PROTOCOL.md 3.5, 7.8, 7.9, A.4)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any, Literal
 
-from tinkex_trio.types._base import Request, Response
+import msgspec
+
+from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
 
 CheckpointType = Literal["training", "sampler", "external"]
 
@@ -92,3 +94,190 @@ class CheckpointArchiveUrlResponse(Response, kw_only=True):
 
     url: str
     expires: datetime
+
+
+# --- external weights and copies (PROTOCOL.md 3.5, 7.8) --------------------------------------
+
+
+class ExternalWeightsUrlsResponse(Response, kw_only=True):
+    """Signed, expiring download URLs of an `external_weights/<name>` checkpoint's files.
+
+    `urls` maps each file's path relative to the checkpoint (`adapter_config.json`, ...) to a
+    plain HTTPS(S) URL that needs no Tinker headers; `expires` is timezone-aware.
+    """
+
+    urls: dict[str, str]
+    expires: datetime
+
+
+class CopyWeightsRequest(Request, kw_only=True):
+    """Body of `POST copy_weights`.
+
+    Deliberately has no `weights_access_token` field (the official type does): the token
+    travels only in the `X-Tinker-Weights-Access-Token` header, so it cannot leak into a body.
+    The SDK sends `destination_project_id`; `session_id` + `model_seq_id` exist for servers.
+    """
+
+    source_path: str
+    destination_project_id: str | UnsetType = UNSET
+    ttl_seconds: int | UnsetType = UNSET
+    session_id: str | UnsetType = UNSET
+    model_seq_id: int | UnsetType = UNSET
+
+
+class CopyWeightsResponse(Response, kw_only=True):
+    tinker_path: str
+
+
+class AssignSessionProjectRequest(Request, kw_only=True):
+    project_id: str
+
+
+TraceExportStatus = Literal["pending", "ready", "failed"]
+
+
+class SessionTraceExportResponse(Response, kw_only=True):
+    """`GET sessions/{id}/trace_export`: `url` is set when ready, `error` when failed."""
+
+    status: TraceExportStatus
+    url: str | None = None
+    error: str | None = None
+
+
+# --- session search (PROTOCOL.md 7.9, experimental) -------------------------------------------
+
+
+class SearchOwnerOwn(Request, kw_only=True, tag_field="type", tag="own"):
+    """Sessions the caller created (the default)."""
+
+
+class SearchOwnerAccessible(Request, kw_only=True, tag_field="type", tag="accessible"):
+    """Sessions the caller can see, shared ones included."""
+
+
+class SearchOwnerUsers(Request, kw_only=True, tag_field="type", tag="user"):
+    """Sessions of the given owners (1 to 10 owner URNs)."""
+
+    owner_urns: list[str]
+
+
+SearchOwner = SearchOwnerOwn | SearchOwnerAccessible | SearchOwnerUsers
+
+ClientFinishedReasonType = Literal["success", "errored", "interrupted"]
+
+
+class SearchStatusActive(Request, kw_only=True, tag_field="type", tag="active"):
+    pass
+
+
+class SearchStatusCancelled(Request, kw_only=True, tag_field="type", tag="cancelled"):
+    pass
+
+
+class SearchStatusFailed(Request, kw_only=True, tag_field="type", tag="failed"):
+    pass
+
+
+class SearchStatusClientFinished(Request, kw_only=True, tag_field="type", tag="client_finished"):
+    """Finished by the client; `reasons` (non-empty when given) narrows it."""
+
+    reasons: list[ClientFinishedReasonType] | UnsetType = UNSET
+
+
+SearchStatus = (
+    SearchStatusActive | SearchStatusCancelled | SearchStatusFailed | SearchStatusClientFinished
+)
+
+
+class SessionSearchCursor(Response, kw_only=True):
+    """Where the next page starts: after this session in newest-first order."""
+
+    last_created_at: datetime
+    last_session_id: str
+
+
+#: PROTOCOL.md 7.9: `limit` is 1..200, 50 by default.
+SESSION_SEARCH_DEFAULT_LIMIT = 50
+SESSION_SEARCH_MAX_LIMIT = 200
+
+
+class SessionSearchRequest(Request, kw_only=True):
+    """Body of `POST sessions/search`: unset filters are omitted, defaults always sent.
+
+    `session_id` (exact) and `display_name` (case-insensitive, word-wise substring) are OR-ed;
+    every `user_metadata` pair must match; `statuses` entries are OR-ed.
+    """
+
+    project_ids: list[str] | UnsetType = UNSET
+    user_metadata: dict[str, str] | UnsetType = UNSET
+    display_name: str | UnsetType = UNSET
+    session_id: str | UnsetType = UNSET
+    owner: SearchOwner = msgspec.field(default_factory=SearchOwnerOwn)
+    statuses: list[SearchStatus] | UnsetType = UNSET
+    limit: int = SESSION_SEARCH_DEFAULT_LIMIT
+    cursor: SessionSearchCursor | UnsetType = UNSET
+
+
+class SessionStatusActive(Response, kw_only=True, tag_field="type", tag="active"):
+    pass
+
+
+class SessionStatusCancelled(Response, kw_only=True, tag_field="type", tag="cancelled"):
+    detail: str | None = None
+
+
+class ClientFinishedReason(Response, kw_only=True):
+    type: ClientFinishedReasonType
+
+
+class SessionStatusClientFinished(Response, kw_only=True, tag_field="type", tag="client_finished"):
+    reason: ClientFinishedReason
+    detail: str | None = None
+
+
+class FailureReasonRequest(Response, kw_only=True, tag_field="type", tag="request"):
+    request_id: str
+    request_type: str
+
+
+class FailureReasonTrainingRun(Response, kw_only=True, tag_field="type", tag="training_run"):
+    training_run_id: str
+
+
+class FailureReasonSamplingSession(
+    Response, kw_only=True, tag_field="type", tag="sampling_session"
+):
+    sampling_session_id: str
+
+
+FailureReason = FailureReasonRequest | FailureReasonTrainingRun | FailureReasonSamplingSession
+
+
+class SessionStatusFailed(Response, kw_only=True, tag_field="type", tag="failed"):
+    category: Literal["user", "internal"]
+    message: str
+    reason: FailureReason
+
+
+SessionStatus = (
+    SessionStatusActive | SessionStatusCancelled | SessionStatusClientFinished | SessionStatusFailed
+)
+
+
+class SessionSummary(Response, kw_only=True):
+    session_id: str
+    created_at: datetime
+    owner: str
+    project_id: str | None
+    checkpoints_count: int
+    status: SessionStatus | None = None
+    display_name: str | None = None
+    user_metadata: dict[str, str] | None = None
+    checkpoint_storage_bytes: int | None = None
+
+
+class SessionSearchResponse(Response, kw_only=True):
+    """One page, newest first; `next_cursor` is None on the last page."""
+
+    sessions: list[SessionSummary]
+    next_cursor: SessionSearchCursor | None = None

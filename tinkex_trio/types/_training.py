@@ -188,6 +188,24 @@ class SaveWeightsForSamplerResponse(Response, kw_only=True):
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
 
+class SaveWeightsExternalRequest(Request, kw_only=True):
+    """`POST save_weights_external` (PROTOCOL.md 3.2): PEFT adapter files for download."""
+
+    model_id: str
+    path: str
+    seq_id: int | UnsetType = UNSET
+    ttl_seconds: int | UnsetType = UNSET
+    age_encryption_recipients: list[str] | UnsetType = UNSET
+    type: Literal["save_weights_external"] = "save_weights_external"
+
+
+class SaveWeightsExternalResponse(Response, kw_only=True):
+    """`path` is `tinker://<model_id>/external_weights/<name>` (required: the SDK asserts it)."""
+
+    path: str
+    size_bytes: int | None = None
+
+
 class LoadWeightsRequest(Request, kw_only=True):
     """Create-via-load (`session_id` + `model_seq_id`) or in-place (`model_id` + `seq_id`)."""
 
