@@ -19,7 +19,11 @@ Retry layers (PROTOCOL.md 9.3):
 - **Layer B** is :meth:`Transport.with_retries`: retries of a whole operation (a new request,
   rebuilt by the caller) for up to five minutes, plus the 402 billing pause (PROTOCOL.md 9.6).
 
-Credentials: ``X-API-Key``, the Cloudflare Access headers and ``Config.extra_headers`` are sent
+Credentials: the ``X-API-Key`` value is asked of :class:`tinkex_trio._auth.Credentials`
+(``Transport.auth``) just before each send, so it can be an exchanged JWT that is refreshed
+while the service runs (PROTOCOL.md 1.3); a ``401`` with ``WWW-Authenticate: ...
+error="invalid_token"`` is answered with one exchange and one replay of the request. The
+``X-API-Key``, the Cloudflare Access headers and ``Config.extra_headers`` are sent
 only to the origin (scheme, host, port) of ``Config.base_url``. An httpx request hook strips them
 from any other origin, including redirect hops, which httpx itself would otherwise forward (it
 strips only ``Authorization`` on a cross-origin redirect).
@@ -40,6 +44,7 @@ from typing import Final, TypeVar, final
 import httpx
 import trio
 
+from tinkex_trio._auth import TOKEN_PATH, Credentials
 from tinkex_trio._version import __version__
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
@@ -212,10 +217,10 @@ class Transport:
         self._billing_warned = -math.inf
         self._closed = False
         self._bare_400_budget = BARE_400_RETRY_BUDGET
+        self.auth = Credentials(config, self._exchange_token, rng=self.random)
 
+        # X-API-Key is not a default header: `_send_with_retries` asks `self.auth` per request.
         headers: dict[str, str] = {"User-Agent": USER_AGENT}
-        if config.api_key is not None:
-            headers["X-API-Key"] = config.api_key
         if config.cf_access_client_id is not None:
             headers["CF-Access-Client-Id"] = config.cf_access_client_id
         if config.cf_access_client_secret is not None:
@@ -266,6 +271,13 @@ class Transport:
             url_or_path = "/" + url_or_path
         return self._base_url + url_or_path
 
+    async def _exchange_token(self, credential: str) -> bytes:
+        """``POST /api/v1/auth/token`` with the raw credential (PROTOCOL.md 1.3, 3.1)."""
+        response = await self.request(
+            "POST", TOKEN_PATH, content=b"{}", headers={"X-API-Key": credential}
+        )
+        return response.content
+
     def _check_open(self) -> None:
         if self._closed:
             raise ClientClosedError(
@@ -314,9 +326,17 @@ class Transport:
         """Layer A. Returns a response (read unless ``stream``; error bodies are always read)."""
         telemetry = self.telemetry
         attempt = 0
+        replayed = False
         while True:
             self._check_open()
             request = build(attempt)
+            key: str | None = None
+            # A caller-supplied X-API-Key (the JWT exchange) is sent as is; credentials go only
+            # to the base URL's origin.
+            if "x-api-key" not in request.headers and _origin(request.url) == self._base_origin:
+                key = await self.auth.header_value()
+                if key is not None:
+                    request.headers["X-API-Key"] = key
             if telemetry.active:
                 telemetry.emit(RequestStarted(method=method, path=path, attempt=attempt))
             started = trio.current_time()
@@ -364,6 +384,19 @@ class Transport:
                     )
                 )
             self._log_deprecation(response)
+            if (
+                response.status_code == 401
+                and key is not None
+                and not replayed
+                and self.auth.jwt_enabled
+                and 'error="invalid_token"' in response.headers.get("www-authenticate", "")
+            ):
+                # PROTOCOL.md 1.3: the JWT was refused; exchange once and replay once.
+                replayed = True
+                await response.aclose()
+                _logger.info("%s %s: token rejected (invalid_token); exchanging", method, path)
+                await self.auth.refresh(stale=key)
+                continue
             if response.is_success:
                 self._bare_400_budget = min(self._bare_400_budget + 1, BARE_400_RETRY_BUDGET)
                 return response

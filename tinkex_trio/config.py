@@ -54,6 +54,7 @@ ENV_TELEMETRY: Final = "TINKER_TELEMETRY"
 ENV_LOG: Final = "TINKER_LOG"
 ENV_CF_CLIENT_ID: Final = "CLOUDFLARE_ACCESS_CLIENT_ID"
 ENV_CF_CLIENT_SECRET: Final = "CLOUDFLARE_ACCESS_CLIENT_SECRET"
+ENV_CREDENTIAL_CMD: Final = "TINKER_CREDENTIAL_CMD"
 
 # PROTOCOL.md 1.1: telemetry stays on unless TINKER_TELEMETRY is something other than these.
 _TRUTHY: Final = frozenset({"1", "true", "yes", "on"})
@@ -119,6 +120,9 @@ class Config:
     - ``extra_headers``: added to every request (after the SDK's own headers).
     - ``cf_access_client_id`` / ``cf_access_client_secret``: Cloudflare Access headers (1.1).
     - ``wire_format``: ``"json"`` (default) or ``"protobuf"`` for the payloads of PROTOCOL.md 6.
+    - ``credential_cmd``: a shell command whose stripped output is the credential, used when no
+      ``api_key`` is set or when the server asks for it (``TINKER_CREDENTIAL_CMD``, PROTOCOL.md
+      1.1, 1.3). Alone it works only with a server in JWT-exchange mode.
 
     Raises:
         ValueError: at construction, naming the bad setting and the fix.
@@ -142,6 +146,7 @@ class Config:
     cf_access_client_id: str | None = None
     cf_access_client_secret: str | None = None
     wire_format: Literal["json", "protobuf"] = "json"
+    credential_cmd: str | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise through object.__setattr__, once
@@ -235,6 +240,11 @@ class Config:
                     raise ValueError(f"Config.{name} must be a non-empty str or None")
                 _check_header_value(value, name)
 
+        if self.credential_cmd is not None and (
+            not isinstance(self.credential_cmd, str) or not self.credential_cmd.strip()
+        ):
+            raise ValueError("Config.credential_cmd must be a non-empty shell command or None")
+
         if self.wire_format not in ("json", "protobuf"):
             raise ValueError(
                 f"Config.wire_format must be 'json' or 'protobuf', got {self.wire_format!r}"
@@ -257,7 +267,8 @@ class Config:
         Environment variables (PROTOCOL.md 1.1): ``TINKER_API_KEY``, ``TINKER_BASE_URL`` (empty
         counts as unset), ``TINKER_PROJECT_ID``, ``TINKER_TAGS`` (comma-separated, deduplicated,
         order kept), ``TINKER_TELEMETRY`` (on unless set to something other than
-        1/true/yes/on), ``TINKER_LOG``, ``CLOUDFLARE_ACCESS_CLIENT_ID`` / ``_SECRET``.
+        1/true/yes/on), ``TINKER_LOG``, ``CLOUDFLARE_ACCESS_CLIENT_ID`` / ``_SECRET``,
+        ``TINKER_CREDENTIAL_CMD``.
 
         Raises:
             TypeError: an unknown keyword argument.
@@ -291,6 +302,8 @@ class Config:
             values["cf_access_client_id"] = v
         if (v := get(ENV_CF_CLIENT_SECRET)) is not None:
             values["cf_access_client_secret"] = v
+        if (v := get(ENV_CREDENTIAL_CMD)) is not None and v.strip():
+            values["credential_cmd"] = v
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
@@ -312,7 +325,8 @@ class Config:
             f"extra_headers={sorted(self.extra_headers)!r}, "
             f"cf_access_client_id={self.cf_access_client_id!r}, "
             f"cf_access_client_secret={_mask(self.cf_access_client_secret)}, "
-            f"wire_format={self.wire_format!r})"
+            f"wire_format={self.wire_format!r}, "
+            f"credential_cmd={'None' if self.credential_cmd is None else repr('<set>')})"
         )
 
     __str__ = __repr__

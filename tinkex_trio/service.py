@@ -416,7 +416,8 @@ async def open_service(
         config = Config.resolve(**overrides)
     elif overrides:
         raise TypeError("pass either config= or keyword settings, not both")
-    config.require_api_key()
+    if config.credential_cmd is None:
+        config.require_api_key()
     telemetry = telemetry_hub if telemetry_hub is not None else Telemetry()
     if config.log_level is not None:
         _configure_logging(config.log_level, telemetry)
@@ -427,6 +428,12 @@ async def open_service(
         try:
             with trio.fail_after(SESSION_OPEN_TIMEOUT):
                 client_config = await _fetch_client_config(http)
+                if client_config.pjwt_auth_enabled:
+                    # PROTOCOL.md 1.3: later requests carry an exchanged JWT.
+                    http.auth.enable_jwt(client_config.credential_default_source)
+                elif config.api_key is None:
+                    # API-key mode: a credential command alone is not enough (1.3).
+                    config.require_api_key()
                 dynamic_config = DynamicConfig()
                 await dynamic_config.load(http)
                 session_id = await _create_session(config, http)
@@ -459,6 +466,8 @@ async def open_service(
                     sample_canceller=SampleCanceller(http, dynamic_config),
                 )
                 await nursery.start(_heartbeat, http, telemetry, session_id)
+                if http.auth.jwt_enabled:
+                    await nursery.start(http.auth.refresh_forever)
                 if dynamic_config.supported:
                     await nursery.start(dynamic_config.refresh_forever, http)
                 await nursery.start(ctx.sample_canceller.run)

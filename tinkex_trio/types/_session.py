@@ -17,6 +17,8 @@ class ClientConfigResponse(Response, kw_only=True):
     """Server feature flags (PROTOCOL.md 2.1); unknown flags are ignored."""
 
     pjwt_auth_enabled: bool = False
+    # "credential_cmd": the JWT exchange uses TINKER_CREDENTIAL_CMD's output (PROTOCOL.md 1.3).
+    credential_default_source: str = "api_key"
     proto_compress_fwdbwd: bool = False
     # tinkex extension: the server prefers protobuf forward_backward bodies (PROTOCOL.md 6).
     proto_fwdbwd: bool = False
