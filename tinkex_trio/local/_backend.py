@@ -171,12 +171,14 @@ class Backend:
             raise HTTPError(404, f"no checkpoint {checkpoint_id!r} in training run {run_id!r}")
         return ck
 
-    def checkpoint_from_path(self, tinker_path: str, field: str) -> CheckpointRow:
+    def checkpoint_from_path(
+        self, tinker_path: str, field: str, *, allow_external: bool = False
+    ) -> CheckpointRow:
         try:
             parsed = ParsedTinkerPath.parse(tinker_path)
         except ValueError as exc:
             raise HTTPError(400, f"{field}: {exc}") from None
-        if parsed.kind == "external":
+        if parsed.kind == "external" and not allow_external:
             raise HTTPError(400, f"{field}: external_weights checkpoints are not supported here")
         ck = self.live_checkpoint(parsed.training_run_id, parsed.checkpoint_id)
         if ck is None:

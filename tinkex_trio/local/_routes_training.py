@@ -12,7 +12,7 @@ import shutil
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import msgspec
 import trio
@@ -29,6 +29,7 @@ from tinkex_trio.types import (
     LoadWeightsRequest,
     ModelData,
     OptimStepRequest,
+    SaveWeightsExternalRequest,
     SaveWeightsForSamplerRequest,
     SaveWeightsRequest,
     UnloadModelRequest,
@@ -72,6 +73,16 @@ def _check_name(name: str, what: str) -> str:
     return name
 
 
+#: Checkpoint kind by tinker-path segment (PROTOCOL.md 5.4, 7.8).
+_CHECKPOINT_TYPES: dict[str, Literal["training", "sampler", "external"]] = {
+    "weights": "training",
+    "sampler_weights": "sampler",
+    "external_weights": "external",
+}
+#: PROTOCOL.md 3.2: at most this many age recipients on save_weights_external.
+MAX_AGE_RECIPIENTS = 10
+
+
 def _save_state(engine: Engine, adapter_id: str, directory: Path, with_optimizer: bool) -> int:
     return engine.save_state(adapter_id, directory, with_optimizer=with_optimizer)
 
@@ -97,6 +108,7 @@ class TrainingRoutes:
             ("POST", f"{API}/optim_step", self.optim_step),
             ("POST", f"{API}/save_weights", self.save_weights),
             ("POST", f"{API}/save_weights_for_sampler", self.save_weights_for_sampler),
+            ("POST", f"{API}/save_weights_external", self.save_weights_external),
             ("POST", f"{API}/load_weights", self.load_weights),
             ("POST", f"{API}/unload_model", self.unload_model),
         ]
@@ -479,7 +491,7 @@ class TrainingRoutes:
         row = CheckpointRow(
             run_id=model.model_id,
             checkpoint_id=checkpoint_id,
-            checkpoint_type="training" if segment == "weights" else "sampler",
+            checkpoint_type=_CHECKPOINT_TYPES[segment],
             created_at=now(),
             path=str(final),
             size_bytes=size,
@@ -589,6 +601,60 @@ class TrainingRoutes:
             model_id=body.model_id,
             seq_id=or_none(body.seq_id),
             request_type="SaveWeightsForSampler",
+            payload=body,
+            prepare=prepare,
+        )
+
+    async def save_weights_external(self, request: Request) -> Response:
+        """Write `external_weights/<name>`: the PEFT adapter files only (no optimizer state),
+        for download through signed per-file URLs (`external_weights_urls`). An existing
+        export of the same name is replaced (the download flow of PROTOCOL.md 9.10 reuses one
+        name). Encryption to age recipients is not implemented: such requests get a 400 rather
+        than unencrypted files the caller believes are encrypted.
+        """
+        body = await self._training_body(request, SaveWeightsExternalRequest)
+
+        def prepare(model: ModelRow) -> JobFn:
+            name = _check_name(body.path, "path")
+            expires_at = self.backend.ttl_expiry(or_none(body.ttl_seconds))
+            recipients = or_none(body.age_encryption_recipients)
+            if recipients is not None and len(recipients) > MAX_AGE_RECIPIENTS:
+                raise HTTPError(
+                    400,
+                    f"age_encryption_recipients holds {len(recipients)} keys; at most "
+                    f"{MAX_AGE_RECIPIENTS} are allowed",
+                )
+            if recipients:
+                raise HTTPError(
+                    400,
+                    "age_encryption_recipients is not supported by the local backend; "
+                    "omit it (files are stored unencrypted)",
+                )
+
+            async def job() -> bytes:
+                row = await self._write_checkpoint(
+                    model,
+                    "external_weights",
+                    name,
+                    overwrite=True,
+                    expires_at=expires_at,
+                    user_metadata=None,
+                )
+                return encode_json(
+                    {
+                        "path": row.tinker_path,
+                        "size_bytes": row.size_bytes,
+                        "type": "save_weights_external",
+                    }
+                )
+
+            return job
+
+        return await self._submit_training(
+            request,
+            model_id=body.model_id,
+            seq_id=or_none(body.seq_id),
+            request_type="SaveWeightsExternal",
             payload=body,
             prepare=prepare,
         )

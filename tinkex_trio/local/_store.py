@@ -133,8 +133,8 @@ class ModelRow:
 @dataclass(frozen=True)
 class CheckpointRow:
     run_id: str
-    checkpoint_id: str  # "weights/<name>" or "sampler_weights/<name>"
-    checkpoint_type: Literal["training", "sampler"]
+    checkpoint_id: str  # "weights/<name>", "sampler_weights/<name>", "external_weights/<name>"
+    checkpoint_type: Literal["training", "sampler", "external"]
     created_at: float
     path: str  # directory on disk
     size_bytes: int | None
@@ -277,6 +277,41 @@ class Store:
             "UPDATE sessions SET finished_reason=? WHERE session_id=? AND finished_reason IS NULL",
             (reason, session_id),
         )
+
+    def set_session_project(self, session_id: str, project_id: str) -> None:
+        self._conn.execute(
+            "UPDATE sessions SET project_id=? WHERE session_id=?", (project_id, session_id)
+        )
+
+    def all_sessions(self) -> list[SessionRow]:
+        """Every session, newest first (ties by session id, descending): the search order."""
+        rows = self._conn.execute(
+            "SELECT session_id FROM sessions ORDER BY created_at DESC, session_id DESC"
+        ).fetchall()
+        found = [self.get_session(r[0]) for r in rows]
+        return [row for row in found if row is not None]
+
+    def checkpoint_stats_of_session(self, session_id: str) -> tuple[int, int]:
+        """(number of checkpoints, their total bytes) over the session's training runs."""
+        row = self._conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size_bytes), 0) FROM checkpoints WHERE run_id IN"
+            " (SELECT model_id FROM models WHERE session_id=?)",
+            (session_id,),
+        ).fetchone()
+        return int(row[0]), int(row[1])
+
+    def futures_of_session(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's requests (no result payloads), oldest first, for trace exports."""
+        rows = self._conn.execute(
+            "SELECT request_id, request_type, model_id, sampling_session_id, seq_id, state,"
+            " error, category, created_at, finished_at FROM futures"
+            " WHERE model_id IN (SELECT model_id FROM models WHERE session_id=?)"
+            " OR sampling_session_id IN"
+            " (SELECT sampling_session_id FROM sampling_sessions WHERE session_id=?)"
+            " ORDER BY created_at, request_id",
+            (session_id, session_id),
+        ).fetchall()
+        return [dict(r) for r in rows]
 
     def list_sessions(self, *, limit: int, offset: int) -> tuple[list[str], int]:
         total = int(self._conn.execute("SELECT COUNT(*) FROM sessions").fetchone()[0])
