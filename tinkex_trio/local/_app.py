@@ -5,6 +5,10 @@ The endpoints live by domain in `_routes_session.py`, `_routes_training.py`,
 helpers in `_backend.py`. This module wires them into one ASGI callable: routing,
 authentication and the mapping of exceptions to error responses.
 
+Authentication: every `/api/v1/...` request but `healthz` carries `X-API-Key`: the backend's
+key or, with `jwt_auth=True`, also a JWT from `auth/token` (`_jwt.py`, PROTOCOL.md 1.3). An
+expired or foreign JWT is answered 401 with `WWW-Authenticate: Bearer error="invalid_token"`.
+
 `open_backend_app(...)` is an async context manager that owns the backend's background tasks
 (training lanes, the sampling batcher, archive builds, the checkpoint reaper) in one nursery and
 yields the ASGI callable. Hypercorn serves it (`server.py`); tests drive it in-process with
@@ -63,6 +67,7 @@ from ._http import (
     read_request,
     send_response,
 )
+from ._jwt import DEFAULT_JWT_LIFETIME, JwtIssuer
 from ._routes_futures import FutureRoutes
 from ._routes_rest import RestRoutes
 from ._routes_sampling import SamplingRoutes
@@ -107,12 +112,16 @@ class BackendApp(Backend):
         runner: EngineRunner,
         models: list[ModelInfo],
         nursery: trio.Nursery,
+        *,
+        jwt: JwtIssuer | None = None,
     ) -> None:
         super().__init__(settings, store, runner, models, nursery)
         self._api_key = settings.api_key.encode()
+        self.jwt = jwt
+        """Issues and checks JWTs when the backend runs in JWT-exchange mode (else None)."""
         self.router = Router()
         for group in (
-            SessionRoutes(self),
+            SessionRoutes(self, jwt=jwt),
             TrainingRoutes(self),
             SamplingRoutes(self),
             FutureRoutes(self),
@@ -159,8 +168,18 @@ class BackendApp(Backend):
         key = request.header("x-api-key")
         if key is None:
             raise HTTPError(401, "missing X-API-Key header")
-        if not hmac.compare_digest(key.encode(), self._api_key):
-            raise HTTPError(401, "invalid API key for this local backend")
+        if hmac.compare_digest(key.encode(), self._api_key):
+            return
+        if self.jwt is not None and key.startswith("eyJ"):
+            if self.jwt.verify(key) is None:
+                # PROTOCOL.md 1.3: this header makes the client exchange again and replay.
+                raise HTTPError(
+                    401,
+                    "expired or invalid token; exchange the API key at /api/v1/auth/token",
+                    headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+                )
+            return
+        raise HTTPError(401, "invalid API key for this local backend")
 
 
 @asynccontextmanager
@@ -174,6 +193,8 @@ async def open_backend_app(
     client_flags: dict[str, Any] | None = None,
     max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
     metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
+    jwt_auth: bool = False,
+    jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
 ) -> AsyncIterator[BackendApp]:
     """Open the store, start the background tasks, yield the ASGI app; stop them on exit.
 
@@ -183,10 +204,12 @@ async def open_backend_app(
     `fwdbwd_max_chunk_len`). `max_queued_samples` is the sampling back-pressure limit
     (`DEFAULT_MAX_QUEUED_SAMPLES`; None: unlimited). Results larger than
     `metadata_only_threshold` bytes are announced metadata-only first (PROTOCOL.md 4.4;
-    `DEFAULT_METADATA_ONLY_THRESHOLD`; None: never).
+    `DEFAULT_METADATA_ONLY_THRESHOLD`; None: never). `jwt_auth=True` turns on JWT-exchange
+    auth (PROTOCOL.md 1.3): `client/config` says `pjwt_auth_enabled: true` and `auth/token`
+    issues JWTs valid for `jwt_lifetime` seconds; the raw key stays valid too.
 
     Raises:
-        ValueError: `max_queued_samples` is below 1.
+        ValueError: `max_queued_samples` is below 1, or `jwt_lifetime` is not positive.
     """
     if max_queued_samples is not None and max_queued_samples < 1:
         raise ValueError(f"max_queued_samples must be >= 1 or None, got {max_queued_samples!r}")
@@ -198,16 +221,21 @@ async def open_backend_app(
         secret=load_or_create_secret(data_dir),
         poll_timeout=poll_timeout,
         engine_in_thread=engine_in_thread,
-        client_flags={**DEFAULT_CLIENT_FLAGS, **(client_flags or {})},
+        client_flags={
+            **DEFAULT_CLIENT_FLAGS,
+            **({"pjwt_auth_enabled": True} if jwt_auth else {}),
+            **(client_flags or {}),
+        },
         max_queued_samples=max_queued_samples,
         metadata_only_threshold=metadata_only_threshold,
     )
+    jwt = JwtIssuer(settings.secret, lifetime=jwt_lifetime) if jwt_auth else None
     store = Store.open(data_dir / "state.sqlite3")
     try:
         runner = EngineRunner(engine, in_thread=engine_in_thread)
         models = await runner.call(engine.models)
         async with trio.open_nursery() as nursery:
-            app = BackendApp(settings, store, runner, models, nursery)
+            app = BackendApp(settings, store, runner, models, nursery, jwt=jwt)
             await nursery.start(app.lanes.run)
             await nursery.start(app.batcher.run)
             nursery.start_soon(app.reap_forever)

@@ -29,6 +29,7 @@ from ._http import (
     Response,
     json_response,
 )
+from ._jwt import JwtIssuer
 
 #: client/dynamic_config (PROTOCOL.md 2.1, 4.9): cancel_future is served.
 DYNAMIC_CLIENT_FLAGS: Final[dict[str, Any]] = {
@@ -41,13 +42,15 @@ DYNAMIC_CLIENT_FLAGS: Final[dict[str, Any]] = {
 class SessionRoutes:
     """`client/config`, sessions, heartbeats, telemetry, health and capabilities."""
 
-    def __init__(self, backend: Backend) -> None:
+    def __init__(self, backend: Backend, *, jwt: JwtIssuer | None = None) -> None:
         self.backend = backend
+        self.jwt = jwt
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [
             ("POST", f"{API}/client/config", self.client_config),
             ("POST", f"{API}/client/dynamic_config", self.dynamic_config),
+            ("POST", f"{API}/auth/token", self.auth_token),
             ("POST", f"{API}/create_session", self.create_session),
             ("POST", f"{API}/session_heartbeat", self.session_heartbeat),
             ("POST", f"{API}/sessions/(?P<session_id>[^/]+)/finish", self.finish_session),
@@ -58,6 +61,14 @@ class SessionRoutes:
 
     async def client_config(self, request: Request) -> Response:
         return json_response(self.backend.settings.client_flags)
+
+    async def auth_token(self, request: Request) -> Response:
+        """`{"jwt": ...}` for an authenticated caller (PROTOCOL.md 1.3, 3.1); 404 without JWT mode."""
+        if self.jwt is None:
+            raise HTTPError(
+                404, "JWT exchange is off on this backend (start it with jwt_auth=True / --jwt)"
+            )
+        return json_response({"jwt": self.jwt.issue()})
 
     async def dynamic_config(self, request: Request) -> Response:
         return json_response(DYNAMIC_CLIENT_FLAGS)

@@ -31,6 +31,7 @@ from ._app import (
 )
 from ._engine_api import Engine
 from ._futures import DEFAULT_POLL_TIMEOUT
+from ._jwt import DEFAULT_JWT_LIFETIME
 
 logger = logging.getLogger("tinkex_trio.local.server")
 
@@ -80,6 +81,8 @@ async def serve_local_backend(
     client_flags: dict[str, Any] | None = None,
     max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
     metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
+    jwt_auth: bool = False,
+    jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the backend until cancelled; `task_status.started(base_url)` once it listens.
@@ -91,7 +94,8 @@ async def serve_local_backend(
     `max_queued_samples` bounds the sampling requests waiting for the engine; beyond it
     `asample` answers 429 and the SDK backs off (PROTOCOL.md 9.5; None: unlimited).
     Results larger than `metadata_only_threshold` bytes are first answered metadata-only
-    (PROTOCOL.md 4.4; None: never).
+    (PROTOCOL.md 4.4; None: never). `jwt_auth=True`: JWT-exchange auth (PROTOCOL.md 1.3),
+    tokens valid for `jwt_lifetime` seconds; the raw API key stays valid too.
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
@@ -112,6 +116,8 @@ async def serve_local_backend(
         client_flags=client_flags,
         max_queued_samples=max_queued_samples,
         metadata_only_threshold=metadata_only_threshold,
+        jwt_auth=jwt_auth,
+        jwt_lifetime=jwt_lifetime,
     ) as app:
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, app, config)
@@ -132,6 +138,8 @@ async def open_local_backend(
     client_flags: dict[str, Any] | None = None,
     max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
     metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
+    jwt_auth: bool = False,
+    jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
 ) -> AsyncIterator[LocalBackend]:
     """Run the backend as a child task while the block runs; yield its URL and key.
 
@@ -155,6 +163,8 @@ async def open_local_backend(
                 client_flags=client_flags,
                 max_queued_samples=max_queued_samples,
                 metadata_only_threshold=metadata_only_threshold,
+                jwt_auth=jwt_auth,
+                jwt_lifetime=jwt_lifetime,
             ),
         )
         try:
@@ -201,7 +211,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="answer asample with 429 (back off) once N sampling requests wait for the engine "
         f"(default {DEFAULT_MAX_QUEUED_SAMPLES})",
     )
+    parser.add_argument(
+        "--jwt",
+        action="store_true",
+        help="JWT-exchange auth (PROTOCOL.md 1.3): clients trade the API key for short-lived "
+        "tokens at /api/v1/auth/token",
+    )
+    parser.add_argument(
+        "--jwt-lifetime",
+        type=float,
+        default=DEFAULT_JWT_LIFETIME,
+        metavar="SECONDS",
+        help=f"lifetime of the tokens issued with --jwt (default {DEFAULT_JWT_LIFETIME:g})",
+    )
     args = parser.parse_args(argv)
+    if not args.jwt_lifetime > 0:
+        parser.error("--jwt-lifetime must be positive")
     try:
         extra = _parse_models(args.model)
     except argparse.ArgumentTypeError as exc:
@@ -220,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     api_key=key,
                     extra_models=extra or None,
                     max_queued_samples=args.max_queued_samples,
+                    jwt_auth=args.jwt,
+                    jwt_lifetime=args.jwt_lifetime,
                 ),
             )
             print(f"tinkex-trio local backend listening on {url}", flush=True)
