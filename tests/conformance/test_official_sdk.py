@@ -189,3 +189,30 @@ async def test_our_protobuf_request_decodes_with_the_official_classes(
     assert official["loss_fn_config"] == fb_input["loss_fn_config"] == config
     assert official["loss_fn_config_v2"] == config
     assert official["data"] == fb_input["data"]
+
+
+async def test_official_sdk_job_with_jwt_auth(
+    tmp_path: Path, official_python: Callable[[str], Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """0.38 in JWT-exchange mode (PROTOCOL.md 1.3): it trades the key at auth/token first."""
+    from tinkex_trio.local._jwt import JwtIssuer
+
+    verified: list[bool] = []
+    real_verify = JwtIssuer.verify
+
+    def counting_verify(self: JwtIssuer, token: str) -> dict[str, Any] | None:
+        claims = real_verify(self, token)
+        verified.append(claims is not None)
+        return claims
+
+    monkeypatch.setattr(JwtIssuer, "verify", counting_verify)
+    python = official_python(PROTOBUF_VERSION)
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS, jwt_auth=True
+        ) as backend:
+            result = await run_official(python, backend.base_url, backend.api_key)
+    assert result["version"] == PROTOBUF_VERSION
+    check_values(result)
+    # Its requests after the exchange carried valid JWTs, not the raw key.
+    assert len(verified) > 10 and all(verified)
