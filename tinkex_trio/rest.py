@@ -25,7 +25,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, final
 
@@ -33,6 +33,7 @@ import httpx
 import msgspec
 import trio
 
+from tinkex_trio._auth import _jwt_claims
 from tinkex_trio.errors import (
     APIStatusError,
     InvalidInputError,
@@ -66,6 +67,7 @@ from tinkex_trio.types import (
     TrainingRunsResponse,
     WeightsInfoRequest,
     WeightsInfoResponse,
+    WhoAmIResponse,
     decode,
     encode,
 )
@@ -529,6 +531,42 @@ class RestClient:
         return await self.get_checkpoint_archive_url(parsed.training_run_id, parsed.checkpoint_id)
 
     get_checkpoint_archive_url_from_tinker_path = get_checkpoint_archive_url_by_tinker_path
+
+    # --- identity ----------------------------------------------------------------------------
+
+    async def whoami(self) -> WhoAmIResponse:
+        """The user (and organization) behind the credential, from JWT claims (PROTOCOL.md 3.7).
+
+        Makes no request of its own: it reads the exchanged JWT (exchanging first if none is
+        cached), or the API key itself when that is a JWT.
+
+        Raises:
+            InvalidInputError: the server is in plain API-key mode and the key is not a JWT,
+                so there are no claims to read.
+        """
+        auth = self._transport.auth
+        claims: Mapping[str, Any] | None
+        if auth.jwt_enabled:
+            await auth.header_value()
+            claims = auth.claims()
+        else:
+            key = self._transport.config.api_key or ""
+            try:
+                claims = _jwt_claims(key)
+            except ValueError:
+                claims = None
+        if not claims or not isinstance(claims.get("sub"), str):
+            raise InvalidInputError(
+                "whoami needs a JWT: the server did not enable JWT-exchange auth "
+                "(pjwt_auth_enabled) and the API key is not a JWT"
+            )
+        org_id = claims.get("org_id")
+        email = claims.get("email")
+        return WhoAmIResponse(
+            user_urn=claims["sub"],
+            org_urn=None if org_id is None else f"tml:organization:{org_id}",
+            email=email if isinstance(email, str) else None,
+        )
 
     # --- samplers ----------------------------------------------------------------------------
 

@@ -112,3 +112,30 @@ async def test_sdk_trains_and_samples_through_token_expiry(
     # After the first exchange only the exchanges themselves carry the raw key.
     for path, key in rec.seen[first + 1 :]:
         assert key == API_KEY if path.endswith("/auth/token") else key.startswith("eyJ"), path
+
+
+async def test_whoami_reads_the_exchanged_jwt(tmp_path: Path) -> None:
+    """PROTOCOL.md 3.7: whoami makes no request of its own beyond the exchange."""
+    import pytest
+
+    from tinkex_trio import InvalidInputError
+
+    async with open_harness(tmp_path, jwt_auth=True, jwt_lifetime=3600.0) as h:
+        async with open_service(
+            base_url=BASE_URL,
+            api_key=API_KEY,
+            transport=httpx.ASGITransport(app=h.app),
+            telemetry=False,
+        ) as service:
+            me = await service.create_rest_client().whoami()
+            assert me.user_urn
+            assert me.org_urn is not None and me.org_urn.startswith("tml:organization:")
+    async with open_harness(tmp_path / "plain") as h:
+        async with open_service(
+            base_url=BASE_URL,
+            api_key=API_KEY,
+            transport=httpx.ASGITransport(app=h.app),
+            telemetry=False,
+        ) as service:
+            with pytest.raises(InvalidInputError, match="JWT"):
+                await service.create_rest_client().whoami()

@@ -85,6 +85,7 @@ from tinkex_trio.types._rest import (
     TrainingRunsResponse as TrainingRunsResponse,
     WeightsInfoRequest as WeightsInfoRequest,
     WeightsInfoResponse as WeightsInfoResponse,
+    WhoAmIResponse as WhoAmIResponse,
 )
 from tinkex_trio.types._sampling import (
     CreateSamplingSessionRequest as CreateSamplingSessionRequest,
@@ -265,6 +266,7 @@ __all__ = [
     "UntypedAPIFuture",
     "WeightsInfoRequest",
     "WeightsInfoResponse",
+    "WhoAmIResponse",
     "decode",
     "decode_request",
     "encode",

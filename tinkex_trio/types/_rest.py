@@ -281,3 +281,11 @@ class SessionSearchResponse(Response, kw_only=True):
 
     sessions: list[SessionSummary]
     next_cursor: SessionSearchCursor | None = None
+
+
+class WhoAmIResponse(Response, kw_only=True):
+    """Who the credential belongs to, from the exchanged JWT's claims (PROTOCOL.md 3.7)."""
+
+    user_urn: str
+    org_urn: str | None = None
+    email: str | None = None
