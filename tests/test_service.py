@@ -238,3 +238,22 @@ async def test_cancel_at_random_points_over_sockets_closes_every_connection(seed
                 await trio.sleep(0.01)
     if "sess-1" in fake.finished:
         assert fake.finished["sess-1"] == "interrupted"
+
+
+async def test_heartbeat_cadence_does_not_drift_with_slow_answers(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeTinker()
+    inner = fake.mock_transport()
+    beats: list[float] = []
+
+    async def slow_heartbeats(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("session_heartbeat"):
+            beats.append(trio.current_time())
+            await trio.sleep(3)
+        return await inner.handle_async_request(request)
+
+    async with open_service(config_for(fake), transport=httpx.MockTransport(slow_heartbeats)):
+        start = trio.current_time()
+        await trio.sleep(45)
+    assert [round(b - start) for b in beats] == [10, 20, 30, 40]

@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any, Final, final
 
 import httpx
 import trio
+import trio_util
 
 from tinkex_trio import types as t
 from tinkex_trio._context import ServiceContext
@@ -322,33 +323,38 @@ async def _heartbeat(
     last_ok = trio.current_time()
     warned = False
     task_status.started()
-    while True:
-        await trio.sleep(HEARTBEAT_INTERVAL)
-        try:
-            await transport.request(
-                "POST",
-                "/api/v1/session_heartbeat",
-                content=body,
-                timeout=HEARTBEAT_TIMEOUT,
-                max_retries=0,
-            )
-        except GoneError:
-            logger.info("session %s is finished on the server; heartbeats stop", session_id)
-            return
-        except APIError as exc:
-            if not warned and trio.current_time() - last_ok >= HEARTBEAT_WARN_AFTER:
-                warned = True
-                logger.warning(
-                    "no successful heartbeat for session %s in %.0f s (last error: %s)",
-                    session_id,
-                    trio.current_time() - last_ok,
-                    type(exc).__name__,
+    # trio_util.periodic keeps the 10 s cadence whatever a heartbeat takes (after an overrun
+    # the next one goes at once, with no catch-up burst). Its first tick is immediate, but
+    # PROTOCOL.md 9.7 sends the first heartbeat one interval after the session is created.
+    async with aclosing(trio_util.periodic(HEARTBEAT_INTERVAL)) as ticks:
+        async for _elapsed, since_last in ticks:
+            if since_last is None:
+                continue
+            try:
+                await transport.request(
+                    "POST",
+                    "/api/v1/session_heartbeat",
+                    content=body,
+                    timeout=HEARTBEAT_TIMEOUT,
+                    max_retries=0,
                 )
-                if telemetry.active:
-                    telemetry.emit(SessionEvent(kind="heartbeat_failed", session_id=session_id))
-        else:
-            last_ok = trio.current_time()
-            warned = False
+            except GoneError:
+                logger.info("session %s is finished on the server; heartbeats stop", session_id)
+                return
+            except APIError as exc:
+                if not warned and trio.current_time() - last_ok >= HEARTBEAT_WARN_AFTER:
+                    warned = True
+                    logger.warning(
+                        "no successful heartbeat for session %s in %.0f s (last error: %s)",
+                        session_id,
+                        trio.current_time() - last_ok,
+                        type(exc).__name__,
+                    )
+                    if telemetry.active:
+                        telemetry.emit(SessionEvent(kind="heartbeat_failed", session_id=session_id))
+            else:
+                last_ok = trio.current_time()
+                warned = False
 
 
 async def _finish_session(
