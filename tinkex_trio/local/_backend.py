@@ -9,12 +9,14 @@ speaks ASGI.
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 import trio
@@ -27,18 +29,27 @@ from tinkex_trio.types import (
 )
 
 from ._archive import (
+    STREAM_CHUNK,
     ArchiveBuilder,
     archive_token,
+    sign,
+    verify,
 )
 from ._engine_api import ModelInfo
 from ._futures import DEFAULT_POLL_TIMEOUT, FutureRegistry
 from ._http import (
     HTTPError,
+    Request,
     Response,
+    StreamResponse,
     json_response,
 )
 from ._scheduler import EngineRunner, SampleBatcher, TrainingLanes
 from ._store import CheckpointRow, ModelRow, Store
+
+if TYPE_CHECKING:
+    # What trio.open_file returns; trio exports no public name for the class.
+    from trio._file_io import AsyncIOWrapper
 
 T = TypeVar("T")
 
@@ -87,6 +98,25 @@ def or_none(value: T | Any) -> T | None:
     return None if value is UNSET else value
 
 
+def file_response(
+    handle: AsyncIOWrapper[Any], content_type: str, headers: dict[str, str] | None = None
+) -> StreamResponse:
+    """Stream an open file in `STREAM_CHUNK` pieces (constant memory); closes it when done."""
+    size = os.fstat(handle.fileno()).st_size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async with handle:
+            while chunk := await handle.read(STREAM_CHUNK):
+                yield chunk
+
+    return StreamResponse(
+        status=200,
+        chunks=chunks(),
+        content_type=content_type,
+        headers={"content-length": str(size), **(headers or {})},
+    )
+
+
 def run_dir_name(run_id: str) -> str:
     return run_id.replace(":", "_")
 
@@ -126,6 +156,22 @@ class Backend:
         self.lanes = TrainingLanes(self.registry, self._persist_seq)
         self.batcher = SampleBatcher(runner, self.registry)
         self.archives = ArchiveBuilder(settings.data_dir / "archives")
+
+    def signed_url(self, base_url: str, path: str, expires: int) -> str:
+        """`path` on this server, usable without the API key until `expires` (unix time)."""
+        signature = sign(self.settings.secret, path, expires)
+        return f"{base_url}{path}?expires={expires}&signature={signature}"
+
+    def check_signed_url(self, request: Request, path: str, *, what: str, renew: str) -> None:
+        """Refuse a tampered (403) or stale (410) signed URL; `renew` says how to get a new one."""
+        try:
+            expires = int(request.query.get("expires", ""))
+        except ValueError:
+            raise HTTPError(403, f"{what} URL has no valid expires parameter") from None
+        if not verify(self.settings.secret, path, expires, request.query.get("signature", "")):
+            raise HTTPError(403, f"{what} URL signature does not match")
+        if expires < now():
+            raise HTTPError(410, f"{what} URL has expired; {renew}")
 
     def model_info(self, base_model: str) -> ModelInfo:
         info = self.models.get(base_model)

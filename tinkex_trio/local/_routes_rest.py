@@ -25,7 +25,6 @@ import os
 import shutil
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
 from email.utils import format_datetime
 from pathlib import Path
 
@@ -51,15 +50,13 @@ from tinkex_trio.types import (
 from ._archive import (
     ARCHIVE_ROUTE_PREFIX,
     ARCHIVE_URL_TTL,
-    STREAM_CHUNK,
     archive_token,
-    sign,
-    verify,
 )
 from ._backend import (
     API,
     Backend,
     encode_json,
+    file_response,
     now,
     or_none,
     utc_datetime,
@@ -249,7 +246,7 @@ class RestRoutes:
             )
         expires = int(now() + ARCHIVE_URL_TTL)
         path = ARCHIVE_ROUTE_PREFIX + token
-        location = f"{request.base_url()}{path}?expires={expires}&signature={sign(self.backend.settings.secret, path, expires)}"
+        location = self.backend.signed_url(request.base_url(), path, expires)
         return Response(
             status=302,
             body=encode_json({"url": location}),
@@ -262,36 +259,16 @@ class RestRoutes:
     async def download(self, request: Request) -> StreamResponse:
         token = request.params["token"]
         path = ARCHIVE_ROUTE_PREFIX + token
-        try:
-            expires = int(request.query.get("expires", ""))
-        except ValueError:
-            raise HTTPError(403, "archive URL has no valid expires parameter") from None
-        if not verify(
-            self.backend.settings.secret, path, expires, request.query.get("signature", "")
-        ):
-            raise HTTPError(403, "archive URL signature does not match")
-        if expires < now():
-            raise HTTPError(410, "archive URL has expired; ask for a new one")
+        self.backend.check_signed_url(request, path, what="archive", renew="ask for a new one")
         file_path = self.backend.archives.path_for(token)
         try:
             handle = await trio.open_file(file_path, "rb")
         except FileNotFoundError:
             raise HTTPError(404, "archive no longer exists (checkpoint deleted?)") from None
-        size = os.fstat(handle.fileno()).st_size
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with handle:
-                while chunk := await handle.read(STREAM_CHUNK):
-                    yield chunk
-
-        return StreamResponse(
-            status=200,
-            chunks=chunks(),
-            content_type="application/gzip",
-            headers={
-                "content-length": str(size),
-                "content-disposition": f'attachment; filename="{token}"',
-            },
+        return file_response(
+            handle,
+            "application/gzip",
+            {"content-disposition": f'attachment; filename="{token}"'},
         )
 
     async def weights_info(self, request: Request) -> Response:
@@ -343,8 +320,7 @@ class RestRoutes:
         urls: dict[str, str] = {}
         for file in files:
             path = f"{EXTERNAL_FILES_PREFIX}{ck.run_id}/{name}/{version}/{file}"
-            signature = sign(self.backend.settings.secret, path, expires)
-            urls[file] = f"{base}{path}?expires={expires}&signature={signature}"
+            urls[file] = self.backend.signed_url(base, path, expires)
         return json_response(ExternalWeightsUrlsResponse(urls=urls, expires=utc_datetime(expires)))
 
     async def external_file(self, request: Request) -> StreamResponse:
@@ -354,16 +330,9 @@ class RestRoutes:
             f"{EXTERNAL_FILES_PREFIX}{params['run_id']}/{params['name']}/{params['version']}"
             f"/{params['file']}"
         )
-        try:
-            expires = int(request.query.get("expires", ""))
-        except ValueError:
-            raise HTTPError(403, "file URL has no valid expires parameter") from None
-        if not verify(
-            self.backend.settings.secret, path, expires, request.query.get("signature", "")
-        ):
-            raise HTTPError(403, "file URL signature does not match")
-        if expires < now():
-            raise HTTPError(410, "file URL has expired; ask for new external_weights_urls")
+        self.backend.check_signed_url(
+            request, path, what="file", renew="ask for new external_weights_urls"
+        )
         ck = self.backend.live_checkpoint(params["run_id"], f"external_weights/{params['name']}")
         if (
             ck is None
@@ -373,20 +342,7 @@ class RestRoutes:
         file_path = Path(ck.path) / params["file"]
         if params["file"] in (".", "..") or file_path.is_symlink() or not file_path.is_file():
             raise HTTPError(404, f"no file {params['file']!r} in this export")
-        handle = await trio.open_file(file_path, "rb")
-        size = os.fstat(handle.fileno()).st_size
-
-        async def chunks() -> AsyncIterator[bytes]:
-            async with handle:
-                while chunk := await handle.read(STREAM_CHUNK):
-                    yield chunk
-
-        return StreamResponse(
-            status=200,
-            chunks=chunks(),
-            content_type="application/octet-stream",
-            headers={"content-length": str(size)},
-        )
+        return file_response(await trio.open_file(file_path, "rb"), "application/octet-stream")
 
     # ------------------------------------------------------------------- copies
 

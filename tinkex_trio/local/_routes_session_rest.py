@@ -49,7 +49,7 @@ from tinkex_trio.types import (
     decode_request,
 )
 
-from ._archive import ARCHIVE_URL_TTL, sign, verify
+from ._archive import ARCHIVE_URL_TTL
 from ._backend import API, Backend, now, utc_datetime
 from ._http import Handler, HTTPError, Request, Response, json_response
 from ._store import SessionRow
@@ -123,8 +123,7 @@ class SessionRestRoutes:
             if now() - export.started_at <= TRACE_EXPORT_REUSE:
                 expires = int(now() + TRACE_URL_TTL)
                 path = TRACE_ROUTE_PREFIX + export.token
-                signature = sign(self.backend.settings.secret, path, expires)
-                url = f"{request.base_url()}{path}?expires={expires}&signature={signature}"
+                url = self.backend.signed_url(request.base_url(), path, expires)
                 return json_response(SessionTraceExportResponse(status="ready", url=url))
             (self._trace_dir() / export.token).unlink(missing_ok=True)
             export = None
@@ -190,16 +189,7 @@ class SessionRestRoutes:
     async def trace_file(self, request: Request) -> Response:
         token = request.params["token"]
         path = TRACE_ROUTE_PREFIX + token
-        try:
-            expires = int(request.query.get("expires", ""))
-        except ValueError:
-            raise HTTPError(403, "trace URL has no valid expires parameter") from None
-        if not verify(
-            self.backend.settings.secret, path, expires, request.query.get("signature", "")
-        ):
-            raise HTTPError(403, "trace URL signature does not match")
-        if expires < now():
-            raise HTTPError(410, "trace URL has expired; export the trace again")
+        self.backend.check_signed_url(request, path, what="trace", renew="export the trace again")
         try:
             content = await trio.Path(self._trace_dir() / token).read_bytes()
         except FileNotFoundError:
