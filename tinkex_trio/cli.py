@@ -551,25 +551,24 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-def positive_int(value: str) -> int:
-    """argparse type: an int >= 1 (also used by `tinkex-trio serve`)."""
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
+    """An argparse type: an int >= `minimum`; the error says what was `expected`."""
+
+    def parse(value: str) -> int:
+        try:
+            number: int | None = int(value)
+        except ValueError:
+            number = None
+        if number is None or number < minimum:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+        return number
+
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
+positive_int = _int_at_least(1, "a positive integer")
+"""argparse type: an int >= 1 (also used by `tinkex-trio serve`)."""
+_non_negative_int = _int_at_least(0, "an integer >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
