@@ -34,6 +34,7 @@ from tinkex_trio._dispatch import RateLimiter
 from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, DynamicConfig, SampleCanceller
 from tinkex_trio._limits import ByteBudget
 from tinkex_trio._transport import Transport
+from tinkex_trio._validate import require_str, require_tinker_path
 from tinkex_trio._version import __version__
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
@@ -112,7 +113,7 @@ class ServiceClient:
     ) -> TrainingClient:
         """Create a LoRA training run on `base_model` (create_model, then get_info)."""
         self._ctx.check_open("ServiceClient")
-        _require_str("base_model", base_model)
+        require_str("base_model", base_model)
         try:
             lora = t.LoraConfig(
                 rank=rank,
@@ -168,7 +169,7 @@ class ServiceClient:
         user_metadata: dict[str, str] | None,
     ) -> TrainingClient:
         self._ctx.check_open("ServiceClient")
-        _require_tinker_path("path", path)
+        require_tinker_path("path", path)
         model_seq_id = next(self._ctx.model_seq_ids)
         request = t.LoadWeightsRequest(
             session_id=self._ctx.session_id,
@@ -213,9 +214,9 @@ class ServiceClient:
                 "create_sampling_client needs exactly one of base_model= or model_path="
             )
         if base_model is not None:
-            _require_str("base_model", base_model)
+            require_str("base_model", base_model)
         if model_path is not None:
-            _require_tinker_path("model_path", model_path)
+            require_tinker_path("model_path", model_path)
         request = t.CreateSamplingSessionRequest(
             session_id=self._ctx.session_id,
             sampling_session_seq_id=next(self._ctx.sampling_session_seq_ids),
@@ -259,18 +260,6 @@ class ServiceClient:
     def __repr__(self) -> str:
         state = "closed" if self._ctx.closed else "open"
         return f"<ServiceClient session={self._ctx.session_id} {state} {self._ctx.config.base_url}>"
-
-
-def _require_str(name: str, value: object) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
-
-
-def _require_tinker_path(name: str, value: object) -> None:
-    try:
-        t.ParsedTinkerPath.parse(value)  # type: ignore[arg-type]
-    except ValueError as exc:
-        raise InvalidInputError(f"{name}: {exc}") from None
 
 
 async def _fetch_client_config(transport: Transport) -> t.ClientConfigResponse:

@@ -32,6 +32,7 @@ import trio
 from tinkex_trio import _protobuf, types as t
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._metrics import reduce_metrics
+from tinkex_trio._validate import require_tinker_path
 from tinkex_trio.errors import APIStatusError, ClientClosedError, InvalidInputError, TinkexError
 from tinkex_trio.futures import APIFuture, ResultDecoder, json_decoder
 
@@ -463,10 +464,7 @@ class TrainingClient:
 
     async def _load(self, path: str, *, optimizer: bool) -> APIFuture[t.LoadWeightsResponse]:
         self._check_usable()
-        try:
-            t.ParsedTinkerPath.parse(path)
-        except ValueError as exc:
-            raise InvalidInputError(f"path: {exc}") from None
+        require_tinker_path("path", path)
         return self._queue_request(
             "/api/v1/load_weights",
             "LoadWeights",
