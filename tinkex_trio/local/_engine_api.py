@@ -31,6 +31,12 @@ class EngineUserError(ValueError):
     """
 
 
+class ModelDirectoryError(ValueError):
+    """A model the engine cannot serve faithfully (unsupported architecture or config field,
+    missing or mismatched files). Raised at start-up, before anything is served; the message
+    is one line naming the file, the problem and the fix."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ from ._app import (
     load_or_create_api_key,
     open_backend_app,
 )
-from ._engine_api import Engine
+from ._engine_api import Engine, ModelDirectoryError
 from ._futures import DEFAULT_POLL_TIMEOUT
 from ._jwt import DEFAULT_JWT_LIFETIME
 
@@ -232,6 +233,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        # Built before serving so a model it cannot serve faithfully stops start-up with one line.
+        engine = _default_engine(None, extra or None)
+    except ModelDirectoryError as exc:
+        print(f"tinkex-trio serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     key = args.api_key if args.api_key is not None else load_or_create_api_key(args.data_dir)
 
     async def run() -> None:
@@ -243,7 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     port=args.port,
                     data_dir=args.data_dir,
                     api_key=key,
-                    extra_models=extra or None,
+                    engine=engine,
                     max_queued_samples=args.max_queued_samples,
                     jwt_auth=args.jwt,
                     jwt_lifetime=args.jwt_lifetime,

@@ -37,33 +37,76 @@ class LlamaConfig:
     rms_norm_eps: float
     max_context: int
     eos_token_id: int = 2
+    tie_word_embeddings: bool = True
 
     @classmethod
     def from_hf(cls, config: Mapping[str, object]) -> LlamaConfig:
-        """Read the keys of a Hugging Face `config.json` for `LlamaForCausalLM`."""
+        """Read the keys of a Hugging Face `config.json` for `LlamaForCausalLM`.
+
+        Defaults are transformers' `LlamaConfig` defaults. Whether the config asks for
+        anything this engine does not compute is checked separately (`_model_dir`).
+
+        Raises:
+            ValueError: a key is missing or has the wrong type, naming the key.
+        """
 
         def num(key: str, default: float | None = None) -> float:
             value = config.get(key, default)
-            if not isinstance(value, int | float):
+            if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"config.json: {key!r} must be a number, got {value!r}")
             return float(value)
 
-        hidden = int(num("hidden_size"))
-        heads = int(num("num_attention_heads"))
+        def count(key: str, default: int | None = None) -> int:
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config.json: {key!r} must be an integer >= 1, got {value!r}")
+            return value
+
+        hidden = count("hidden_size")
+        heads = count("num_attention_heads")
         eos = config.get("eos_token_id", 2)
+        if isinstance(eos, list) and eos:
+            eos = eos[0]
+        if isinstance(eos, bool) or not isinstance(eos, int):
+            raise ValueError(f"config.json: 'eos_token_id' must be an integer, got {eos!r}")
+        tie = config.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise ValueError(f"config.json: 'tie_word_embeddings' must be a bool, got {tie!r}")
+        kv_heads = count("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise ValueError(
+                f"config.json: num_attention_heads ({heads}) must be a multiple of "
+                f"num_key_value_heads ({kv_heads})"
+            )
         return cls(
-            vocab_size=int(num("vocab_size")),
+            vocab_size=count("vocab_size"),
             hidden_size=hidden,
-            intermediate_size=int(num("intermediate_size")),
-            num_layers=int(num("num_hidden_layers")),
+            intermediate_size=count("intermediate_size"),
+            num_layers=count("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(num("num_key_value_heads", heads)),
-            head_dim=int(num("head_dim", hidden // heads)),
+            num_kv_heads=kv_heads,
+            head_dim=count("head_dim", hidden // heads),
             rope_theta=num("rope_theta", 10000.0),
             rms_norm_eps=num("rms_norm_eps", 1e-6),
-            max_context=int(num("max_position_embeddings")),
-            eos_token_id=int(eos[0] if isinstance(eos, list) else eos),  # type: ignore[arg-type]
+            max_context=count("max_position_embeddings"),
+            eos_token_id=eos,
+            tie_word_embeddings=tie,
         )
+
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor the forward pass reads, by Hugging Face name, with its shape."""
+        h = self.hidden_size
+        shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (self.vocab_size, h)}
+        for name, shape in self.linear_shapes().items():
+            if name != LM_HEAD:
+                shapes[f"{name}.weight"] = shape
+        for i in range(self.num_layers):
+            shapes[f"model.layers.{i}.input_layernorm.weight"] = (h,)
+            shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (h,)
+        shapes["model.norm.weight"] = (h,)
+        if not self.tie_word_embeddings:
+            shapes[f"{LM_HEAD}.weight"] = (self.vocab_size, h)
+        return shapes
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
         """(out, in) of every linear layer by HF module name, the LM head last."""
@@ -125,16 +168,19 @@ class Llama:
     def __init__(self, config: LlamaConfig, weights: Mapping[str, torch.Tensor]) -> None:
         self.config = config
         self.weights = dict(weights)
-        self.embed = self.weights["model.embed_tokens.weight"]
-        self.lm_head = self.weights.get(f"{LM_HEAD}.weight", self.embed)
         self._check_shapes()
+        self.embed = self.weights["model.embed_tokens.weight"]
+        # Tied: the embedding is the unembedding (a saved lm_head is ignored, as transformers
+        # ties over it); untied: lm_head.weight (required by _check_shapes).
+        self.lm_head = (
+            self.embed if config.tie_word_embeddings else self.weights[f"{LM_HEAD}.weight"]
+        )
         self._rope_cos = torch.empty(0)
         self._rope_sin = torch.empty(0)
 
     def _check_shapes(self) -> None:
-        c = self.config
-        for name, shape in c.linear_shapes().items():
-            weight = self.lm_head if name == LM_HEAD else self.weights.get(f"{name}.weight")
+        for name, shape in self.config.weight_shapes().items():
+            weight = self.weights.get(name)
             if weight is None or tuple(weight.shape) != shape:
                 got = None if weight is None else tuple(weight.shape)
                 raise ValueError(f"weight {name}: expected shape {shape}, got {got}")

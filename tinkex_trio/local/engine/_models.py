@@ -10,9 +10,19 @@ import torch
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from .._engine_api import EngineUserError, ModelInfo
+from .._engine_api import EngineUserError, ModelDirectoryError, ModelInfo
 from ..model_files import SMOLLM2_NAME, TINY_NAME, smollm2_files
-from ._llama import TINY_CONFIG, Llama, LlamaConfig, tiny_weights
+from ._llama import LM_HEAD, TINY_CONFIG, Llama, LlamaConfig, tiny_weights
+from ._model_dir import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
+    WEIGHTS_FILE,
+    check_config,
+    check_tokenizer,
+    check_weights,
+    read_config,
+    read_safetensors_header,
+)
 
 
 @dataclass
@@ -25,8 +35,10 @@ class LoadedModel:
 class ModelSource:
     """One base model by name: its ModelInfo without loading, and the model when needed.
 
-    `extra` directories are Hugging Face Llama layouts: `config.json`, `model.safetensors`,
-    `tokenizer.json` (Q/K rows in HF rotate-half order).
+    A `directory` is a Hugging Face Llama layout (`config.json`, `model.safetensors`,
+    `tokenizer.json`, Q/K rows in rotate-half order). It is checked when the source is made
+    (config fields, tensor names and shapes from the safetensors header, the tokenizer), so
+    a model the engine would compute wrongly is refused at start-up (`_model_dir`).
     """
 
     def __init__(self, name: str, directory: Path | None = None) -> None:
@@ -36,13 +48,18 @@ class ModelSource:
         self.directory = directory
         self._config: LlamaConfig | None = None
         self._loaded: LoadedModel | None = None
+        if directory is not None:
+            self._config = _checked_directory(directory)
 
     def config(self) -> LlamaConfig:
         if self._config is None:
             if self.name == TINY_NAME and self.directory is None:
                 self._config = TINY_CONFIG
             else:
-                self._config = LlamaConfig.from_hf(json.loads(self._config_path().read_text()))
+                path = smollm2_files(weights=False).config_path
+                raw = json.loads(path.read_text())
+                check_config(raw, path)
+                self._config = LlamaConfig.from_hf(raw)
         return self._config
 
     def info(self) -> ModelInfo:
@@ -61,8 +78,8 @@ class ModelSource:
         if self._loaded is None:
             config = self.config()
             if self.directory is not None:
-                weights = load_file(str(self.directory / "model.safetensors"))
-                tokenizer_path = self.directory / "tokenizer.json"
+                weights = load_file(str(self.directory / WEIGHTS_FILE))
+                tokenizer_path = self.directory / TOKENIZER_FILE
             elif self.name == TINY_NAME:
                 weights = tiny_weights()
                 tokenizer_path = smollm2_files(weights=False).tokenizer_path
@@ -70,6 +87,8 @@ class ModelSource:
                 files = smollm2_files()
                 weights = load_file(str(files.weights_path))
                 tokenizer_path = files.tokenizer_path
+            if config.tie_word_embeddings:
+                weights.pop(f"{LM_HEAD}.weight", None)  # transformers ties over it too
             weights = {k: v.float() for k, v in weights.items()}
             for tensor in weights.values():
                 tensor.requires_grad_(False)
@@ -78,10 +97,28 @@ class ModelSource:
             )
         return self._loaded
 
-    def _config_path(self) -> Path:
-        if self.directory is not None:
-            return self.directory / "config.json"
-        return smollm2_files(weights=False).config_path
+
+def _checked_directory(directory: Path) -> LlamaConfig:
+    """The config of a model directory, after every check of `_model_dir` passed."""
+    raw = read_config(directory)
+    try:
+        config = LlamaConfig.from_hf(raw)
+    except ValueError as exc:
+        raise ModelDirectoryError(f"{directory / CONFIG_FILE}: {exc}") from None
+    weights_path = directory / WEIGHTS_FILE
+    if not weights_path.is_file():
+        raise ModelDirectoryError(
+            f"{weights_path}: missing; the local engine reads the weights from one "
+            "model.safetensors file (save with `save_pretrained(dir, safe_serialization=True)`)"
+        )
+    check_weights(
+        weights_path,
+        read_safetensors_header(weights_path),
+        config.weight_shapes(),
+        ignorable=frozenset({f"{LM_HEAD}.weight"}) if config.tie_word_embeddings else frozenset(),
+    )
+    check_tokenizer(directory)
+    return config
 
 
 def check_tokens(tokens: torch.Tensor, config: LlamaConfig, what: str) -> None:
