@@ -285,6 +285,35 @@ def test_checkpoint_download(server: Server, tmp_path: Path) -> None:
     )
     assert forced.code == 0 and "Downloaded" in forced.stdout
 
+    capped = run_cli(
+        server, "checkpoint", "download", server.training_path, "--output-dir",
+        str(tmp_path / "capped"), "--max-members", "1",
+    )  # fmt: skip
+    assert capped.code == 1 and "max_members=1" in capped.stderr
+    assert not (tmp_path / "capped").exists() or not any((tmp_path / "capped").iterdir())
+    capped = run_cli(
+        server, "checkpoint", "download", server.training_path, "--output-dir",
+        str(tmp_path / "capped"), "--max-bytes", "1K",
+    )  # fmt: skip
+    assert capped.code == 1 and "max_extracted_bytes=1024" in capped.stderr
+    bad = run_cli(server, "checkpoint", "download", server.training_path, "--max-bytes", "lots")
+    assert bad.code == 2 and "500M" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("1", 1),
+        ("1K", 1024),
+        ("500M", 500 << 20),
+        ("64G", 64 << 30),
+        ("1.5GiB", 3 << 29),
+        ("2tb", 2 << 40),
+    ],
+)
+def test_byte_size_argument(text: str, size: int) -> None:
+    assert cli.byte_size(text) == size
+
 
 def test_checkpoint_delete_then_404(server: Server) -> None:
     r = run_cli(server, "checkpoint", "delete", server.spare_path)

@@ -24,6 +24,7 @@ from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
 from tinkex_trio.download import (
     ArchiveError,
+    ArchiveLimitError,
     UnsafeArchiveError,
     download,
     target_dirname,
@@ -476,3 +477,117 @@ async def test_local_backend_round_trip(tmp_path: Path) -> None:
     assert listing(tmp_path / "out") == {target.name} | {
         f"{target.name}/{name}" for name in os.listdir(target)
     }
+
+
+# --- extraction limits and malformed archives (nothing escapes, nothing stays) ---------------
+
+
+class _Zeros(io.RawIOBase):
+    """A readable stream of `size` zero bytes that never holds them all in memory."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        n = min(len(buffer), self.left)
+        buffer[:n] = b"\0" * n
+        self.left -= n
+        return n
+
+
+def gzip_bomb(size: int) -> bytes:
+    """A tar.gz holding one `size`-byte file of zeros (about size / 1000 bytes compressed)."""
+    raw = io.BytesIO()
+    with gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9) as gz:
+        with tarfile.open(fileobj=gz, mode="w") as tar:
+            info = tarfile.TarInfo("adapter_model.safetensors")
+            info.size = size
+            tar.addfile(info, io.BufferedReader(_Zeros(size)))
+    return raw.getvalue()
+
+
+async def _refused(
+    blob: bytes, tmp_path: Path, error: type[Exception], match: str, **kw: Any
+) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(error, match=match) as info:
+        await download(rest_for(ArchiveServer(blob)), TINKER_PATH, output_dir=out, **kw)
+    assert isinstance(info.value, ArchiveError)
+    assert listing(out) == set(), "no target, no staging dir, no temporary archive"
+
+
+async def test_gzip_bomb_stops_at_the_ratio_limit_before_writing(tmp_path: Path) -> None:
+    blob = gzip_bomb(200 << 20)  # 200 MiB of zeros in ~200 KB
+    assert len(blob) < 1 << 20
+    await _refused(blob, tmp_path, ArchiveLimitError, "max_compression_ratio=200")
+
+
+async def test_extracted_bytes_cap(tmp_path: Path) -> None:
+    blob = good_archive(compress=True)
+    await _refused(
+        blob, tmp_path, ArchiveLimitError, "max_extracted_bytes=1000", max_extracted_bytes=1000
+    )
+    target = await download(
+        rest_for(ArchiveServer(blob)),
+        TINKER_PATH,
+        output_dir=tmp_path / "ok",
+        max_extracted_bytes=400_000,
+    )
+    assert (target / "adapter_model.safetensors").stat().st_size == 300_000
+
+
+async def test_member_cap_default_and_per_call(tmp_path: Path) -> None:
+    many = build_tar([regular(f"f{i}", b"") for i in range(10_001)], compress=True)
+    await _refused(many, tmp_path / "a", ArchiveLimitError, "more than 10000 members")
+    await _refused(
+        good_archive(), tmp_path / "b", ArchiveLimitError, "max_members=2", max_members=2
+    )
+
+
+@pytest.mark.parametrize("compress", [False, True])
+async def test_truncated_archive_is_an_archive_error(tmp_path: Path, compress: bool) -> None:
+    blob = good_archive(compress=compress)
+    await _refused(blob[: len(blob) // 2], tmp_path, ArchiveError, "truncated or corrupt")
+
+
+async def test_corrupt_gzip_is_an_archive_error(tmp_path: Path) -> None:
+    blob = bytearray(good_archive(compress=True))
+    blob[40:2000] = os.urandom(1960)
+    await _refused(bytes(blob), tmp_path, ArchiveError, "corrupt|not a tar archive")
+
+
+async def test_member_inside_a_file_is_refused(tmp_path: Path) -> None:
+    blob = build_tar([regular("a", b"file"), regular("a/b", b"inside")])
+    await _refused(blob, tmp_path / "x", ArchiveError, "lies inside 'a', which is a file")
+    folder = tarfile.TarInfo("d")
+    folder.type = tarfile.DIRTYPE
+    blob = build_tar([(folder, None), regular("d", b"now a file")])
+    await _refused(blob, tmp_path / "y", ArchiveError, "earlier member made it a directory")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"max_extracted_bytes": 0},
+        {"max_members": -1},
+        {"max_compression_ratio": 0.5},
+        {"max_members": True},
+    ],
+)
+async def test_bad_limits_send_nothing(tmp_path: Path, kwargs: dict[str, Any]) -> None:
+    server = ArchiveServer(good_archive())
+    with pytest.raises(InvalidInputError, match=next(iter(kwargs))):
+        await download(rest_for(server), TINKER_PATH, output_dir=tmp_path, **kwargs)
+    assert server.requests == []
+
+
+async def test_real_server_gzip_bomb_is_refused(tmp_path: Path) -> None:
+    archive = tmp_path / "bomb.tar.gz"
+    archive.write_bytes(gzip_bomb(1 << 30))  # 1 GiB of zeros in ~1 MB
+    out = tmp_path / "out"
+    with pytest.raises(ArchiveLimitError):
+        await _download_from(FileServer(archive), out)
+    assert listing(out) == set()

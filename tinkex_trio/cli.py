@@ -7,6 +7,7 @@ Synopsis::
     tinkex-trio checkpoint list [--run RUN_ID]
     tinkex-trio checkpoint info|publish|unpublish|delete tinker://RUN/weights/NAME
     tinkex-trio checkpoint download tinker://RUN/weights/NAME [--output-dir DIR] [--force]
+        [--max-bytes SIZE] [--max-members N]
     tinkex-trio checkpoint set-ttl tinker://RUN/weights/NAME 3600   (or --remove)
     tinkex-trio run list | run info RUN_ID
     tinkex-trio session list | session info SESSION_ID
@@ -50,6 +51,7 @@ from tinkex_trio import types as t
 from tinkex_trio._transport import Transport
 from tinkex_trio._version import __version__
 from tinkex_trio.config import Config
+from tinkex_trio.download import DEFAULT_MAX_EXTRACTED_BYTES, DEFAULT_MAX_MEMBERS
 from tinkex_trio.errors import (
     APIConnectionError,
     APIStatusError,
@@ -328,7 +330,13 @@ async def _checkpoint_download(args: argparse.Namespace, out: Output, rest: Rest
     try:
         with progress:
             target = await download(
-                rest, args.path, output_dir=args.output_dir, force=args.force, progress=on_progress
+                rest,
+                args.path,
+                output_dir=args.output_dir,
+                force=args.force,
+                progress=on_progress,
+                max_extracted_bytes=args.max_bytes,
+                max_members=args.max_members,
             )
     except FileExistsError:
         raise CliError(f"{existing} already exists; pass --force to replace it") from None
@@ -551,6 +559,22 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
+_SIZE_SUFFIXES: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def byte_size(value: str) -> int:
+    """An argparse type: a positive byte count, optionally with K, M, G or T (powers of 1024)."""
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (text[:-1], text[-1]) if text[-1:] in _SIZE_SUFFIXES else (text, "")
+    try:
+        size = int(float(number) * _SIZE_SUFFIXES[unit])
+    except (ValueError, OverflowError):
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"expected a size such as 500M or 64G, got {value!r}")
+    return size
+
+
 def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
     """An argparse type: an int >= `minimum`; the error says what was `expected`."""
 
@@ -610,6 +634,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path", metavar="PATH", help="tinker://RUN_ID/weights/NAME")
     p.add_argument("--output-dir", type=Path, default=Path("."), help="default: .")
     p.add_argument("--force", action="store_true", help="replace an existing directory")
+    p.add_argument(
+        "--max-bytes",
+        type=byte_size,
+        default=DEFAULT_MAX_EXTRACTED_BYTES,
+        metavar="SIZE",
+        help="refuse an archive that extracts to more than SIZE (e.g. 500M; default 64G)",
+    )
+    p.add_argument(
+        "--max-members",
+        type=positive_int,
+        default=DEFAULT_MAX_MEMBERS,
+        metavar="N",
+        help=f"refuse an archive with more than N files (default {DEFAULT_MAX_MEMBERS})",
+    )
     p.set_defaults(rest=_checkpoint_download)
     p = ck.add_parser(
         "set-ttl", help="expire a checkpoint SECONDS from now (--remove: never)", parents=[common]

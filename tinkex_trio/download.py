@@ -16,6 +16,13 @@ may not control:
   target and no temporary file behind, and nothing is ever written outside `output_dir`.
 * `tarfile`'s `data` filter is applied as well (it also drops setuid bits and other
   permissions a checkpoint never needs).
+* Bounded: at most `max_members` members and `max_extracted_bytes` bytes, and no more than
+  `max_compression_ratio` times the archive's own size beyond a `RATIO_ALLOWANCE_BYTES`
+  allowance (a 1 MB gzip of zeros can expand to gigabytes; checkpoint weights compress
+  barely). The limits are checked while the headers stream past, so an archive over a limit
+  is refused before its first byte is written, and without decompressing what follows.
+* Every failure to read the archive (not a tar, truncated, corrupt, a member inside a file)
+  is an `ArchiveError`; nothing of the archive stays behind.
 
 File and tar work is blocking, so it runs in worker threads (`trio.to_thread.run_sync`); the
 network side stays on trio.
@@ -24,11 +31,14 @@ network side stays on trio.
 from __future__ import annotations
 
 import contextlib
+import lzma
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Final
 
@@ -47,7 +57,14 @@ from tinkex_trio.types import ParsedTinkerPath
 if TYPE_CHECKING:
     from tinkex_trio.rest import RestClient
 
-__all__ = ["ArchiveError", "ProgressCallback", "UnsafeArchiveError", "download", "target_dirname"]
+__all__ = [
+    "ArchiveError",
+    "ArchiveLimitError",
+    "ProgressCallback",
+    "UnsafeArchiveError",
+    "download",
+    "target_dirname",
+]
 
 ProgressCallback = Callable[[int, "int | None"], object]
 """`progress(downloaded_bytes, total_bytes_or_None)`; the return value is ignored."""
@@ -58,9 +75,39 @@ WRITE_BUFFER_BYTES: Final = 1 << 20
 
 _TEMP_PREFIX: Final = ".tinkex-download-"
 
+DEFAULT_MAX_EXTRACTED_BYTES: Final = 64 << 30
+"""64 GiB: above any LoRA checkpoint with its optimizer state (a rank-64 adapter of a 70B model
+with Adam moments is a few GB); lower it per call for untrusted servers."""
+DEFAULT_MAX_MEMBERS: Final = 10_000
+"""A checkpoint holds a handful of files (adapter, config, optimizer, marker)."""
+DEFAULT_MAX_COMPRESSION_RATIO: Final = 200.0
+"""Extracted bytes per archive byte allowed beyond `RATIO_ALLOWANCE_BYTES`. Trained weights
+compress about 1.1x; a fresh adapter (zero B matrices) a few times; a gzip bomb 1000x."""
+RATIO_ALLOWANCE_BYTES: Final = 64 << 20
+
+# What the compression and tar layers raise on a truncated or corrupt archive. gzip and bz2
+# also report corrupt data as an OSError without an errno (`_is_corrupt_data`).
+_READ_ERRORS: Final = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError)
+
+
+def _is_corrupt_data(exc: BaseException) -> bool:
+    """A read error of the archive itself, not of the disk (which sets an errno)."""
+    if isinstance(exc, _READ_ERRORS):
+        return True
+    return isinstance(exc, OSError) and exc.errno is None
+
 
 class ArchiveError(TinkexError, ValueError):
     """The downloaded file is not a readable tar archive, or it is incomplete."""
+
+
+class ArchiveLimitError(ArchiveError):
+    """The archive is larger than the extraction limits allow (bytes, members or ratio).
+
+    Nothing was extracted. If the checkpoint really is that large, raise the limit
+    (`max_extracted_bytes=`, `max_members=`, `max_compression_ratio=`; CLI `--max-bytes`,
+    `--max-members`).
+    """
 
 
 class UnsafeArchiveError(ArchiveError):
@@ -84,8 +131,15 @@ async def download(
     output_dir: str | os.PathLike[str] = ".",
     force: bool = False,
     progress: ProgressCallback | None = None,
+    max_extracted_bytes: int = DEFAULT_MAX_EXTRACTED_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+    max_compression_ratio: float | None = DEFAULT_MAX_COMPRESSION_RATIO,
 ) -> Path:
     """Download and extract the checkpoint `tinker_path`; return the extracted directory.
+
+    The extraction limits (see the module docstring) bound what an archive may write:
+    `max_extracted_bytes` in all, `max_members` members, and `max_compression_ratio` times
+    the archive's size beyond 64 MiB (None: no ratio limit).
 
     `progress(downloaded, total)` is called after every received chunk, with `total` from the
     response's Content-Length (None if the server sent none); the last call is always
@@ -96,7 +150,9 @@ async def download(
         InvalidInputError: `tinker_path` is malformed (nothing is sent).
         FileExistsError: the target exists and `force` is False (nothing is sent).
         UnsafeArchiveError: an archive member is unsafe (nothing is extracted).
-        ArchiveError: the download is not a tar archive, or is shorter than announced.
+        ArchiveLimitError: the archive exceeds an extraction limit (nothing is extracted).
+        ArchiveError: the download is not a tar archive, is truncated or corrupt, or is
+            shorter than announced.
         APIStatusError and subclasses: the archive URL or the download failed.
         APIConnectionError / APITimeoutError: the connection failed, also mid-body (a
             partial body is not resumed; call again).
@@ -105,6 +161,7 @@ async def download(
     cancellation.
     """
     name = target_dirname(tinker_path)
+    limits = _Limits.checked(max_extracted_bytes, max_members, max_compression_ratio)
     out = Path(output_dir)
     target = out / name
     if target.exists() and not force:
@@ -120,7 +177,7 @@ async def download(
     try:
         with os.fdopen(fd, "wb") as file:
             await _stream_to_file(rest, archive_url.url, file, progress)
-        await trio.to_thread.run_sync(_extract_into_place, archive, out, name, force)
+        await trio.to_thread.run_sync(_extract_into_place, archive, out, name, force, limits)
     finally:
         # Synchronous on purpose: it must run even while this task is being cancelled, and
         # unlinking one file is quick.
@@ -207,55 +264,147 @@ def _parse(tinker_path: str) -> ParsedTinkerPath:
 # --- extraction (runs in a worker thread) ----------------------------------------------------
 
 
-def check_members(tar: tarfile.TarFile, extract_dir: Path) -> list[tarfile.TarInfo]:
-    """Every member of `tar`, after checking that each one is safe to extract.
+@dataclass(frozen=True)
+class _Limits:
+    max_bytes: int
+    max_members: int
+    max_ratio: float | None
 
-    Raises UnsafeArchiveError naming the first offending member.
+    @classmethod
+    def checked(cls, max_bytes: int, max_members: int, max_ratio: float | None) -> _Limits:
+        for name, value in (("max_extracted_bytes", max_bytes), ("max_members", max_members)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
+        if max_ratio is not None and (
+            isinstance(max_ratio, bool)
+            or not isinstance(max_ratio, int | float)
+            or not max_ratio >= 1
+        ):
+            raise InvalidInputError(
+                f"max_compression_ratio must be a number >= 1 or None, got {max_ratio!r}"
+            )
+        return cls(max_bytes, max_members, max_ratio)
+
+    def byte_budget(self, archive_size: int) -> tuple[int, str]:
+        """The bytes this archive may expand to, and which limit sets it."""
+        if self.max_ratio is None:
+            return self.max_bytes, f"max_extracted_bytes={self.max_bytes}"
+        by_ratio = RATIO_ALLOWANCE_BYTES + int(self.max_ratio * archive_size)
+        if by_ratio < self.max_bytes:
+            return by_ratio, (
+                f"max_compression_ratio={self.max_ratio:g} (at most {by_ratio} bytes from a "
+                f"{archive_size}-byte archive)"
+            )
+        return self.max_bytes, f"max_extracted_bytes={self.max_bytes}"
+
+
+def _check_member(member: tarfile.TarInfo, root: str) -> None:
+    """Raise UnsafeArchiveError if `member` could write outside `root` or is not a plain file."""
+    name = member.name
+    if member.issym() or member.islnk():
+        raise UnsafeArchiveError(
+            f"unsafe checkpoint archive: member {name!r} is a "
+            f"{'symlink' if member.issym() else 'hard link'} (to {member.linkname!r}); "
+            "links are refused because they can point outside the target directory"
+        )
+    if not (member.isfile() or member.isdir()):
+        raise UnsafeArchiveError(
+            f"unsafe checkpoint archive: member {name!r} is not a regular file or "
+            "directory (device, FIFO or other special file)"
+        )
+    pure = PurePosixPath(name)
+    if pure.is_absolute() or os.path.isabs(name) or name.startswith("\\"):
+        raise UnsafeArchiveError(f"unsafe checkpoint archive: member {name!r} is absolute")
+    if ".." in pure.parts or ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        raise UnsafeArchiveError(f"unsafe checkpoint archive: member {name!r} contains '..'")
+    resolved = os.path.realpath(os.path.join(root, name))
+    if resolved != root and not resolved.startswith(root + os.sep):
+        raise UnsafeArchiveError(
+            f"unsafe checkpoint archive: member {name!r} resolves outside the target"
+        )
+
+
+def check_members(
+    tar: tarfile.TarFile, extract_dir: Path, limits: _Limits | None = None, archive_size: int = 0
+) -> list[tarfile.TarInfo]:
+    """Every member of `tar`, after checking that each one is safe to extract and that the
+    archive stays within `limits` (checked as each header is read, before the next one).
+
+    Raises UnsafeArchiveError naming the first offending member, ArchiveLimitError when a
+    limit is passed, ArchiveError when a member would go inside another member that is a file.
     """
+    limits = limits or _Limits(DEFAULT_MAX_EXTRACTED_BYTES, DEFAULT_MAX_MEMBERS, None)
+    budget, budget_reason = limits.byte_budget(archive_size)
     root = os.path.realpath(extract_dir)
-    members = tar.getmembers()
-    for member in members:
-        name = member.name
-        if member.issym() or member.islnk():
-            raise UnsafeArchiveError(
-                f"unsafe checkpoint archive: member {name!r} is a "
-                f"{'symlink' if member.issym() else 'hard link'} (to {member.linkname!r}); "
-                "links are refused because they can point outside the target directory"
+    members: list[tarfile.TarInfo] = []
+    files: set[str] = set()
+    dirs: set[str] = set()
+    total = 0
+    for member in tar:
+        if len(members) >= limits.max_members:
+            raise ArchiveLimitError(
+                f"checkpoint archive has more than {limits.max_members} members "
+                f"(max_members={limits.max_members}); nothing was extracted"
             )
-        if not (member.isfile() or member.isdir()):
-            raise UnsafeArchiveError(
-                f"unsafe checkpoint archive: member {name!r} is not a regular file or "
-                "directory (device, FIFO or other special file)"
-            )
-        pure = PurePosixPath(name)
-        if pure.is_absolute() or os.path.isabs(name) or name.startswith("\\"):
-            raise UnsafeArchiveError(f"unsafe checkpoint archive: member {name!r} is absolute")
-        if ".." in pure.parts or ".." in PurePosixPath(name.replace("\\", "/")).parts:
-            raise UnsafeArchiveError(f"unsafe checkpoint archive: member {name!r} contains '..'")
-        resolved = os.path.realpath(os.path.join(root, name))
-        if resolved != root and not resolved.startswith(root + os.sep):
-            raise UnsafeArchiveError(
-                f"unsafe checkpoint archive: member {name!r} resolves outside the target"
-            )
+        _check_member(member, root)
+        parts = PurePosixPath(member.name).parts
+        for depth in range(1, len(parts)):
+            parent = "/".join(parts[:depth])
+            if parent in files:
+                raise ArchiveError(
+                    f"corrupt checkpoint archive: member {member.name!r} lies inside "
+                    f"{parent!r}, which is a file"
+                )
+            dirs.add(parent)
+        key = "/".join(parts)
+        if member.isfile():
+            if key in dirs:
+                raise ArchiveError(
+                    f"corrupt checkpoint archive: member {member.name!r} is a file but an "
+                    "earlier member made it a directory"
+                )
+            files.add(key)
+            total += member.size
+            if total > budget:
+                raise ArchiveLimitError(
+                    f"checkpoint archive expands to more than {budget} bytes ({budget_reason}) "
+                    f"at member {member.name!r}; nothing was extracted"
+                )
+        else:
+            if key in files:
+                raise ArchiveError(
+                    f"corrupt checkpoint archive: member {member.name!r} is a directory but an "
+                    "earlier member is a file of that name"
+                )
+            dirs.add(key)
+        members.append(member)
     return members
 
 
-def _extract_into_place(archive: Path, out: Path, name: str, force: bool) -> None:
+def _extract_into_place(
+    archive: Path, out: Path, name: str, force: bool, limits: _Limits | None = None
+) -> None:
     """Extract `archive` into `out/name` via a temporary sibling directory, then rename."""
     staging = Path(tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=out))
     try:
         try:
             tar = tarfile.open(archive, mode="r:*")
-        except tarfile.TarError as exc:
+        except (*_READ_ERRORS, OSError) as exc:
+            if not _is_corrupt_data(exc):
+                raise
             raise ArchiveError(f"the downloaded checkpoint is not a tar archive: {exc}") from exc
         with tar:
-            members = check_members(tar, staging)
             try:
+                members = check_members(tar, staging, limits, archive.stat().st_size)
                 tar.extractall(staging, members=members, filter="data")
             except tarfile.FilterError as exc:
                 raise UnsafeArchiveError(f"unsafe checkpoint archive: {exc}") from exc
-            except tarfile.TarError as exc:
-                raise ArchiveError(f"the checkpoint archive is corrupt: {exc}") from exc
+            except (*_READ_ERRORS, OSError) as exc:
+                if not _is_corrupt_data(exc):
+                    raise
+                raise ArchiveError(
+                    f"the checkpoint archive is truncated or corrupt: {exc!r}"
+                ) from exc
         _move_into_place(staging, out / name, force)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
