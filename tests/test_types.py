@@ -277,20 +277,26 @@ def test_rest_shapes_golden() -> None:
     assert run.last_checkpoint is not None and run.last_checkpoint.size_bytes == 167772160
     assert run.last_request_time.tzinfo is not None
     assert runs.cursor.next_offset is None
-    # What the local backend sends back has no nulls for a strict client.
+    # Re-encoded as an official server sends it: nulls and defaults included.
     encoded = _j(run)
-    assert isinstance(encoded, dict) and "last_sampler_checkpoint" not in encoded
+    assert isinstance(encoded, dict)
+    assert encoded["last_sampler_checkpoint"] is None and encoded["corrupted"] is False
     cp = t.Checkpoint(
         checkpoint_id="weights/a",
         checkpoint_type="training",
         time=datetime.fromisoformat("2026-01-05T10:20:00+00:00"),
         tinker_path="tinker://r/weights/a",
     )
+    # A strict client never gets null where it expects a value: `public` has a real default.
     assert _j(cp) == {
         "checkpoint_id": "weights/a",
         "checkpoint_type": "training",
         "time": "2026-01-05T10:20:00Z",
         "tinker_path": "tinker://r/weights/a",
+        "size_bytes": None,
+        "public": False,
+        "user_metadata": None,
+        "expires_at": None,
     }
 
 
@@ -352,19 +358,35 @@ def test_lora_config_rejects_all_false() -> None:
         t.LoraConfig(train_attn=False, train_mlp=False, train_unembed=False)
 
 
-def test_response_constants_and_required_fields_are_always_sent() -> None:
-    """Responses omit defaults, so what a strict client needs must have no default."""
-    assert _j(t.TryAgainResponse(type="try_again", request_id="r", queue_state="active")) == {
+def test_response_constants_and_defaults_are_always_sent() -> None:
+    """Responses emit every field, `type` tags and defaults included; UNSET ones are left out."""
+    assert _j(t.TryAgainResponse(request_id="r", queue_state="active")) == {
         "type": "try_again",
         "request_id": "r",
         "queue_state": "active",
+    }
+    with_null = t.TryAgainResponse(request_id="r", queue_state="active", queue_state_reason=None)
+    assert _j(with_null) == {
+        **_j(t.TryAgainResponse(request_id="r", queue_state="active")),
+        "queue_state_reason": None,
+    }  # type: ignore[dict-item]
+    assert _j(t.SampleResponse(sequences=[])) == {
+        "sequences": [],
+        "prompt_logprobs": None,
+        "topk_prompt_logprobs": None,
+        "prompt_cache_hit_tokens": 0,
+        "type": "sample",
+    }
+    assert _j(t.FutureCompletion(state="failed", request_id="r")) == {
+        "state": "failed",
+        "request_id": "r",
     }
     assert _j(t.TelemetryResponse(status="accepted")) == {"status": "accepted"}
     assert _j(t.HealthResponse(status="ok")) == {"status": "ok"}
     assert _j(
         t.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=[], metrics={})
     ) == {"loss_fn_output_type": "ArrayRecord", "loss_fn_outputs": [], "metrics": {}}
-    assert _j(t.CompleteMetadataResponse(status="complete_metadata", response_payload_size=5)) == {
+    assert _j(t.CompleteMetadataResponse(response_payload_size=5)) == {
         "status": "complete_metadata",
         "response_payload_size": 5,
     }

@@ -19,7 +19,7 @@ with a broken `retrieve_futures` degrades to per-sample polling rather than fail
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
 import msgspec
 import trio
@@ -45,37 +45,12 @@ MAX_EARLY_COMPLETIONS: Final = 100_000
 _RETRYABLE: Final = frozenset({408, 409, 429})
 
 
-class _Target(msgspec.Struct, kw_only=True):
-    sampling_session_id: str
-    cloned_sampler_id: int = 0
-    type: Literal["sampling_session"] = "sampling_session"
-
-
-class _Request(msgspec.Struct, kw_only=True):
-    target: _Target
-    prev_cursor: int
-    retrieved_request_ids: list[str]
-    # Omitted: the server's default long-poll; 0: answer at once (an acknowledgement-only poll).
-    timeout: float | msgspec.UnsetType = msgspec.UNSET
-
-
-class _Completion(msgspec.Struct, kw_only=True):
-    request_id: str
-    state: str = "finished"
-    response_payload_uncompressed_size: int | None = None
-
-
-class _Response(msgspec.Struct, kw_only=True):
-    completions: list[_Completion] = []
-    cursor: int = 0
-
-
 class CompletionWatcher:
     """The one `retrieve_futures` poller of a sampling client (clone id 0, PROTOCOL.md 5.3)."""
 
     def __init__(self, ctx: ServiceContext, sampling_session_id: str) -> None:
         self._ctx = ctx
-        self._target = _Target(sampling_session_id=sampling_session_id)
+        self._target = t.RetrieveFuturesTarget(sampling_session_id=sampling_session_id)
         self._waiters: dict[str, trio.Event] = {}
         self._early: dict[str, None] = {}
         self._acknowledge: list[str] = []
@@ -116,7 +91,7 @@ class CompletionWatcher:
         finally:
             self._running = False
 
-    def _deliver(self, response: _Response) -> None:
+    def _deliver(self, response: t.RetrieveFuturesResponse) -> None:
         """Wake the samples whose requests finished; remember the others for later waiters."""
         for completion in response.completions:
             event = self._waiters.pop(completion.request_id, None)
@@ -145,10 +120,10 @@ class CompletionWatcher:
         finally:
             self._flushing = False
 
-    async def _poll_once(self, *, ack_only: bool = False) -> _Response | None:
+    async def _poll_once(self, *, ack_only: bool = False) -> t.RetrieveFuturesResponse | None:
         sent, self._acknowledge = self._acknowledge, []
         body = t.encode(
-            _Request(
+            t.RetrieveFuturesRequest(
                 target=self._target,
                 prev_cursor=self._cursor,
                 retrieved_request_ids=sorted(sent),
@@ -165,7 +140,7 @@ class CompletionWatcher:
                     timeout=ACK_ONLY_TIMEOUT if ack_only else RETRIEVE_FUTURES_TIMEOUT,
                     max_retries=0,
                 )
-                decoded = t.decode(response.content, _Response)
+                decoded = t.decode(response.content, t.RetrieveFuturesResponse)
             except BaseException:
                 # Not delivered: report these ids again with the next poll.
                 self._acknowledge = sent + self._acknowledge

@@ -5,8 +5,15 @@ Conventions (DESIGN.md "Wire types", PROTOCOL.md 1.8 and A.0):
 * Requests are `kw_only` and never `omit_defaults`: fields with real defaults are always sent,
   optional fields default to `UNSET` and are omitted, exactly as the official SDK 0.38 does
   ("defaults sent, nulls dropped").
-* Responses ignore unknown fields (a newer server must not break this SDK) and use
-  `omit_defaults`, so the local backend never sends `null` where a strict client expects a value.
+* Responses ignore unknown fields (a newer server must not break this SDK) and emit every
+  field, defaults and `type` tags included, as an official server does: re-encoding an official
+  body loses nothing (`public`, `corrupted`, `type`, ...), and the local backend, which encodes
+  every answer from these Structs, sends what an official server sends. Optional fields that an
+  official server sends as `null` default to `None`. A strict client (the official SDKs validate
+  direct responses with pydantic, PROTOCOL.md 1.8) never sees `null` where it expects a value,
+  because such fields have real defaults (`public: bool = False`), never `None`. The few fields
+  an official server leaves out when it has no value are `X | UnsetType | None = UNSET`, so both
+  absence and `null` decode, and each re-encodes as it came.
 * The local backend decodes requests with `decode_request`, which accepts both JSON conventions
   of Appendix A.0: `type` present or absent (chunk kinds inferred from their keys) and `null`
   wherever omission is accepted.
@@ -29,8 +36,14 @@ class Request(msgspec.Struct, kw_only=True):
     """Base of every request body the SDK sends."""
 
 
-class Response(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """Base of every response or result body; unknown fields are ignored."""
+class Response(msgspec.Struct, kw_only=True):
+    """Base of every response or result body: unknown fields are ignored when decoding, and
+    every field is emitted when encoding (see the module docstring)."""
+
+
+class EmptyResponse(Response, kw_only=True):
+    """`{}`: the answer of calls typed as "nothing" (finish session, delete, publish, set TTL,
+    assign project, cancel_future); clients ignore the body of any 2xx (PROTOCOL.md 1.8)."""
 
 
 _encoder = msgspec.json.Encoder()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from tinkex_trio.types._base import Request, Response
+from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
 
 QueueState = Literal["active", "paused_capacity", "paused_rate_limit", "unknown"]
 ErrorCategory = Literal["user", "server", "unknown"]
@@ -32,14 +32,14 @@ class CancelFutureRequest(Request, kw_only=True):
 class TryAgainResponse(Response, kw_only=True):
     """Still pending (4.6). The server long-polled before answering this.
 
-    `type` and `queue_state` have no defaults: responses omit default values, and a client
-    recognises this body by its `type` (the 0.15 type also requires `queue_state`).
+    A client recognises this body by its `type`; the 0.15 type also requires `queue_state`
+    (A.3.3), so it has no default. `queue_state_reason` is left out when there is none.
     """
 
-    type: Literal["try_again"]
+    type: Literal["try_again"] = "try_again"
     request_id: str
     queue_state: str
-    queue_state_reason: str | None = None
+    queue_state_reason: str | UnsetType | None = UNSET
 
 
 class RequestFailedResponse(Response, kw_only=True):
@@ -52,8 +52,49 @@ class RequestFailedResponse(Response, kw_only=True):
 class CompleteMetadataResponse(Response, kw_only=True):
     """Finished but not inlined (4.4): poll again with allow_metadata_only=false."""
 
-    status: Literal["complete_metadata"]
+    status: Literal["complete_metadata"] = "complete_metadata"
     response_payload_size: int = 0
+
+
+class RetrieveFuturesTarget(Request, kw_only=True):
+    """Whose completions a `retrieve_futures` poll asks for: one clone of a sampling session
+    (`cloned_sampler_id` = seq_id // 1e9, PROTOCOL.md 5.3)."""
+
+    sampling_session_id: str
+    cloned_sampler_id: int = 0
+    type: Literal["sampling_session"] = "sampling_session"
+
+
+class RetrieveFuturesRequest(Request, kw_only=True):
+    """Body of `POST /api/v1/retrieve_futures` (4.8): session-wide completion polling.
+
+    `timeout` omitted: the server's default long-poll; `0`: answer at once (an
+    acknowledgement-only poll). `retrieved_request_ids` are the requests whose results the
+    client has fetched, so the server may drop their payloads.
+    """
+
+    target: RetrieveFuturesTarget
+    prev_cursor: int = 0
+    retrieved_request_ids: list[str] = []
+    timeout: float | UnsetType = UNSET
+
+
+class FutureCompletion(Response, kw_only=True):
+    """One finished (`state: "finished"`) or failed request in a `retrieve_futures` answer.
+
+    `response_payload_uncompressed_size` is sent for finished requests only (4.8).
+    """
+
+    state: str = "finished"
+    request_id: str
+    response_payload_uncompressed_size: int | UnsetType | None = UNSET
+
+
+class RetrieveFuturesResponse(Response, kw_only=True):
+    """Answer of `retrieve_futures` (4.8): completions after `prev_cursor`, and the new cursor."""
+
+    completions: list[FutureCompletion] = []
+    cursor: int = 0
 
 
 class PollEnvelope(Response, kw_only=True):

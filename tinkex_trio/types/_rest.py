@@ -69,7 +69,8 @@ class WeightsInfoResponse(Response, kw_only=True):
     train_unembed: bool | None = None
     train_mlp: bool | None = None
     train_attn: bool | None = None
-    optimizer_config: dict[str, Any] | None = None
+    # PROTOCOL.md 7.8: defaults to AdamW, like create_model's (0.15 servers do not send it).
+    optimizer_config: dict[str, Any] = msgspec.field(default_factory=lambda: {"type": "adamw"})
 
 
 class SetCheckpointTtlRequest(Request, kw_only=True):

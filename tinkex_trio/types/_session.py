@@ -19,6 +19,8 @@ class ClientConfigResponse(Response, kw_only=True):
     pjwt_auth_enabled: bool = False
     # "credential_cmd": the JWT exchange uses TINKER_CREDENTIAL_CMD's output (PROTOCOL.md 1.3).
     credential_default_source: str = "api_key"
+    # The official SDK's pyqwest transport; this SDK always uses its own (DESIGN.md "HTTP").
+    use_pyqwest_transport: bool = True
     proto_compress_fwdbwd: bool = False
     # tinkex extension: the server prefers protobuf forward_backward bodies (PROTOCOL.md 6).
     proto_fwdbwd: bool = False
@@ -30,8 +32,11 @@ class ClientConfigResponse(Response, kw_only=True):
     inflight_response_bytes_semaphore_size: int = 52_428_800
     billing_exception_max_pause_duration_sec: float = 3600.0
     sample_no_retries: bool = False
+    sample_enable_stuck_detection: bool = True
     sample_max_concurrent_requests: int = 2000
     sample_use_retrieve_futures: bool = False
+    custom_loss_server_side: bool = False
+    sample_join_sampling_session: bool = False
 
 
 class DynamicConfigRequest(Request, kw_only=True):
@@ -51,6 +56,12 @@ class DynamicConfigResponse(Response, kw_only=True):
     refresh_interval_sec: float = 300.0
     sample_cancel_enabled: bool = False
     sample_cancel_max_batch_size: int = 64
+
+
+class AuthTokenResponse(Response, kw_only=True):
+    """Answer of `POST /api/v1/auth/token` (PROTOCOL.md 1.3, 3.1): a short-lived JWT."""
+
+    jwt: str
 
 
 class CreateSessionRequest(Request, kw_only=True):

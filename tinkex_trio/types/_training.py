@@ -183,6 +183,9 @@ class SaveWeightsForSamplerRequest(Request, kw_only=True):
 
 
 class SaveWeightsForSamplerResponse(Response, kw_only=True):
+    """A named save has `path`, an unnamed one `sampling_session_id`; the other is null (a
+    0.15 client asserts that an unnamed save's `path` is null, PROTOCOL.md A.3.8)."""
+
     path: str | None = None
     sampling_session_id: str | None = None
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
@@ -204,6 +207,7 @@ class SaveWeightsExternalResponse(Response, kw_only=True):
 
     path: str
     size_bytes: int | None = None
+    type: Literal["save_weights_external"] = "save_weights_external"
 
 
 class LoadWeightsRequest(Request, kw_only=True):
