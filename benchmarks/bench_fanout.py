@@ -72,8 +72,9 @@ async def slow_samples(n: int, session_wide: bool) -> tuple[int, dict[str, int]]
     import httpx
 
     from tinkex_trio import SamplingParams
+    from tinkex_trio.local import LocalBackendSettings
     from tinkex_trio.local._app import open_backend_app
-    from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
+    from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
     counts: dict[str, int] = {}
 
@@ -89,16 +90,18 @@ async def slow_samples(n: int, session_wide: bool) -> tuple[int, dict[str, int]]
     done = 0
     with tempfile.TemporaryDirectory() as data_dir:
         async with open_backend_app(
-            data_dir=Path(data_dir),
-            engine=FakeEngine(delay=2.0),
-            api_key="tml-bench",
-            poll_timeout=0.5,
-            client_flags={"sample_use_retrieve_futures": session_wide},
+            LocalBackendSettings(
+                data_dir=Path(data_dir),
+                api_key="tml-bench",
+                poll_timeout=0.5,
+                client_flags={"sample_use_retrieve_futures": session_wide},
+            ),
+            FakeEngine(delay=2.0),
         ) as app:
             config = Config(api_key="tml-bench", base_url="http://bench", telemetry=False)
             transport = Counting(httpx.ASGITransport(app=app))
             async with open_service(config, transport=transport) as service:
-                sampler = await service.create_sampling_client(base_model=FAKE_TINY_NAME)
+                sampler = await service.create_sampling_client(base_model=FAKE_MODEL_NAME)
                 counts.clear()
 
                 async def one(i: int) -> None:

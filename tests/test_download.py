@@ -409,7 +409,7 @@ async def test_local_backend_round_trip(tmp_path: Path) -> None:
     """save_weights on the local backend, then list, download, publish, TTL and delete it."""
     pytest.importorskip("hypercorn")
     local = pytest.importorskip("tinkex_trio.local")
-    fake = pytest.importorskip("tinkex_trio.local._fake_engine")
+    fake = pytest.importorskip("tinkex_trio.local.testing")
     import msgspec
 
     async with local.open_local_backend(
@@ -444,7 +444,7 @@ async def test_local_backend_round_trip(tmp_path: Path) -> None:
                         {
                             "session_id": session["session_id"],
                             "model_seq_id": 0,
-                            "base_model": fake.FAKE_TINY_NAME,
+                            "base_model": fake.FAKE_MODEL_NAME,
                             "lora_config": {"rank": 4},
                         },
                     )

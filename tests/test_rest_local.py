@@ -18,7 +18,7 @@ pytest.importorskip("hypercorn")
 from tinkex_trio import open_service, rest as rest_module
 from tinkex_trio.errors import InvalidInputError, NotFoundError, RequestFailedError
 from tinkex_trio.local import open_local_backend
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 from tinkex_trio.types import (
     SearchStatusActive,
     SearchStatusClientFinished,
@@ -50,7 +50,7 @@ async def test_external_weights_copy_project_trace_and_search(
                 user_metadata={"team": "rl"},
             ) as service,
         ):
-            training = await service.create_lora_training_client(FAKE_TINY_NAME, rank=4)
+            training = await service.create_lora_training_client(FAKE_MODEL_NAME, rank=4)
             rest = service.create_rest_client()
 
             # save_weights_external -> signed per-file URLs, served by the backend.
@@ -77,7 +77,7 @@ async def test_external_weights_copy_project_trace_and_search(
             assert copy.tinker_path != saved.path
             copied_run = copy.tinker_path.split("/")[2]
             run = await rest.get_training_run(copied_run)
-            assert run.base_model == FAKE_TINY_NAME
+            assert run.base_model == FAKE_MODEL_NAME
             assert run.last_checkpoint is not None
             assert run.last_checkpoint.checkpoint_type == "training"
             assert run.last_checkpoint.expires_at is not None

@@ -48,6 +48,7 @@ from rich.progress import (
 from rich.table import Table
 
 from tinkex_trio import types as t
+from tinkex_trio._cli_args import non_negative_int, positive_int
 from tinkex_trio._transport import Transport
 from tinkex_trio._version import __version__
 from tinkex_trio.config import Config
@@ -575,26 +576,6 @@ def byte_size(value: str) -> int:
     return size
 
 
-def _int_at_least(minimum: int, expected: str) -> Callable[[str], int]:
-    """An argparse type: an int >= `minimum`; the error says what was `expected`."""
-
-    def parse(value: str) -> int:
-        try:
-            number: int | None = int(value)
-        except ValueError:
-            number = None
-        if number is None or number < minimum:
-            raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
-        return number
-
-    return parse
-
-
-positive_int = _int_at_least(1, "a positive integer")
-"""argparse type: an int >= 1 (also used by `tinkex-trio serve`)."""
-_non_negative_int = _int_at_least(0, "an integer >= 0")
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -684,7 +665,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"base model (default: {DEFAULT_SAMPLE_MODEL})",
     )
     source.add_argument("--model-path", metavar="TINKER_PATH", help="sampler weights to use")
-    p.add_argument("--max-tokens", type=_non_negative_int, default=64, help="default: 64")
+    p.add_argument("--max-tokens", type=non_negative_int, default=64, help="default: 64")
     p.add_argument("--temperature", type=float, default=0.7, help="default: 0.7 (0: greedy)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("-n", "--num-samples", type=positive_int, default=1, help="default: 1")

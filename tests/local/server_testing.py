@@ -15,8 +15,10 @@ from typing import Any
 import httpx
 import trio
 
+from tinkex_trio.local import LocalBackendSettings
 from tinkex_trio.local._app import BackendApp, open_backend_app
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
+from tinkex_trio.local._backend import Backend
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
 API_KEY = "tml-test-key"
 POLL = 5.0  # long-poll window used by the in-process tests (virtual seconds)
@@ -29,6 +31,10 @@ class Harness:
     app: BackendApp
     engine: FakeEngine
     data_dir: Path
+
+    @property
+    def backend(self) -> Backend:
+        return self.app.backend
 
     async def post(self, path: str, body: Any = None, **kw: Any) -> httpx.Response:
         if body is None:
@@ -73,7 +79,7 @@ class Harness:
             {
                 "session_id": session_id,
                 "model_seq_id": model_seq_id,
-                "base_model": FAKE_TINY_NAME,
+                "base_model": FAKE_MODEL_NAME,
                 "lora_config": {"rank": rank},
             },
         )
@@ -126,15 +132,17 @@ async def open_harness(
     in_thread: bool = False,
     **app_kwargs: Any,
 ) -> AsyncIterator[Harness]:
-    """`app_kwargs` go to `open_backend_app` (e.g. `max_queued_samples=`)."""
+    """`app_kwargs` are `LocalBackendSettings` options (e.g. `max_queued_samples=`)."""
     engine = engine if engine is not None else FakeEngine()
     async with open_backend_app(
-        data_dir=data_dir,
-        engine=engine,
-        api_key=API_KEY,
-        poll_timeout=poll_timeout,
+        LocalBackendSettings(
+            data_dir=data_dir,
+            api_key=API_KEY,
+            poll_timeout=poll_timeout,
+            **app_kwargs,
+        ),
+        engine,
         engine_in_thread=in_thread,
-        **app_kwargs,
     ) as app:
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(

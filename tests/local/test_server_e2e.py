@@ -14,7 +14,7 @@ import trio
 from server_testing import fb_body
 
 from tinkex_trio.local import open_local_backend, serve_local_backend
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
 LIMIT = 30
 
@@ -51,7 +51,7 @@ async def test_end_to_end_over_http(tmp_path: Path) -> None:
                 sub = (
                     await client.post(
                         "/api/v1/create_model",
-                        json={"session_id": sid, "model_seq_id": 0, "base_model": FAKE_TINY_NAME},
+                        json={"session_id": sid, "model_seq_id": 0, "base_model": FAKE_MODEL_NAME},
                     )
                 ).json()
                 mid = (await _result(client, sub["request_id"]))["model_id"]

@@ -17,7 +17,7 @@ import trio.testing
 from server_testing import API_KEY, open_harness
 
 from tinkex_trio import AdamParams, Datum, ModelInput, SamplingParams, open_service
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME
+from tinkex_trio.local.testing import FAKE_MODEL_NAME
 
 BASE_URL = "http://testserver"
 
@@ -89,7 +89,7 @@ async def test_sdk_trains_and_samples_through_token_expiry(
         async with open_service(
             base_url=BASE_URL, api_key=API_KEY, transport=rec, telemetry=False
         ) as service:
-            training = await service.create_lora_training_client(FAKE_TINY_NAME, rank=4)
+            training = await service.create_lora_training_client(FAKE_MODEL_NAME, rank=4)
             datum = Datum(
                 model_input=ModelInput.from_ints([1, 2, 3]),
                 loss_fn_inputs={"target_tokens": [2, 3, 4]},

@@ -17,8 +17,9 @@ import numpy as np
 import trio
 
 from tinkex_trio import Config, _protobuf, open_service, types as t
+from tinkex_trio.local import LocalBackendSettings
 from tinkex_trio.local._app import open_backend_app
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
 API_KEY = "tml-test-key"
 
@@ -53,12 +54,14 @@ class Recording(httpx.AsyncBaseTransport):
 @asynccontextmanager
 async def backend(data_dir: Path, **flags: Any) -> AsyncIterator[Any]:
     async with open_backend_app(
-        data_dir=data_dir,
-        engine=FakeEngine(),
-        api_key=API_KEY,
-        poll_timeout=2.0,
+        LocalBackendSettings(
+            data_dir=data_dir,
+            api_key=API_KEY,
+            poll_timeout=2.0,
+            client_flags=flags,
+        ),
+        FakeEngine(),
         engine_in_thread=False,
-        client_flags=flags,
     ) as app:
         yield app
 
@@ -83,7 +86,7 @@ def _data() -> list[t.Datum]:
 async def _job(app: Any, transport: httpx.AsyncBaseTransport, **config: Any) -> dict[str, Any]:
     cfg = Config(api_key=API_KEY, base_url="http://testserver", telemetry=False, **config)
     async with open_service(cfg, transport=transport) as service:
-        training = await service.create_lora_training_client(FAKE_TINY_NAME, rank=4)
+        training = await service.create_lora_training_client(FAKE_MODEL_NAME, rank=4)
         fwd = await (await training.forward(_data())).result()
         fb = await (await training.forward_backward(_data())).result()
         await (await training.optim_step(t.AdamParams(learning_rate=1e-2))).result()
@@ -187,7 +190,7 @@ async def test_retrieve_futures_reports_completions_by_cursor_and_cancel_future(
                     {
                         "session_id": session,
                         "sampling_session_seq_id": 0,
-                        "base_model": FAKE_TINY_NAME,
+                        "base_model": FAKE_MODEL_NAME,
                     },
                 )
             )["sampling_session_id"]
@@ -250,17 +253,19 @@ async def test_retrieve_futures_reports_completions_by_cursor_and_cancel_future(
 async def _count_sample_polls(data_dir: Path, n: int, *, session_wide: bool) -> dict[str, int]:
     """n concurrent samples that each take longer than the server's long-poll window."""
     async with open_backend_app(
-        data_dir=data_dir,
-        engine=FakeEngine(delay=0.3),
-        api_key=API_KEY,
-        poll_timeout=0.1,
+        LocalBackendSettings(
+            data_dir=data_dir,
+            api_key=API_KEY,
+            poll_timeout=0.1,
+            client_flags={"sample_use_retrieve_futures": session_wide},
+        ),
+        FakeEngine(delay=0.3),
         engine_in_thread=True,
-        client_flags={"sample_use_retrieve_futures": session_wide},
     ) as app:
         rec = Recording(httpx.ASGITransport(app=app))
         cfg = Config(api_key=API_KEY, base_url="http://testserver", telemetry=False)
         async with open_service(cfg, transport=rec) as service:
-            sampler = await service.create_sampling_client(base_model=FAKE_TINY_NAME)
+            sampler = await service.create_sampling_client(base_model=FAKE_MODEL_NAME)
             start = len(rec.seen)
             async with trio.open_nursery() as nursery:
                 for i in range(n):

@@ -9,7 +9,7 @@ import trio
 from server_testing import POLL, datum, fb_body, open_harness
 
 from tinkex_trio.local._engine_api import EngineUserError
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME
+from tinkex_trio.local.testing import FAKE_MODEL_NAME
 
 
 async def test_auth_required_except_healthz(tmp_path: Path, autojump_clock: object) -> None:
@@ -39,7 +39,7 @@ async def test_session_lifecycle(tmp_path: Path, autojump_clock: object) -> None
         r = await h.post("session_heartbeat", {"session_id": "nope"})
         assert r.status_code == 404
         caps = (await h.get("get_server_capabilities")).json()
-        assert caps["supported_models"][0]["model_name"] == FAKE_TINY_NAME
+        assert caps["supported_models"][0]["model_name"] == FAKE_MODEL_NAME
         assert (await h.ok("client/config", {"sdk_version": "x"}))["pjwt_auth_enabled"] is False
 
 
@@ -49,7 +49,7 @@ async def test_training_round_trip(tmp_path: Path, autojump_clock: object) -> No
         mid = await h.model(sid)
         assert mid == f"{sid}:train:0"
         info = await h.ok("get_info", {"model_id": mid})
-        assert info["model_data"]["model_name"] == FAKE_TINY_NAME and info["lora_rank"] == 4
+        assert info["model_data"]["model_name"] == FAKE_MODEL_NAME and info["lora_rank"] == 4
         fb = await h.ok("forward_backward", fb_body(mid, 1))
         assert fb["model_id"] == mid
         out = await h.result(fb["request_id"])
@@ -77,7 +77,12 @@ async def test_training_round_trip(tmp_path: Path, autojump_clock: object) -> No
             {"model_id": mid, "seq_id": 6, "sampling_session_seq_id": 0},
         )
         res = await h.result(unnamed["request_id"])
-        assert res["sampling_session_id"] == f"{sid}:sample:0" and "path" not in res
+        # `path` is null, as a 0.15 client asserts for an unnamed save (PROTOCOL.md A.3.8).
+        assert res == {
+            "sampling_session_id": f"{sid}:sample:0",
+            "path": None,
+            "type": "save_weights_for_sampler",
+        }
         smp = await h.ok(
             "asample",
             {
@@ -158,7 +163,7 @@ async def test_duplicate_seq_dedup_and_conflict(tmp_path: Path, autojump_clock: 
         body = {
             "session_id": sid,
             "model_seq_id": 0,
-            "base_model": FAKE_TINY_NAME,
+            "base_model": FAKE_MODEL_NAME,
             "lora_config": {"rank": 4},
         }
         again = await h.ok("create_model", body)
@@ -166,7 +171,7 @@ async def test_duplicate_seq_dedup_and_conflict(tmp_path: Path, autojump_clock: 
         # asample dedup on (sampling session, seq_id)
         ss = await h.ok(
             "create_sampling_session",
-            {"session_id": sid, "sampling_session_seq_id": 3, "base_model": FAKE_TINY_NAME},
+            {"session_id": sid, "sampling_session_seq_id": 3, "base_model": FAKE_MODEL_NAME},
         )
         sbody = {
             "prompt": {"chunks": [{"tokens": [1]}]},
@@ -183,13 +188,13 @@ async def test_failure_categories_do_not_poison(tmp_path: Path, autojump_clock: 
     async with open_harness(tmp_path) as h:
         sid = await h.session()
         mid = await h.model(sid)
-        h.engine.fail_next["forward_backward"] = EngineUserError("weights has NaN at datum 0")
+        h.engine.fail_next("forward_backward", EngineUserError("weights has NaN at datum 0"))
         fb = await h.ok("forward_backward", fb_body(mid, 1))
         assert await h.result(fb["request_id"]) == {
             "error": "weights has NaN at datum 0",
             "category": "user",
         }
-        h.engine.fail_next["optim_step"] = RuntimeError("boom")
+        h.engine.fail_next("optim_step", RuntimeError("boom"))
         opt = await h.ok("optim_step", {"model_id": mid, "seq_id": 2})
         res = await h.result(opt["request_id"])
         assert res["category"] == "server" and "boom" in res["error"]
@@ -198,17 +203,21 @@ async def test_failure_categories_do_not_poison(tmp_path: Path, autojump_clock: 
         # sampling: a per-request engine error and a batch-wide crash
         ss = await h.ok(
             "create_sampling_session",
-            {"session_id": sid, "sampling_session_seq_id": 0, "base_model": FAKE_TINY_NAME},
+            {"session_id": sid, "sampling_session_seq_id": 0, "base_model": FAKE_MODEL_NAME},
         )
+        h.engine.reject_next_sample("prompt rejected by the engine")
         bad = await h.ok(
             "asample",
             {
-                "prompt": {"chunks": [{"tokens": [0]}]},
+                "prompt": {"chunks": [{"tokens": [4]}]},
                 "sampling_session_id": ss["sampling_session_id"],
             },
         )
-        assert (await h.result(bad["request_id"]))["category"] == "user"
-        h.engine.fail_next["sample"] = RuntimeError("oom")
+        assert await h.result(bad["request_id"]) == {
+            "error": "prompt rejected by the engine",
+            "category": "user",
+        }
+        h.engine.fail_next("sample", RuntimeError("oom"))
         crash = await h.ok(
             "asample",
             {
@@ -276,7 +285,7 @@ async def test_bad_inputs_are_4xx_and_consume_seq(tmp_path: Path, autojump_clock
             ("save_weights", {"model_id": mid, "seq_id": 8, "path": "../x"}, 400, "not a valid"),
             (
                 "create_model",
-                {"session_id": "nope", "model_seq_id": 0, "base_model": FAKE_TINY_NAME},
+                {"session_id": "nope", "model_seq_id": 0, "base_model": FAKE_MODEL_NAME},
                 404,
                 "unknown session_id",
             ),
@@ -291,7 +300,7 @@ async def test_bad_inputs_are_4xx_and_consume_seq(tmp_path: Path, autojump_clock
                 {
                     "session_id": sid,
                     "model_seq_id": 1,
-                    "base_model": FAKE_TINY_NAME,
+                    "base_model": FAKE_MODEL_NAME,
                     "lora_config": {
                         "rank": 4,
                         "train_attn": False,
@@ -312,7 +321,7 @@ async def test_bad_inputs_are_4xx_and_consume_seq(tmp_path: Path, autojump_clock
                 "asample",
                 {
                     "prompt": {"chunks": [{"data": "aGk=", "format": "png"}]},
-                    "base_model": FAKE_TINY_NAME,
+                    "base_model": FAKE_MODEL_NAME,
                 },
                 400,
                 "text-only",
@@ -321,7 +330,7 @@ async def test_bad_inputs_are_4xx_and_consume_seq(tmp_path: Path, autojump_clock
                 "asample",
                 {
                     "prompt": {"chunks": [{"tokens": [1]}]},
-                    "base_model": FAKE_TINY_NAME,
+                    "base_model": FAKE_MODEL_NAME,
                     "sampling_params": {"max_tokens": 5000},
                 },
                 400,
@@ -369,7 +378,7 @@ async def test_lenient_bodies_0_15_style(tmp_path: Path, autojump_clock: object)
             {
                 "session_id": sid,
                 "model_seq_id": 0,
-                "base_model": FAKE_TINY_NAME,
+                "base_model": FAKE_MODEL_NAME,
                 "user_metadata": None,
                 "lora_config": {"rank": 2, "seed": None},
             },
@@ -419,9 +428,9 @@ async def test_lenient_bodies_0_15_style(tmp_path: Path, autojump_clock: object)
             },
         )
         out = await h.result(smp["request_id"])
-        assert "prompt_logprobs" not in out and len(out["sequences"][0]["tokens"]) == 64
+        assert out["prompt_logprobs"] is None and len(out["sequences"][0]["tokens"]) == 64
         r = await h.get(f"samplers/{ss['sampling_session_id']}")
-        assert r.json()["base_model"] == FAKE_TINY_NAME
+        assert r.json()["base_model"] == FAKE_MODEL_NAME
         assert r.json()["model_path"] == f"tinker://{mid}/weights/a"
 
 
@@ -432,7 +441,7 @@ async def test_load_weights_both_modes(tmp_path: Path, autojump_clock: object) -
         save = await h.ok("save_weights", {"model_id": mid, "seq_id": 1, "path": "p"})
         path = (await h.result(save["request_id"]))["path"]
         info = await h.ok("weights_info", {"tinker_path": path})
-        assert info["base_model"] == FAKE_TINY_NAME and info["lora_rank"] == 8
+        assert info["base_model"] == FAKE_MODEL_NAME and info["lora_rank"] == 8
         load = await h.ok(
             "load_weights", {"session_id": sid, "model_seq_id": 1, "path": path, "optimizer": True}
         )

@@ -13,7 +13,8 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from server_testing import Harness, fb_body, open_harness
 
-from tinkex_trio.local._archive import ARCHIVE_ROUTE_PREFIX, sign
+from tinkex_trio.local._archive import ARCHIVE_ROUTE_PREFIX
+from tinkex_trio.local._signed_urls import sign
 from tinkex_trio.local._store import RESTART_FAILURE_MESSAGE
 
 
@@ -84,14 +85,14 @@ async def test_checkpoint_publish_ttl_delete(tmp_path: Path, autojump_clock: obj
         r = await h.post(f"{base}/publish")
         assert r.status_code == 409 and "already public" in r.json()["detail"]
         ck = (await h.get(f"training_runs/{mid}/checkpoints")).json()["checkpoints"][0]
-        assert ck["public"] is True and "expires_at" not in ck
+        assert ck["public"] is True and ck["expires_at"] is None
         r = await h.client.put(f"/api/v1/{base}/ttl", json={"ttl_seconds": 86400})
         assert r.status_code == 200
         ck = (await h.get(f"training_runs/{mid}/checkpoints")).json()["checkpoints"][0]
         assert _aware(ck["expires_at"]).timestamp() > time.time() + 86000
         r = await h.client.put(f"/api/v1/{base}/ttl", json={"ttl_seconds": None})
         ck = (await h.get(f"training_runs/{mid}/checkpoints")).json()["checkpoints"][0]
-        assert "expires_at" not in ck
+        assert ck["expires_at"] is None
         r = await h.client.put(f"/api/v1/{base}/ttl", json={"ttl_seconds": -5})
         assert r.status_code == 400
         directory = tmp_path / "checkpoints" / mid.replace(":", "_") / "weights" / "a"
@@ -154,7 +155,7 @@ async def test_archive_503_then_302_and_signed_download(tmp_path: Path) -> None:
         r = await h.client.get(location.replace(f"expires={query['expires'][0]}", "expires=99"))
         assert r.status_code == 403
         past = int(time.time()) - 10
-        sig = sign(h.app.settings.secret, parts.path, past)
+        sig = sign(h.backend.secret, parts.path, past)
         r = await h.client.get(f"{parts.path}?expires={past}&signature={sig}")
         assert r.status_code == 410 and "expired" in r.json()["detail"]
         assert parts.path.startswith(ARCHIVE_ROUTE_PREFIX)

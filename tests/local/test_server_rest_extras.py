@@ -11,7 +11,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 from server_testing import Harness, open_harness
 
-from tinkex_trio.local._archive import sign
+from tinkex_trio.local._signed_urls import sign
 
 
 async def _session(h: Harness, **fields: Any) -> str:
@@ -44,7 +44,7 @@ async def test_external_weights_urls_are_signed_and_die_with_the_export(
         query = parse_qs(parts.query)
         past = int(time.time()) - 10
         expired = (
-            f"{parts.path}?expires={past}&signature={sign(h.app.settings.secret, parts.path, past)}"
+            f"{parts.path}?expires={past}&signature={sign(h.backend.secret, parts.path, past)}"
         )
         assert (await h.client.get(expired)).status_code == 410
         tampered = url.replace(query["expires"][0], str(int(query["expires"][0]) + 1))
@@ -113,7 +113,7 @@ async def test_session_project_and_trace_export(tmp_path: Path) -> None:
         ] == sid
 
         first = (await h.get(f"sessions/{sid}/trace_export")).json()
-        assert first == {"status": "pending"}
+        assert first == {"status": "pending", "url": None, "error": None}
         with trio.fail_after(10):
             for _ in range(500):
                 ready = (await h.get(f"sessions/{sid}/trace_export")).json()
@@ -174,7 +174,11 @@ async def test_session_search_filters_and_cursor(tmp_path: Path, autojump_clock:
         assert seen == ids[::-1]
 
         summary = (await h.post("sessions/search", {"session_id": ids[2]})).json()["sessions"][0]
-        assert summary["status"] == {"type": "client_finished", "reason": {"type": "errored"}}
+        assert summary["status"] == {
+            "type": "client_finished",
+            "reason": {"type": "errored"},
+            "detail": None,
+        }
         assert summary["owner"] == "tml:user:local" and summary["checkpoints_count"] == 0
         for bad in ({"limit": 0}, {"limit": 201}, {"owner": {"type": "user", "owner_urns": []}}):
             r = await h.post("sessions/search", bad)

@@ -15,8 +15,9 @@ from server_testing import API_KEY, POLL, Harness, fb_body, open_harness, sample
 
 import tinkex_trio
 from tinkex_trio import AdamParams, Datum, ModelInput, SamplingParams, _protobuf
+from tinkex_trio.local import LocalBackendSettings
 from tinkex_trio.local._app import open_backend_app
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
 BASE_URL = "http://testserver"
 
@@ -25,7 +26,7 @@ async def _sampler(h: Harness, seq: int = 0) -> str:
     sid = await h.session()
     body = await h.ok(
         "create_sampling_session",
-        {"session_id": sid, "sampling_session_seq_id": seq, "base_model": FAKE_TINY_NAME},
+        {"session_id": sid, "sampling_session_seq_id": seq, "base_model": FAKE_MODEL_NAME},
     )
     return str(body["sampling_session_id"])
 
@@ -59,7 +60,7 @@ async def test_retrieved_payloads_are_deleted_then_410(
         gone = await h.poll(a)
         assert gone.status_code == 410
         assert gone.json()["detail"].startswith("result already retrieved")
-        assert h.app.store.get_future(a).result is None  # type: ignore[union-attr]
+        assert h.backend.store.get_future(a).result is None  # type: ignore[union-attr]
         assert "sequences" in await h.result(b)
         assert (await h.poll(b)).status_code == 410
         # Never acknowledged, or acknowledged under the wrong session: kept.
@@ -69,7 +70,8 @@ async def test_retrieved_payloads_are_deleted_then_410(
         # A resubmitted seq_id whose payload is gone is still a duplicate (same request id).
         assert (await h.ok("asample", sample_body(ss, 0)))["request_id"] == a
         # Unknown, pending and failed ids in the list are ignored.
-        bad = await h.ok("asample", sample_body(ss, 3, tokens=[0]))  # fake engine rejects [0]
+        h.engine.reject_next_sample("rejected by the engine")
+        bad = await h.ok("asample", sample_body(ss, 3))
         assert (await h.result(bad["request_id"]))["category"] == "user"
         await _ack(h, ss, ["req-unknown", bad["request_id"]])
         assert (await h.result(bad["request_id"]))["category"] == "user"
@@ -81,16 +83,18 @@ async def test_sdk_acknowledgements_delete_payloads_without_410(
     """The SDK lists requests as retrieved once their samples fetched them (with the next poll,
     or an acknowledgement-only poll when no sample waits): payloads go, no sample sees a 410."""
     async with open_backend_app(
-        data_dir=tmp_path,
-        engine=FakeEngine(),
-        api_key=API_KEY,
-        poll_timeout=POLL,
+        LocalBackendSettings(
+            data_dir=tmp_path,
+            api_key=API_KEY,
+            poll_timeout=POLL,
+        ),
+        FakeEngine(),
         engine_in_thread=False,
     ) as app:
         async with tinkex_trio.open_service(
             base_url=BASE_URL, api_key=API_KEY, transport=httpx.ASGITransport(app=app)
         ) as service:
-            sampler = await service.create_sampling_client(base_model=FAKE_TINY_NAME)
+            sampler = await service.create_sampling_client(base_model=FAKE_MODEL_NAME)
 
             async def one(i: int) -> None:
                 await sampler.sample(
@@ -105,7 +109,7 @@ async def test_sdk_acknowledgements_delete_payloads_without_410(
             assert sampler.statistics().retries == 0
             assert sampler.statistics().completed == 30
             await trio.sleep(1)  # let the last acknowledgement-only poll go out
-        rows = app.store._conn.execute(
+        rows = app.backend.store._conn.execute(
             "SELECT COUNT(*) FROM futures WHERE request_type='Sample' AND result IS NULL"
         ).fetchone()[0]
         assert rows == 30
@@ -176,18 +180,20 @@ async def test_sdk_gets_large_results_through_metadata_only(
     tmp_path: Path, autojump_clock: object
 ) -> None:
     async with open_backend_app(
-        data_dir=tmp_path,
-        engine=FakeEngine(),
-        api_key=API_KEY,
-        poll_timeout=POLL,
+        LocalBackendSettings(
+            data_dir=tmp_path,
+            api_key=API_KEY,
+            poll_timeout=POLL,
+            metadata_only_threshold=100,
+        ),
+        FakeEngine(),
         engine_in_thread=False,
-        metadata_only_threshold=100,
     ) as app:
         spy = _PollSpy(httpx.ASGITransport(app=app))
         async with tinkex_trio.open_service(
             base_url=BASE_URL, api_key=API_KEY, transport=spy
         ) as service:
-            training = await service.create_lora_training_client(FAKE_TINY_NAME, rank=4)
+            training = await service.create_lora_training_client(FAKE_MODEL_NAME, rank=4)
             lengths = (30, 20)
             batch = [
                 Datum(

@@ -10,15 +10,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
+import msgspec
 import trio
 from server_testing import API_KEY, POLL, Harness, fb_body, open_harness, sample_body
 
 import tinkex_trio
 from tinkex_trio import ModelInput, SamplingParams
+from tinkex_trio.local import LocalBackendSettings
 from tinkex_trio.local._app import open_backend_app
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
-from tinkex_trio.local._routes_session import DYNAMIC_CLIENT_FLAGS
+from tinkex_trio.local._routes_service import DYNAMIC_CONFIG
 from tinkex_trio.local._scheduler import SAMPLE_BATCH_MAX, SAMPLE_BATCH_WINDOW
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
 BASE_URL = "http://testserver"
 
@@ -27,7 +29,7 @@ async def _sampler(h: Harness) -> str:
     sid = await h.session()
     body = await h.ok(
         "create_sampling_session",
-        {"session_id": sid, "sampling_session_seq_id": 0, "base_model": FAKE_TINY_NAME},
+        {"session_id": sid, "sampling_session_seq_id": 0, "base_model": FAKE_MODEL_NAME},
     )
     return str(body["sampling_session_id"])
 
@@ -39,8 +41,9 @@ def _engine_sampled(engine: FakeEngine) -> int:
 
 async def test_dynamic_config_enables_cancel(tmp_path: Path, autojump_clock: object) -> None:
     async with open_harness(tmp_path) as h:
-        assert await h.ok("client/dynamic_config", {"sdk_version": "t"}) == DYNAMIC_CLIENT_FLAGS
-    assert DYNAMIC_CLIENT_FLAGS["sample_cancel_enabled"] is True
+        answer = await h.ok("client/dynamic_config", {"sdk_version": "t"})
+    assert answer == msgspec.to_builtins(DYNAMIC_CONFIG)
+    assert answer["sample_cancel_enabled"] is True
 
 
 async def test_a_cancelled_queued_sample_never_runs_and_frees_its_slot(
@@ -48,18 +51,18 @@ async def test_a_cancelled_queued_sample_never_runs_and_frees_its_slot(
 ) -> None:
     async with open_harness(tmp_path, max_queued_samples=2) as h:
         ss = await _sampler(h)
-        async with h.app.runner.exclusive():  # the engine is busy: nothing starts
+        async with h.backend.runner.exclusive():  # the engine is busy: nothing starts
             first, second = [await h.ok("asample", sample_body(ss, seq)) for seq in range(2)]
             assert (await h.post("asample", sample_body(ss, 2))).status_code == 429
             assert await h.ok("cancel_future", {"request_id": first["request_id"]}) == {}
-            assert h.app.batcher.queued == 1
+            assert h.backend.batcher.queued == 1
             # Cancelling again is a no-op; the freed slot takes a new sample.
             await h.ok("cancel_future", {"request_id": first["request_id"]})
             third = await h.ok("asample", sample_body(ss, 2))
-            assert h.app.batcher.queued == 2
+            assert h.backend.batcher.queued == 2
             await trio.sleep(10.0)
         await trio.sleep(SAMPLE_BATCH_WINDOW)
-        assert h.app.batcher.queued == 0
+        assert h.backend.batcher.queued == 0
         cancelled = await h.result(first["request_id"])
         assert cancelled["category"] == "user" and "cancel" in cancelled["error"]
         for sub in (second, third):
@@ -71,11 +74,11 @@ async def test_cancel_while_the_batch_is_gathered(tmp_path: Path, autojump_clock
     """A sample already taken from the queue into a batch still being gathered is left out."""
     async with open_harness(tmp_path) as h:
         ss = await _sampler(h)
-        async with h.app.runner.exclusive():
+        async with h.backend.runner.exclusive():
             subs = [await h.ok("asample", sample_body(ss, seq)) for seq in range(3)]
             await trio.sleep(1.0)  # the batcher holds all three, waiting for the engine
             await h.ok("cancel_future", {"request_id": subs[1]["request_id"]})
-            assert h.app.batcher.queued == 2
+            assert h.backend.batcher.queued == 2
         for i, sub in enumerate(subs):
             result = await h.result(sub["request_id"])
             assert ("error" in result) == (i == 1), result
@@ -88,11 +91,11 @@ async def test_cancel_of_running_finished_unknown_and_training_requests(
     async with open_harness(tmp_path) as h:
         ss = await _sampler(h)
         # A full batch goes to the engine at once and waits for it there: "running".
-        async with h.app.runner.exclusive():
+        async with h.backend.runner.exclusive():
             subs = [await h.ok("asample", sample_body(ss, s)) for s in range(SAMPLE_BATCH_MAX)]
             await trio.sleep(1.0)
             running = subs[0]["request_id"]
-            assert h.app.store.get_future(running).state == "running"  # type: ignore[union-attr]
+            assert h.backend.store.get_future(running).state == "running"  # type: ignore[union-attr]
             await h.ok("cancel_future", {"request_id": running})
         await trio.sleep(1.0)
         # The engine ran it; its result was dropped, the future stays cancelled.
@@ -107,7 +110,7 @@ async def test_cancel_of_running_finished_unknown_and_training_requests(
         assert (await h.post("cancel_future", {"request_id": "req-nope"})).status_code == 404
         # Training requests are never cancelled: the step still applies, so does its future.
         model = await h.model(await h.session())
-        async with h.app.runner.exclusive():
+        async with h.backend.runner.exclusive():
             step = await h.ok("forward_backward", fb_body(model, 1))
             await h.ok("cancel_future", {"request_id": step["request_id"]})
         assert "loss_fn_outputs" in await h.result(step["request_id"])
@@ -118,21 +121,23 @@ async def test_sdk_cancels_abandoned_samples_before_the_engine_runs_them(
 ) -> None:
     engine = FakeEngine()
     async with open_backend_app(
-        data_dir=tmp_path,
-        engine=engine,
-        api_key=API_KEY,
-        poll_timeout=POLL,
+        LocalBackendSettings(
+            data_dir=tmp_path,
+            api_key=API_KEY,
+            poll_timeout=POLL,
+        ),
+        engine,
         engine_in_thread=False,
     ) as app:
         async with tinkex_trio.open_service(
             base_url=BASE_URL, api_key=API_KEY, transport=httpx.ASGITransport(app=app)
         ) as service:
-            sampler = await service.create_sampling_client(base_model=FAKE_TINY_NAME)
+            sampler = await service.create_sampling_client(base_model=FAKE_MODEL_NAME)
             canceller = service._ctx.sample_canceller
             engine_free = trio.Event()
 
             async def busy_engine(task_status: trio.TaskStatus[None]) -> None:
-                async with app.runner.exclusive():  # e.g. a long training step
+                async with app.backend.runner.exclusive():  # e.g. a long training step
                     task_status.started()
                     await engine_free.wait()
 
@@ -150,7 +155,7 @@ async def test_sdk_cancels_abandoned_samples_before_the_engine_runs_them(
                 # The cancels reach the server while the engine is still busy.
                 await trio.sleep(1)
                 assert canceller.sent == 20
-                assert app.batcher.queued == 0
+                assert app.backend.batcher.queued == 0
                 engine_free.set()
             await trio.sleep(10)
             assert _engine_sampled(engine) < 20

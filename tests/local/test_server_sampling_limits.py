@@ -17,11 +17,11 @@ from server_testing import API_KEY, POLL, Harness, open_harness, sample_body
 
 import tinkex_trio
 from tinkex_trio import ModelInput, SamplingParams
-from tinkex_trio.local import server
+from tinkex_trio.local import LocalBackendSettings, server
 from tinkex_trio.local._app import open_backend_app
-from tinkex_trio.local._fake_engine import FAKE_TINY_NAME, FakeEngine
 from tinkex_trio.local._routes_sampling import SAMPLE_RETRY_AFTER_MS
 from tinkex_trio.local._scheduler import SAMPLE_BATCH_WINDOW
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
 BASE_URL = "http://testserver"
 
@@ -30,7 +30,7 @@ async def _sampler(h: Harness) -> str:
     sid = await h.session()
     body = await h.ok(
         "create_sampling_session",
-        {"session_id": sid, "sampling_session_seq_id": 0, "base_model": FAKE_TINY_NAME},
+        {"session_id": sid, "sampling_session_seq_id": 0, "base_model": FAKE_MODEL_NAME},
     )
     return str(body["sampling_session_id"])
 
@@ -40,9 +40,9 @@ async def test_asample_429_beyond_limit_then_accepted_once_drained(
 ) -> None:
     async with open_harness(tmp_path, max_queued_samples=3) as h:
         ss = await _sampler(h)
-        async with h.app.runner.exclusive():  # the engine is busy: nothing starts
+        async with h.backend.runner.exclusive():  # the engine is busy: nothing starts
             accepted = [await h.ok("asample", sample_body(ss, seq)) for seq in range(3)]
-            assert h.app.batcher.queued == 3
+            assert h.backend.batcher.queued == 3
             rejected = await h.post("asample", sample_body(ss, 3))
             assert rejected.status_code == 429
             assert rejected.headers["retry-after-ms"] == str(SAMPLE_RETRY_AFTER_MS)
@@ -51,7 +51,7 @@ async def test_asample_429_beyond_limit_then_accepted_once_drained(
             assert "3 sampling requests" in body["detail"]
             # Nothing was created or consumed for the rejected seq_id ...
             assert (
-                h.app.store.find_future_by_seq(model_id=None, sampling_session_id=ss, seq_id=3)
+                h.backend.store.find_future_by_seq(model_id=None, sampling_session_id=ss, seq_id=3)
                 is None
             )
             # ... and a resubmission of an accepted seq_id still gets its future.
@@ -60,7 +60,7 @@ async def test_asample_429_beyond_limit_then_accepted_once_drained(
             assert (await h.post("asample", sample_body(ss, 3))).status_code == 429
         # The engine is free: the gathered batch starts within one batch window.
         await trio.sleep(SAMPLE_BATCH_WINDOW)
-        assert h.app.batcher.queued == 0
+        assert h.backend.batcher.queued == 0
         late = await h.ok("asample", sample_body(ss, 3))  # the same seq_id, now accepted
         for sub in [*accepted, late]:
             result = await h.result(sub["request_id"])
@@ -70,10 +70,10 @@ async def test_asample_429_beyond_limit_then_accepted_once_drained(
 async def test_unlimited_queue_and_bad_limit(tmp_path: Path, autojump_clock: object) -> None:
     async with open_harness(tmp_path / "a", max_queued_samples=None) as h:
         ss = await _sampler(h)
-        async with h.app.runner.exclusive():
+        async with h.backend.runner.exclusive():
             for seq in range(40):
                 await h.ok("asample", sample_body(ss, seq))
-            assert h.app.batcher.queued > 16  # more than one batch waits; none refused
+            assert h.backend.batcher.queued > 16  # more than one batch waits; none refused
     with pytest.raises(ValueError, match="max_queued_samples"):
         async with open_harness(tmp_path / "b", max_queued_samples=0):
             pass
@@ -83,17 +83,19 @@ async def test_sdk_backs_off_and_every_sample_completes(
     tmp_path: Path, autojump_clock: object
 ) -> None:
     async with open_backend_app(
-        data_dir=tmp_path,
-        engine=FakeEngine(),
-        api_key=API_KEY,
-        poll_timeout=POLL,
+        LocalBackendSettings(
+            data_dir=tmp_path,
+            api_key=API_KEY,
+            poll_timeout=POLL,
+            max_queued_samples=5,
+        ),
+        FakeEngine(),
         engine_in_thread=False,
-        max_queued_samples=5,
     ) as app:
         async with tinkex_trio.open_service(
             base_url=BASE_URL, api_key=API_KEY, transport=httpx.ASGITransport(app=app)
         ) as service:
-            sampler = await service.create_sampling_client(base_model=FAKE_TINY_NAME)
+            sampler = await service.create_sampling_client(base_model=FAKE_MODEL_NAME)
             tokens: dict[int, list[int]] = {}
 
             async def one(i: int) -> None:

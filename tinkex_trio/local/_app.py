@@ -1,32 +1,34 @@
 """The local backend's ASGI app: every endpoint of PROTOCOL.md sections 3-4 and Appendix A.
 
-The endpoints live by domain in `_routes_session.py`, `_routes_training.py`,
-`_routes_sampling.py`, `_routes_futures.py` and `_routes_rest.py`; their shared state and
-helpers in `_backend.py`. This module wires them into one ASGI callable: routing,
-authentication and the mapping of exceptions to error responses.
+The endpoints live by resource in `_routes_service.py` (bootstrap, auth, telemetry),
+`_routes_sessions.py`, `_routes_models.py` (training runs), `_routes_checkpoints.py`,
+`_routes_sampling.py` and `_routes_futures.py`; their shared state in `_backend.py`. This
+module wires them into one ASGI callable: routing, authentication and the mapping of
+exceptions to error responses.
 
 Authentication: every `/api/v1/...` request but `healthz` carries `X-API-Key`: the backend's
-key or, with `jwt_auth=True`, also a JWT from `auth/token` (`_jwt.py`, PROTOCOL.md 1.3). An
+key or, with `jwt_auth`, also a JWT from `auth/token` (`_jwt.py`, PROTOCOL.md 1.3). An
 expired or foreign JWT is answered 401 with `WWW-Authenticate: Bearer error="invalid_token"`.
 
-`open_backend_app(...)` is an async context manager that owns the backend's background tasks
-(training lanes, the sampling batcher, archive builds, the checkpoint reaper) in one nursery and
-yields the ASGI callable. Hypercorn serves it (`server.py`); tests drive it in-process with
-`httpx.ASGITransport`.
+`open_backend_app(settings, engine)` is an async context manager that owns the backend's
+background tasks (training lanes, the sampling batcher, archive builds, the checkpoint reaper)
+in one nursery and yields the ASGI callable. Hypercorn serves it (`server.py`); tests drive it
+in-process with `httpx.ASGITransport`.
 
 Request bodies are decoded with `tinkex_trio.types.decode_request`, which accepts both JSON
-conventions of Appendix A.0 (`type` present or not, null or omitted). Bad input of any kind is
-answered with a 4xx JSON body `{"detail": ..., "category": "user"}` that names the problem, or
-(for problems only the engine can see) a failed future with category `user`; an unexpected
-exception in a handler becomes a 500 with a JSON body and a logged traceback, never a crash.
+conventions of Appendix A.0 (`type` present or not, null or omitted); every answer is encoded
+from the same `tinkex_trio.types` Structs the SDK decodes (`_http.json_response` takes nothing
+else). Bad input of any kind is answered with a 4xx JSON body `{"detail": ..., "category":
+"user"}` that names the problem, or (for problems only the engine can see) a failed future with
+category `user`; an unexpected exception in a handler becomes a 500 with a JSON body and a
+logged traceback, never a crash.
 
 Data directory layout:
 
     state.sqlite3           the store (_store.py)
     api_key, secret         generated on first start (mode 0600)
-    checkpoints/<run>/<segment>/<name>/   checkpoint files (PEFT layout)
-    ephemeral/<sampler>/    weights behind unnamed save_weights_for_sampler sessions
-    archives/               cached checkpoint tar.gz files
+    checkpoints/, ephemeral/, staging/, archives/   checkpoint files (_checkpoints.py)
+    traces/                 session trace exports (_trace_exports.py)
 """
 
 from __future__ import annotations
@@ -38,21 +40,12 @@ import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
 
 import msgspec
 import trio
 
-from ._backend import (
-    API,
-    DEFAULT_CLIENT_FLAGS,
-    DEFAULT_MAX_QUEUED_SAMPLES,
-    DEFAULT_METADATA_ONLY_THRESHOLD,
-    AppSettings,
-    Backend,
-)
-from ._engine_api import Engine, EngineUserError, ModelInfo
-from ._futures import DEFAULT_POLL_TIMEOUT
+from ._backend import API, Backend
+from ._engine_api import Engine, EngineUserError
 from ._http import (
     HTTPError,
     Receive,
@@ -67,13 +60,15 @@ from ._http import (
     read_request,
     send_response,
 )
-from ._jwt import DEFAULT_JWT_LIFETIME, JwtIssuer
+from ._jwt import JwtIssuer
+from ._routes_checkpoints import CheckpointRoutes
 from ._routes_futures import FutureRoutes
-from ._routes_rest import RestRoutes
+from ._routes_models import ModelRoutes
 from ._routes_sampling import SamplingRoutes
-from ._routes_session import SessionRoutes
-from ._routes_training import TrainingRoutes
+from ._routes_service import ServiceRoutes
+from ._routes_sessions import SessionRoutes
 from ._scheduler import EngineRunner
+from ._settings import LocalBackendSettings
 from ._store import Store
 
 logger = logging.getLogger("tinkex_trio.local.app")
@@ -102,30 +97,22 @@ def load_or_create_secret(data_dir: Path) -> bytes:
     return bytes.fromhex(_read_or_create(data_dir / "secret", lambda: secrets.token_hex(32)))
 
 
-class BackendApp(Backend):
-    """The ASGI callable over the backend state. Build it with `open_backend_app`."""
+class BackendApp:
+    """The ASGI callable over a `Backend`. Build it with `open_backend_app`."""
 
-    def __init__(
-        self,
-        settings: AppSettings,
-        store: Store,
-        runner: EngineRunner,
-        models: list[ModelInfo],
-        nursery: trio.Nursery,
-        *,
-        jwt: JwtIssuer | None = None,
-    ) -> None:
-        super().__init__(settings, store, runner, models, nursery)
-        self._api_key = settings.api_key.encode()
+    def __init__(self, backend: Backend, *, jwt: JwtIssuer | None = None) -> None:
+        self.backend = backend
         self.jwt = jwt
         """Issues and checks JWTs when the backend runs in JWT-exchange mode (else None)."""
+        self._api_key = backend.api_key.encode()
         self.router = Router()
         for group in (
-            SessionRoutes(self, jwt=jwt),
-            TrainingRoutes(self),
-            SamplingRoutes(self),
-            FutureRoutes(self),
-            RestRoutes(self),
+            ServiceRoutes(backend, jwt=jwt),
+            SessionRoutes(backend),
+            ModelRoutes(backend),
+            CheckpointRoutes(backend),
+            SamplingRoutes(backend),
+            FutureRoutes(backend),
         ):
             for method, pattern, handler in group.routes():
                 self.router.add(method, pattern, handler)
@@ -184,63 +171,31 @@ class BackendApp(Backend):
 
 @asynccontextmanager
 async def open_backend_app(
-    *,
-    data_dir: Path,
-    engine: Engine,
-    api_key: str | None = None,
-    poll_timeout: float = DEFAULT_POLL_TIMEOUT,
-    engine_in_thread: bool = True,
-    client_flags: dict[str, Any] | None = None,
-    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
-    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
-    jwt_auth: bool = False,
-    jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
+    settings: LocalBackendSettings, engine: Engine, *, engine_in_thread: bool = True
 ) -> AsyncIterator[BackendApp]:
     """Open the store, start the background tasks, yield the ASGI app; stop them on exit.
 
-    `engine_in_thread=False` runs engine calls inline on the trio thread (virtual-time tests
-    with a fake engine); the default runs them in one worker thread. `client_flags` are
-    merged over `DEFAULT_CLIENT_FLAGS` for `client/config` (e.g. `proto_compress_fwdbwd`,
-    `fwdbwd_max_chunk_len`). `max_queued_samples` is the sampling back-pressure limit
-    (`DEFAULT_MAX_QUEUED_SAMPLES`; None: unlimited). Results larger than
-    `metadata_only_threshold` bytes are announced metadata-only first (PROTOCOL.md 4.4;
-    `DEFAULT_METADATA_ONLY_THRESHOLD`; None: never). `jwt_auth=True` turns on JWT-exchange
-    auth (PROTOCOL.md 1.3): `client/config` says `pjwt_auth_enabled: true` and `auth/token`
-    issues JWTs valid for `jwt_lifetime` seconds; the raw key stays valid too.
-
-    Raises:
-        ValueError: `max_queued_samples` is below 1, or `jwt_lifetime` is not positive.
+    `settings` says everything but the engine (`LocalBackendSettings`; `host` and `port` are
+    the server's business, not the app's). `engine_in_thread=False` runs engine calls inline on
+    the trio thread (virtual-time tests with a fake engine); the default runs them in one
+    worker thread.
     """
-    if max_queued_samples is not None and max_queued_samples < 1:
-        raise ValueError(f"max_queued_samples must be >= 1 or None, got {max_queued_samples!r}")
-    data_dir = Path(data_dir)
+    data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
-    settings = AppSettings(
-        data_dir=data_dir,
-        api_key=api_key if api_key is not None else load_or_create_api_key(data_dir),
-        secret=load_or_create_secret(data_dir),
-        poll_timeout=poll_timeout,
-        engine_in_thread=engine_in_thread,
-        client_flags={
-            **DEFAULT_CLIENT_FLAGS,
-            **({"pjwt_auth_enabled": True} if jwt_auth else {}),
-            **(client_flags or {}),
-        },
-        max_queued_samples=max_queued_samples,
-        metadata_only_threshold=metadata_only_threshold,
-    )
-    jwt = JwtIssuer(settings.secret, lifetime=jwt_lifetime) if jwt_auth else None
+    api_key = settings.api_key if settings.api_key is not None else load_or_create_api_key(data_dir)
+    secret = load_or_create_secret(data_dir)
+    jwt = JwtIssuer(secret, lifetime=settings.jwt_lifetime) if settings.jwt_auth else None
     store = Store.open(data_dir / "state.sqlite3")
     try:
         runner = EngineRunner(engine, in_thread=engine_in_thread)
-        models = await runner.call(engine.models)
+        models = await runner.models()
         async with trio.open_nursery() as nursery:
-            app = BackendApp(settings, store, runner, models, nursery, jwt=jwt)
-            await nursery.start(app.lanes.run)
-            await nursery.start(app.batcher.run)
-            nursery.start_soon(app.reap_forever)
+            backend = Backend(settings, api_key, secret, store, runner, models, nursery)
+            await nursery.start(backend.lanes.run)
+            await nursery.start(backend.batcher.run)
+            nursery.start_soon(backend.checkpoints.reap_forever)
             try:
-                yield app
+                yield BackendApp(backend, jwt=jwt)
             finally:
                 nursery.cancel_scope.cancel(reason="local backend closing")
     finally:
@@ -248,9 +203,6 @@ async def open_backend_app(
 
 
 __all__ = [
-    "DEFAULT_MAX_QUEUED_SAMPLES",
-    "DEFAULT_METADATA_ONLY_THRESHOLD",
-    "AppSettings",
     "BackendApp",
     "load_or_create_api_key",
     "load_or_create_secret",

@@ -1,4 +1,4 @@
-"""Checkpoint archives (PROTOCOL.md A.4): build once, sign a URL, serve it as a stream.
+"""Checkpoint archives (PROTOCOL.md A.4): built once per checkpoint version, served as a stream.
 
 * The archive is a gzip-compressed tar of the checkpoint's regular files at the archive root
   (`adapter_config.json`, `adapter_model.safetensors`, `checkpoint_complete`, plus
@@ -7,15 +7,12 @@
 * It is built in a worker thread (compression is CPU work, not engine work, so it does not
   take the engine's limiter) and cached under `<data>/archives/`; while it is being built the
   archive endpoint answers 503 (A.4.2).
-* The URL handed out in the 302 `Location` is `/archives/<token>?expires=<unix>&signature=<hex>`
-  where signature = HMAC-SHA256(server secret, "<path>\\n<expires>"). The download route checks
-  the signature (403 if wrong) and the expiry (410 if past).
+* The URL handed out in the 302 `Location` is `/archives/<token>`, signed (`_signed_urls.py`).
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import logging
 import os
 import tarfile
@@ -26,11 +23,6 @@ import trio
 
 logger = logging.getLogger("tinkex_trio.local.archive")
 
-#: Lifetime of a signed archive URL. The SDK defaults to 15 minutes when no Expires header
-#: parses (A.4.2); an hour leaves time for a slow download to start.
-ARCHIVE_URL_TTL = 3600.0
-#: Chunk size for streaming an archive: constant memory per download.
-STREAM_CHUNK = 64 * 1024
 ARCHIVE_ROUTE_PREFIX = "/archives/"
 
 
@@ -38,14 +30,6 @@ def archive_token(run_id: str, checkpoint_id: str, created_at: float) -> str:
     """A stable file name for one version of a checkpoint (overwrites get a new token)."""
     digest = hashlib.sha256(f"{run_id}\n{checkpoint_id}\n{created_at!r}".encode()).hexdigest()
     return digest[:40] + ".tar.gz"
-
-
-def sign(secret: bytes, path: str, expires: int) -> str:
-    return hmac.new(secret, f"{path}\n{expires}".encode(), hashlib.sha256).hexdigest()
-
-
-def verify(secret: bytes, path: str, expires: int, signature: str) -> bool:
-    return hmac.compare_digest(sign(secret, path, expires), signature)
 
 
 def build_archive(source_dir: Path, target: Path) -> None:

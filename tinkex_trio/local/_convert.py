@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -23,6 +23,7 @@ from tinkex_trio.types import (
     ModelInput,
     SampleRequest,
     TensorData,
+    UnsetType,
 )
 
 from ._engine_api import (
@@ -35,6 +36,8 @@ from ._engine_api import (
     ModelInfo,
     SampleRequest as EngineSampleRequest,
 )
+
+T = TypeVar("T")
 
 #: `max_tokens` when a sampling request gives none. PROTOCOL.md A.2.1 leaves the default to the
 #: server; 64 tokens is a useful answer and ~6 s of CPU decoding at batch 1 (LOCAL_MODEL_NOTES.md).
@@ -234,3 +237,8 @@ def sample_request(
         prompt_logprobs=req.prompt_logprobs or req.topk_prompt_logprobs > 0,
         topk_prompt_logprobs=req.topk_prompt_logprobs,
     )
+
+
+def or_none(value: T | UnsetType) -> T | None:
+    """UNSET → None, for optional request fields."""
+    return None if isinstance(value, UnsetType) else value

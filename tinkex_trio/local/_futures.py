@@ -29,7 +29,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Final
 
-import msgspec
 import trio
 
 from tinkex_trio import _protobuf, types as t
@@ -37,11 +36,6 @@ from tinkex_trio import _protobuf, types as t
 from ._store import Category, FutureRow, Store
 
 logger = logging.getLogger("tinkex_trio.local.futures")
-
-#: How long a `retrieve_future` poll is held before answering `try_again`. PROTOCOL.md A.3.7
-#: recommends well under the client's 45 s poll timeout (≤ 30 s); 20 s leaves room for slow
-#: networks while keeping the number of polls (and client WARNING lines) low.
-DEFAULT_POLL_TIMEOUT = 20.0
 
 JSON_CONTENT_TYPE = "application/json"
 #: Result types served as protobuf to a poller that asks for it (PROTOCOL.md 4.5, 9.12).
@@ -275,17 +269,6 @@ class RenderedResult:
     body: bytes
 
 
-class _TryAgain(msgspec.Struct):
-    type: str
-    request_id: str
-    queue_state: str
-
-
-class _Failure(msgspec.Struct):
-    error: str
-    category: str
-
-
 def render_result(row: FutureRow, *, accept: str | None = None) -> RenderedResult:
     """Turn a future row into the `retrieve_future` answer (PROTOCOL.md 4.2, A.3.2-A.3.5).
 
@@ -305,13 +288,12 @@ def render_result(row: FutureRow, *, accept: str | None = None) -> RenderedResul
             )
         return RenderedResult(200, JSON_CONTENT_TYPE, row.result or b"{}")
     if row.state == "failed":
-        category = row.category if row.category in ("user", "server", "unknown") else "unknown"
-        body = msgspec.json.encode(_Failure(error=row.error or "request failed", category=category))
-        return RenderedResult(200, JSON_CONTENT_TYPE, body)
-    body = msgspec.json.encode(
-        _TryAgain(type="try_again", request_id=row.request_id, queue_state="active")
-    )
-    return RenderedResult(200, JSON_CONTENT_TYPE, body)
+        failure = t.RequestFailedResponse(
+            error=row.error or "request failed", category=t.normalize_category(row.category)
+        )
+        return RenderedResult(200, JSON_CONTENT_TYPE, t.encode(failure))
+    pending = t.TryAgainResponse(request_id=row.request_id, queue_state="active")
+    return RenderedResult(200, JSON_CONTENT_TYPE, t.encode(pending))
 
 
 def _as_protobuf(request_type: str, stored: bytes) -> bytes:

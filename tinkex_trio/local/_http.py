@@ -10,16 +10,25 @@ nothing may turn into a 500 without a body.
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import msgspec
 
+from tinkex_trio import types as t
+
+if TYPE_CHECKING:
+    # What trio.open_file returns; trio exports no public name for the class.
+    from trio._file_io import AsyncIOWrapper
+
 logger = logging.getLogger("tinkex_trio.local.http")
 
+#: Chunk size for streaming a file (archives, exported files): constant memory per download.
+STREAM_CHUNK = 64 * 1024
 #: Largest request body accepted. A maximal forward_backward chunk is ~5 MB by the client's own
 #: estimate (PROTOCOL.md A.7.3) and JSON numbers inflate that a few times.
 MAX_BODY_BYTES = 256 * 1024 * 1024
@@ -87,14 +96,52 @@ class StreamResponse:
 
 
 class _ErrorBody(msgspec.Struct):
+    """The body of every 4xx/5xx answer. Clients keep error bodies as they come (PROTOCOL.md
+    7.10: no shape is required); `detail` is the FastAPI-style key the official CLI reads."""
+
     detail: str
     category: str
 
 
+def int_query(request: Request, name: str, default: int, lo: int, hi: int) -> int:
+    """Query parameter `name` as an int in `lo..hi` (`default` if absent); 400 otherwise."""
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HTTPError(400, f"query parameter {name}={raw!r} is not an integer") from None
+    if not lo <= value <= hi:
+        raise HTTPError(400, f"query parameter {name}={value} must be in {lo}..{hi}")
+    return value
+
+
 def json_response(
-    obj: object, status: int = 200, headers: Mapping[str, str] | None = None
+    obj: t.Response, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> Response:
-    return Response(status=status, body=msgspec.json.encode(obj), headers=dict(headers or {}))
+    """A JSON answer encoded from a wire Struct, the same Structs the SDK decodes (typed so
+    that a hand-built dict cannot be sent)."""
+    return Response(status=status, body=t.encode(obj), headers=dict(headers or {}))
+
+
+def file_response(
+    handle: AsyncIOWrapper[Any], content_type: str, headers: Mapping[str, str] | None = None
+) -> StreamResponse:
+    """Stream an open file in `STREAM_CHUNK` pieces (constant memory); closes it when done."""
+    size = os.fstat(handle.fileno()).st_size
+
+    async def chunks() -> AsyncIterator[bytes]:
+        async with handle:
+            while chunk := await handle.read(STREAM_CHUNK):
+                yield chunk
+
+    return StreamResponse(
+        status=200,
+        chunks=chunks(),
+        content_type=content_type,
+        headers={"content-length": str(size), **(headers or {})},
+    )
 
 
 def error_response(exc: HTTPError) -> Response:

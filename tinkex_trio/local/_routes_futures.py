@@ -4,68 +4,28 @@
 
 from __future__ import annotations
 
-from typing import Final, Literal
+from typing import Final
 
-import msgspec
 import trio
 
 from tinkex_trio.types import (
+    UNSET,
+    CancelFutureRequest,
+    CompleteMetadataResponse,
+    EmptyResponse,
+    FutureCompletion,
     RetrieveFutureRequest,
+    RetrieveFuturesRequest,
+    RetrieveFuturesResponse,
     decode_request,
 )
 
-from ._backend import (
-    API,
-    Backend,
-)
+from ._backend import API, Backend
 from ._futures import render_result
-from ._http import (
-    Handler,
-    HTTPError,
-    Request,
-    Response,
-    json_response,
-)
+from ._http import Handler, HTTPError, Request, Response, json_response
 
 #: PROTOCOL.md 4.8: retrieve_futures long-polls like retrieve_future unless `timeout` says less.
 MAX_RETRIEVE_FUTURES_TIMEOUT: Final = 30.0
-
-
-class _FuturesTarget(msgspec.Struct, kw_only=True):
-    sampling_session_id: str
-    cloned_sampler_id: int = 0
-    type: Literal["sampling_session"] = "sampling_session"
-
-
-class _RetrieveFuturesRequest(msgspec.Struct, kw_only=True):
-    """Body of `POST /api/v1/retrieve_futures` (PROTOCOL.md 4.8)."""
-
-    target: _FuturesTarget
-    prev_cursor: int = 0
-    retrieved_request_ids: list[str] = []
-    timeout: float | None = None
-
-
-class _Completion(msgspec.Struct, kw_only=True, omit_defaults=True):
-    state: str
-    request_id: str
-    response_payload_uncompressed_size: int | None = None
-
-
-class _RetrieveFuturesResponse(msgspec.Struct, kw_only=True):
-    completions: list[_Completion]
-    cursor: int
-
-
-class _CompleteMetadata(msgspec.Struct, kw_only=True):
-    """A finished future whose payload is withheld until the next poll (PROTOCOL.md 4.4)."""
-
-    status: Literal["complete_metadata"] = "complete_metadata"
-    response_payload_size: int
-
-
-class _CancelFutureRequest(msgspec.Struct, kw_only=True):
-    request_id: str
 
 
 class FutureRoutes:
@@ -107,7 +67,7 @@ class FutureRoutes:
         ):
             # The exact size of the body the next poll gets (protobuf or JSON), so the client
             # reserves what it will receive; rendering twice is paid once per large result.
-            return json_response(_CompleteMetadata(response_payload_size=len(rendered.body)))
+            return json_response(CompleteMetadataResponse(response_payload_size=len(rendered.body)))
         self.backend.registry.delivered(row)
         return Response(
             status=rendered.status, body=rendered.body, content_type=rendered.content_type
@@ -121,7 +81,7 @@ class FutureRoutes:
         0` answers at once (ack-only polls). `retrieved_request_ids` are handled first: each
         payload is deleted once also delivered (`FutureRegistry.acknowledge_retrieved`).
         """
-        body = decode_request(request.body, _RetrieveFuturesRequest)
+        body = decode_request(request.body, RetrieveFuturesRequest)
         target = body.target
         if self.backend.store.get_sampling_session(target.sampling_session_id) is None:
             raise HTTPError(404, f"unknown sampling_session_id {target.sampling_session_id!r}")
@@ -131,7 +91,7 @@ class FutureRoutes:
         log = self.backend.registry.completion_log(
             target.sampling_session_id, target.cloned_sampler_id
         )
-        window = self.backend.settings.poll_timeout if body.timeout is None else body.timeout
+        window = self.backend.settings.poll_timeout if body.timeout is UNSET else body.timeout
         window = max(0.0, min(window, MAX_RETRIEVE_FUTURES_TIMEOUT))
         events = log.after(body.prev_cursor)
         if not events and window > 0:
@@ -142,15 +102,15 @@ class FutureRoutes:
         else:
             await trio.lowlevel.checkpoint()
         completions = [
-            _Completion(
+            FutureCompletion(
                 state=e.state,
                 request_id=e.request_id,
-                response_payload_uncompressed_size=e.size if e.state == "finished" else None,
+                response_payload_uncompressed_size=e.size if e.state == "finished" else UNSET,
             )
             for e in events
         ]
         cursor = events[-1].cursor if events else max(body.prev_cursor, log.next_cursor - 1)
-        return json_response(_RetrieveFuturesResponse(completions=completions, cursor=cursor))
+        return json_response(RetrieveFuturesResponse(completions=completions, cursor=cursor))
 
     async def cancel_future(self, request: Request) -> Response:
         """An abandoned sample (PROTOCOL.md 4.9): stop it if the engine has not started it.
@@ -167,7 +127,7 @@ class FutureRoutes:
           order whatever happens (5.2), so failing the future would only hide a step that was
           still applied; clients never cancel them (4.9).
         """
-        body = decode_request(request.body, _CancelFutureRequest)
+        body = decode_request(request.body, CancelFutureRequest)
         row = self.backend.store.get_future(body.request_id)
         if row is None:
             raise HTTPError(404, f"unknown request_id {body.request_id!r}")
@@ -175,4 +135,4 @@ class FutureRoutes:
             self.backend.batcher.cancel(body.request_id)
             self.backend.registry.cancel(body.request_id)
         await trio.lowlevel.checkpoint()
-        return json_response({})
+        return json_response(EmptyResponse())

@@ -5,7 +5,7 @@ back-pressure (9.5, 10.8): a 429 when too many requests wait for the engine.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import trio
 
@@ -14,19 +14,15 @@ from tinkex_trio.types import (
     CreateSamplingSessionRequest,
     CreateSamplingSessionResponse,
     GetSamplerResponse,
+    SampledSequence,
     SampleRequest,
+    SampleResponse,
     decode_request,
 )
 
 from . import _convert
-from ._backend import (
-    API,
-    Backend,
-    encode_json,
-    hash_payload,
-    now,
-    or_none,
-)
+from ._backend import API, Backend, hash_payload, now
+from ._convert import or_none
 from ._engine_api import SampleResult
 from ._http import (
     Handler,
@@ -63,11 +59,11 @@ class SamplingRoutes:
 
     async def create_sampling_session(self, request: Request) -> Response:
         body = decode_request(request.body, CreateSamplingSessionRequest)
-        self.backend.require_session(body.session_id)
+        self.backend.session(body.session_id)
         model_path = or_none(body.model_path)
         adapter_dir: str | None = None
         if model_path is not None:
-            ck = self.backend.checkpoint_from_path(model_path, "model_path")
+            ck = self.backend.checkpoints.from_path(model_path, "model_path")
             base_model = self.backend.model(ck.run_id).base_model
             if body.base_model is not UNSET and body.base_model != base_model:
                 raise HTTPError(
@@ -146,7 +142,7 @@ class SamplingRoutes:
             base_model = row.base_model
             adapter_dir = Path(row.adapter_dir) if row.adapter_dir else None
         elif body.model_path is not UNSET:
-            ck = self.backend.checkpoint_from_path(body.model_path, "model_path")
+            ck = self.backend.checkpoints.from_path(body.model_path, "model_path")
             base_model = self.backend.model(ck.run_id).base_model
             adapter_dir = Path(ck.path)
         elif body.base_model is not UNSET:
@@ -176,24 +172,20 @@ class SamplingRoutes:
         want_prompt_logprobs = body.prompt_logprobs
         topk = body.topk_prompt_logprobs
 
-        def finish(result: SampleResult) -> bytes:
-            out: dict[str, Any] = {
-                "sequences": [
-                    {
-                        "stop_reason": s.stop_reason,
-                        "tokens": list(s.tokens),
-                        "logprobs": list(s.logprobs),
-                        "sequence_id": sid,
-                    }
+        def finish(result: SampleResult) -> SampleResponse:
+            return SampleResponse(
+                sequences=[
+                    SampledSequence(
+                        stop_reason=s.stop_reason,
+                        tokens=list(s.tokens),
+                        logprobs=list(s.logprobs),
+                        sequence_id=sid,
+                    )
                     for s, sid in zip(result.sequences, sequence_ids, strict=True)
                 ],
-                "type": "sample",
-            }
-            if want_prompt_logprobs:
-                out["prompt_logprobs"] = result.prompt_logprobs
-            if topk > 0:
-                out["topk_prompt_logprobs"] = result.topk_prompt_logprobs
-            return encode_json(out)
+                prompt_logprobs=result.prompt_logprobs if want_prompt_logprobs else None,
+                topk_prompt_logprobs=result.topk_prompt_logprobs if topk > 0 else None,
+            )
 
         self.backend.batcher.submit(request_id, engine_request, finish)
         await trio.lowlevel.checkpoint()

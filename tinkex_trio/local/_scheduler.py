@@ -23,14 +23,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Concatenate, ParamSpec, TypeVar
 
 import trio
+
+from tinkex_trio import types as t
 
 from ._engine_api import Engine, EngineUserError, SampleRequest, SampleResult
 from ._futures import FutureRegistry
@@ -39,6 +42,7 @@ from ._store import Category
 logger = logging.getLogger("tinkex_trio.local.scheduler")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 
 #: How long the sampler waits for more concurrent requests before running a batch. A few
 #: milliseconds cost nothing next to a CPU decode step (~100 ms, LOCAL_MODEL_NOTES.md) and let a
@@ -47,15 +51,37 @@ SAMPLE_BATCH_WINDOW = 0.005
 #: Upper bound on requests per engine.sample call (memory of the batched KV cache).
 SAMPLE_BATCH_MAX = 16
 
-#: A job computes its result payload (JSON bytes); the lane stores it and wakes pollers.
-JobFn = Callable[[], Awaitable[bytes]]
+#: A job computes its result as a wire Struct (`tinkex_trio.types`); the lane encodes and
+#: stores it and wakes pollers.
+JobFn = Callable[[], Awaitable[t.Response]]
+
+
+def _serialised(
+    method: Callable[Concatenate[Engine, P], T],
+) -> Callable[Concatenate[EngineRunner, P], Awaitable[T]]:
+    """`EngineRunner`'s async form of the `Engine` method `method`: the same arguments, run
+    on the engine's one worker by `EngineRunner._call`."""
+    name = method.__name__
+
+    async def call(runner: EngineRunner, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        bound: Callable[P, T] = getattr(runner._engine, name)
+        return await runner._call(functools.partial(bound, *args, **kwargs))
+
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"`Engine.{name}`, on the engine's worker."
+    return call
 
 
 class EngineRunner:
-    """Serialises engine calls onto one worker thread (or inline, for virtual-time tests)."""
+    """The engine as the server sees it: one async method per `Engine` method, each call
+    serialised onto one worker thread (or run inline, for virtual-time tests).
+
+    Nothing else in the server calls the engine, so the single-caller promise of the engine
+    contract holds by construction.
+    """
 
     def __init__(self, engine: Engine, *, in_thread: bool = True) -> None:
-        self.engine = engine
+        self._engine = engine
         self._in_thread = in_thread
         self._limiter = trio.CapacityLimiter(1)
 
@@ -73,19 +99,29 @@ class EngineRunner:
         async with self._limiter:
             yield
 
-    async def call(self, fn: Callable[..., T], *args: object) -> T:
+    async def _call(self, fn: Callable[..., T], *args: object) -> T:
         if self._in_thread:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         async with self._limiter:
             await trio.lowlevel.checkpoint()
             return fn(*args)
 
+    # The engine's methods, each run as one serialised call (the Engine protocol's signatures).
+    models = _serialised(Engine.models)
+    create_adapter = _serialised(Engine.create_adapter)
+    drop_adapter = _serialised(Engine.drop_adapter)
+    forward_backward = _serialised(Engine.forward_backward)
+    optim_step = _serialised(Engine.optim_step)
+    save_state = _serialised(Engine.save_state)
+    load_state = _serialised(Engine.load_state)
+    sample = _serialised(Engine.sample)
+
 
 async def run_job(registry: FutureRegistry, request_id: str, fn: JobFn) -> None:
     """Run one job and finish its future; never raises (except Cancelled)."""
     registry.mark_running(request_id)
     try:
-        result = await fn()
+        result = t.encode(await fn())
     except EngineUserError as exc:
         registry.fail(request_id, str(exc) or type(exc).__name__, "user")
     except Exception as exc:
@@ -182,7 +218,7 @@ class TrainingLanes:
 class _SampleJob:
     request_id: str
     request: SampleRequest
-    finish: Callable[[SampleResult], bytes]
+    finish: Callable[[SampleResult], t.SampleResponse]
     # Set by `SampleBatcher.cancel`; the job then stays in the channel but is skipped.
     cancelled: bool = False
 
@@ -205,9 +241,12 @@ class SampleBatcher:
         return len(self._waiting)
 
     def submit(
-        self, request_id: str, request: SampleRequest, finish: Callable[[SampleResult], bytes]
+        self,
+        request_id: str,
+        request: SampleRequest,
+        finish: Callable[[SampleResult], t.SampleResponse],
     ) -> None:
-        """Queue a request; `finish` turns its engine result into the JSON result payload."""
+        """Queue a request; `finish` turns its engine result into the wire result."""
         job = _SampleJob(request_id, request, finish)
         self._send.send_nowait(job)
         self._waiting[request_id] = job
@@ -254,9 +293,7 @@ class SampleBatcher:
             del self._waiting[job.request_id]
             self._registry.mark_running(job.request_id)
         try:
-            results = await self._runner.call(
-                self._runner.engine.sample, [job.request for job in batch]
-            )
+            results = await self._runner.sample([job.request for job in batch])
             if len(results) != len(batch):
                 raise RuntimeError(
                     f"engine.sample returned {len(results)} results for {len(batch)} requests"
@@ -274,7 +311,7 @@ class SampleBatcher:
                 self._registry.fail(job.request_id, str(result), "user")
                 continue
             try:
-                payload = job.finish(result)
+                payload = t.encode(job.finish(result))
             except Exception as exc:
                 logger.exception("encoding the sampling result of %s failed", job.request_id)
                 self._registry.fail(job.request_id, f"internal error: {exc!r}", "server")

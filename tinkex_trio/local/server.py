@@ -1,9 +1,10 @@
 """Run the local backend: `serve_local_backend` (a task), `open_local_backend` (a context
 manager), and `main` (the `tinkex-trio serve` command).
 
-Default data directory: `./tinkex-data` in the current directory. A project-local directory
-keeps checkpoints next to the code that made them and is easy to find and delete; pass
-`data_dir=` (or `--data-dir`) to put it elsewhere.
+All three build one `LocalBackendSettings` (`_settings.py`): `main` from its flags, the two
+functions from `settings=` and/or their keyword arguments (`LocalBackendOptions`); it goes to
+the app unchanged. The engine is the PyTorch engine for the settings' models unless `engine=`
+gives another (`tinkex_trio.local.testing.FakeEngine`, for tests).
 
 The API key is the one given, else the one stored in `<data_dir>/api_key`, else a new one
 (`tml-` + random, so the official SDK accepts it, PROTOCOL.md 1.1) written there on first start.
@@ -16,28 +17,27 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 
-from tinkex_trio.cli import positive_int
+from tinkex_trio._cli_args import positive_int
 
-from ._app import (
-    DEFAULT_MAX_QUEUED_SAMPLES,
-    DEFAULT_METADATA_ONLY_THRESHOLD,
-    load_or_create_api_key,
-    open_backend_app,
-)
+from ._app import load_or_create_api_key, open_backend_app
 from ._engine_api import Engine, ModelDirectoryError
-from ._futures import DEFAULT_POLL_TIMEOUT
 from ._jwt import DEFAULT_JWT_LIFETIME
+from ._settings import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_HOST,
+    DEFAULT_MAX_QUEUED_SAMPLES,
+    LocalBackendOptions,
+    LocalBackendSettings,
+)
 
 logger = logging.getLogger("tinkex_trio.local.server")
 
-DEFAULT_DATA_DIR = Path("tinkex-data")
-DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8000  # for the CLI; the library functions default to an ephemeral port (0)
 
 
@@ -50,14 +50,13 @@ class LocalBackend:
     data_dir: Path
 
 
-def _default_engine(models: Sequence[str] | None, extra_models: dict[str, str] | None) -> Engine:
+def _default_engine(settings: LocalBackendSettings) -> Engine:
     """The PyTorch engine (imported lazily: torch is heavy and optional)."""
     from tinkex_trio.local.engine import TorchEngine  # type: ignore[attr-defined,unused-ignore]
 
-    extra = {name: Path(path) for name, path in (extra_models or {}).items()}
-    kwargs: dict[str, Any] = {"extra_models": extra or None}
-    if models is not None:
-        kwargs["models"] = tuple(models)
+    kwargs: dict[str, Any] = {"extra_models": dict(settings.extra_models) or None}
+    if settings.models is not None:
+        kwargs["models"] = settings.models
     engine: Engine = TorchEngine(**kwargs)
     return engine
 
@@ -70,56 +69,37 @@ def _base_url(binds: list[str]) -> str:
 
 
 async def serve_local_backend(
+    settings: LocalBackendSettings | None = None,
     *,
-    host: str = DEFAULT_HOST,
-    port: int = 0,
-    data_dir: str | Path = DEFAULT_DATA_DIR,
-    api_key: str | None = None,
     engine: Engine | None = None,
-    models: Sequence[str] | None = None,
-    extra_models: dict[str, str] | None = None,
-    poll_timeout: float = DEFAULT_POLL_TIMEOUT,
-    client_flags: dict[str, Any] | None = None,
-    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
-    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
-    jwt_auth: bool = False,
-    jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[LocalBackendOptions],
 ) -> None:
     """Serve the backend until cancelled; `task_status.started(base_url)` once it listens.
 
     Usage: `url = await nursery.start(functools.partial(serve_local_backend, data_dir=...))`.
-    With `port=0` the OS picks a free port and the started value tells which.
-    `client_flags` override the `client/config` flags (PROTOCOL.md 2.1), e.g.
-    `{"proto_compress_fwdbwd": True, "fwdbwd_max_chunk_len": 2}`.
-    `max_queued_samples` bounds the sampling requests waiting for the engine; beyond it
-    `asample` answers 429 and the SDK backs off (PROTOCOL.md 9.5; None: unlimited).
-    Results larger than `metadata_only_threshold` bytes are first answered metadata-only
-    (PROTOCOL.md 4.4; None: never). `jwt_auth=True`: JWT-exchange auth (PROTOCOL.md 1.3),
-    tokens valid for `jwt_lifetime` seconds; the raw API key stays valid too.
+    The options are `LocalBackendSettings`' fields, given as `settings=` or as keywords (which
+    override `settings`), e.g. `client_flags={"fwdbwd_max_chunk_len": 2}`,
+    `max_queued_samples=64`, `jwt_auth=True`. With `port=0` (the default here) the OS picks a
+    free port and the started value tells which.
+
+    Raises:
+        ValueError: an option is out of range (`LocalBackendSettings`).
+        TypeError: an unknown keyword.
     """
     from hypercorn.config import Config
     from hypercorn.trio import serve
 
+    settings = LocalBackendSettings.build(settings, **options)
     if engine is None:
-        engine = _default_engine(models, extra_models)
+        engine = _default_engine(settings)
     config = Config()
-    config.bind = [f"{host}:{port}"]
+    config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("tinkex_trio.local.hypercorn")
     # Polls are long-held (PROTOCOL.md A.3.7): keep idle keep-alive connections around longer.
     config.keep_alive_timeout = 75
-    async with open_backend_app(
-        data_dir=Path(data_dir),
-        engine=engine,
-        api_key=api_key,
-        poll_timeout=poll_timeout,
-        client_flags=client_flags,
-        max_queued_samples=max_queued_samples,
-        metadata_only_threshold=metadata_only_threshold,
-        jwt_auth=jwt_auth,
-        jwt_lifetime=jwt_lifetime,
-    ) as app:
+    async with open_backend_app(settings, engine) as app:
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, app, config)
             task_status.started(_base_url(binds))
@@ -127,57 +107,36 @@ async def serve_local_backend(
 
 @asynccontextmanager
 async def open_local_backend(
+    settings: LocalBackendSettings | None = None,
     *,
-    host: str = DEFAULT_HOST,
-    port: int = 0,
-    data_dir: str | Path = DEFAULT_DATA_DIR,
-    api_key: str | None = None,
     engine: Engine | None = None,
-    models: Sequence[str] | None = None,
-    extra_models: dict[str, str] | None = None,
-    poll_timeout: float = DEFAULT_POLL_TIMEOUT,
-    client_flags: dict[str, Any] | None = None,
-    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES,
-    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD,
-    jwt_auth: bool = False,
-    jwt_lifetime: float = DEFAULT_JWT_LIFETIME,
+    **options: Unpack[LocalBackendOptions],
 ) -> AsyncIterator[LocalBackend]:
     """Run the backend as a child task while the block runs; yield its URL and key.
 
-    The server is listening (and the store open) when the block starts; leaving the block
-    stops it and leaves nothing running.
+    Takes the options of `serve_local_backend`. The server is listening (and the store open)
+    when the block starts; leaving the block stops it and leaves nothing running.
     """
-    data_dir = Path(data_dir)
-    key = api_key if api_key is not None else load_or_create_api_key(data_dir)
+    settings = LocalBackendSettings.build(settings, **options)
+    if settings.api_key is None:
+        settings = replace(settings, api_key=load_or_create_api_key(settings.data_dir))
+    key = settings.api_key
+    assert key is not None
     async with trio.open_nursery() as nursery:
-        url: str = await nursery.start(
-            _serve_partial,
-            dict(
-                host=host,
-                port=port,
-                data_dir=data_dir,
-                api_key=key,
-                engine=engine,
-                models=models,
-                extra_models=extra_models,
-                poll_timeout=poll_timeout,
-                client_flags=client_flags,
-                max_queued_samples=max_queued_samples,
-                metadata_only_threshold=metadata_only_threshold,
-                jwt_auth=jwt_auth,
-                jwt_lifetime=jwt_lifetime,
-            ),
-        )
+        url: str = await nursery.start(_serve, settings, engine)
         try:
-            yield LocalBackend(base_url=url, api_key=key, data_dir=data_dir)
+            yield LocalBackend(base_url=url, api_key=key, data_dir=settings.data_dir)
         finally:
             nursery.cancel_scope.cancel(reason="open_local_backend block exited")
 
 
-async def _serve_partial(
-    kwargs: dict[str, Any], *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+async def _serve(
+    settings: LocalBackendSettings,
+    engine: Engine | None,
+    *,
+    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    await serve_local_backend(**kwargs, task_status=task_status)
+    await serve_local_backend(settings, engine=engine, task_status=task_status)
 
 
 def _parse_models(values: Sequence[str]) -> dict[str, str]:
@@ -190,8 +149,8 @@ def _parse_models(values: Sequence[str]) -> dict[str, str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`tinkex-trio serve`: run the local backend in the foreground until Ctrl-C."""
+def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
+    """The settings `tinkex-trio serve` runs with; exits with usage (2) on a bad flag."""
     parser = argparse.ArgumentParser(prog="tinkex-trio serve", description=main.__doc__)
     parser.add_argument("--host", default=DEFAULT_HOST)
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
@@ -232,34 +191,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         extra = _parse_models(args.model)
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    api_key = args.api_key if args.api_key is not None else load_or_create_api_key(args.data_dir)
+    try:
+        return LocalBackendSettings(
+            host=args.host,
+            port=args.port,
+            data_dir=args.data_dir,
+            api_key=api_key,
+            extra_models={name: Path(path) for name, path in extra.items()},
+            max_queued_samples=args.max_queued_samples,
+            jwt_auth=args.jwt,
+            jwt_lifetime=args.jwt_lifetime,
+        )
+    except ValueError as exc:
+        parser.error(str(exc))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`tinkex-trio serve`: run the local backend in the foreground until Ctrl-C."""
+    settings = _settings_from_argv(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         # Built before serving so a model it cannot serve faithfully stops start-up with one line.
-        engine = _default_engine(None, extra or None)
+        engine = _default_engine(settings)
     except ModelDirectoryError as exc:
         print(f"tinkex-trio serve: {exc}", file=sys.stderr, flush=True)
         return 2
-    key = args.api_key if args.api_key is not None else load_or_create_api_key(args.data_dir)
 
     async def run() -> None:
         async with trio.open_nursery() as nursery:
-            url: str = await nursery.start(
-                _serve_partial,
-                dict(
-                    host=args.host,
-                    port=args.port,
-                    data_dir=args.data_dir,
-                    api_key=key,
-                    engine=engine,
-                    max_queued_samples=args.max_queued_samples,
-                    jwt_auth=args.jwt,
-                    jwt_lifetime=args.jwt_lifetime,
-                ),
-            )
+            url: str = await nursery.start(_serve, settings, engine)
             print(f"tinkex-trio local backend listening on {url}", flush=True)
             print(f"  export TINKER_BASE_URL={url}", flush=True)
-            print(f"  export TINKER_API_KEY={key}", flush=True)
-            print(f"  data directory: {args.data_dir.resolve()}", flush=True)
+            print(f"  export TINKER_API_KEY={settings.api_key}", flush=True)
+            print(f"  data directory: {settings.data_dir.resolve()}", flush=True)
 
     try:
         trio.run(run)

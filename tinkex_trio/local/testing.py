@@ -1,27 +1,59 @@
-"""A deterministic stand-in for the PyTorch engine, for server and SDK tests.
+"""A fake engine for tests: the local backend in milliseconds, with no model and no torch.
 
-It implements the `Engine` protocol with no model at all: adapters are small dicts, logprobs
-and samples are simple functions of the inputs, and checkpoints are real files in the PEFT
-layout (so archives, restarts and downloads are exercised for real). It is fast enough to run
-inline on the trio thread, which is what virtual-time tests need.
+`FakeEngine` implements the `Engine` protocol the local backend runs on, deterministically and
+fast enough to run inline on the trio thread, so a test of your own trio code can run the real
+server (the real HTTP endpoints, store, futures, seq_id ordering, checkpoints and archives)
+without loading a model::
 
-Test hooks: `calls` records every call in order; `fail_next[method] = exc` makes the next call
-of that method raise `exc`; `delay` sleeps (in the calling thread) before each call.
+    from tinkex_trio.local import open_local_backend
+    from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
+
+    async with open_local_backend(data_dir=tmp_path, engine=FakeEngine()) as backend:
+        async with open_service(base_url=backend.base_url, api_key=backend.api_key) as service:
+            training = await service.create_lora_training_client(FAKE_MODEL_NAME, rank=4)
+            ...
+
+What it computes (a function of the inputs only, so tests can assert exact values):
+
+* forward/forward_backward: the logprob of position i is `-1 / (1 + steps + i)`, where `steps`
+  counts the adapter's optim_steps; `loss:sum` is minus the weighted sum of those logprobs.
+* optim_step: counts a step; its metrics are `{"learning_rate:mean": <the step's lr>}`.
+* sample: sample j of prompt p is the tokens `p[-1] + j + 1, p[-1] + j + 2, ...`
+  (`max_tokens` of them, modulo the vocabulary), each with logprob -0.5, stop reason
+  `"length"`; prompt logprobs are `[None, -1.0, ...]`, top-k prompt logprobs `(token t, -1.0)`
+  for t < k.
+* save_state/load_state: real files in the PEFT layout (so archives, downloads, copies and
+  restarts are exercised for real), which `load_state` reads back.
+
+Fault injection, explicit and one-shot:
+
+* `fail_next(method, error)`: the next call of that engine method raises `error` (an
+  `EngineUserError`, re-exported here, fails the request with category `user`, any other
+  exception with `server`; for `"sample"` the whole batch fails).
+* `reject_next_sample(message)`: the next sampling request alone fails as a user error, while
+  the other requests in its batch succeed, as when a real engine rejects one bad prompt.
+
+Observation: `calls` lists every engine call in order as `(method, adapter id or batch size)`.
+`delay` sleeps that many (real) seconds in the calling thread before each call: a slow engine
+for tests over real sockets, where the engine runs in its worker thread (a real sleep cannot be
+skipped by trio's virtual clock).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal, final
 
 import numpy as np
 
 from ._engine_api import (
     AdamStep,
     DatumArrays,
-    EngineUserError,
+    EngineUserError as EngineUserError,
     ForwardBackwardResult,
     LoraSpec,
     LossName,
@@ -31,38 +63,78 @@ from ._engine_api import (
     SampleResult,
 )
 
-FAKE_TINY_NAME = "tinkex-trio/fake-tiny"
-#: Matches the tiny model's shape closely enough for validation tests.
+__all__ = [
+    "FAKE_CONTEXT",
+    "FAKE_MODEL_NAME",
+    "FAKE_VOCAB",
+    "EngineMethod",
+    "EngineUserError",
+    "FakeEngine",
+]
+
+FAKE_MODEL_NAME = "tinkex-trio/fake-tiny"
+"""The one model a `FakeEngine` serves unless given others."""
 FAKE_VOCAB = 49152
+"""Vocabulary size of the fake model (as the tiny real model's), for token-range checks."""
 FAKE_CONTEXT = 2048
+"""Maximum context length of the fake model."""
+
+EngineMethod = Literal[
+    "create_adapter",
+    "drop_adapter",
+    "forward_backward",
+    "optim_step",
+    "save_state",
+    "load_state",
+    "sample",
+]
 
 
+@final
 class FakeEngine:
+    """A deterministic `Engine` with no model (see the module docstring)."""
+
     def __init__(self, models: Sequence[ModelInfo] | None = None, *, delay: float = 0.0) -> None:
         self._models = list(
             models
             or [
                 ModelInfo(
-                    name=FAKE_TINY_NAME,
+                    name=FAKE_MODEL_NAME,
                     arch="llama",
                     max_context_length=FAKE_CONTEXT,
                     vocab_size=FAKE_VOCAB,
-                    tokenizer_id=FAKE_TINY_NAME,
+                    tokenizer_id=FAKE_MODEL_NAME,
                 )
             ]
         )
         self.delay = delay
         self.adapters: dict[str, dict[str, object]] = {}
         self.calls: list[tuple[str, str]] = []
-        self.fail_next: dict[str, BaseException] = {}
+        self._failures: dict[str, deque[BaseException]] = {}
+        self._sample_rejections: deque[str] = deque()
 
-    def _enter(self, method: str, key: str) -> None:
+    def __repr__(self) -> str:
+        pending = sum(len(q) for q in self._failures.values()) + len(self._sample_rejections)
+        return (
+            f"<FakeEngine models={[m.name for m in self._models]} adapters={len(self.adapters)} "
+            f"calls={len(self.calls)} pending_faults={pending}>"
+        )
+
+    def fail_next(self, method: EngineMethod, error: BaseException) -> None:
+        """Make the next call of `method` raise `error` (once; calls queue in order)."""
+        self._failures.setdefault(method, deque()).append(error)
+
+    def reject_next_sample(self, message: str) -> None:
+        """Make the next sampling request fail alone with `EngineUserError(message)`."""
+        self._sample_rejections.append(message)
+
+    def _enter(self, method: EngineMethod, key: str) -> None:
         self.calls.append((method, key))
         if self.delay:
             time.sleep(self.delay)
-        exc = self.fail_next.pop(method, None)
-        if exc is not None:
-            raise exc
+        failures = self._failures.get(method)
+        if failures:
+            raise failures.popleft()
 
     def _adapter(self, adapter_id: str) -> dict[str, object]:
         adapter = self.adapters.get(adapter_id)
@@ -164,9 +236,8 @@ class FakeEngine:
         self._enter("sample", str(len(requests)))
         out: list[SampleResult | EngineUserError] = []
         for req in requests:
-            if req.prompt and req.prompt[0] == 0 and len(req.prompt) == 1:
-                # Hook for tests: prompt [0] is rejected like a bad request.
-                out.append(EngineUserError("prompt [0] is rejected by the fake engine"))
+            if self._sample_rejections:
+                out.append(EngineUserError(self._sample_rejections.popleft()))
                 continue
             seqs = []
             for i in range(req.num_samples):

@@ -1,14 +1,6 @@
-"""Session REST endpoints beyond get/list (PROTOCOL.md 3.5, 7.9): project assignment, trace
-exports and the experimental session search. Routed from `RestRoutes`.
-
-Trace export: the first `GET sessions/{id}/trace_export` starts building a JSON file (the
-session, its training runs and sampling sessions, and every request it made: type, ids,
-seq_id, state, times, error and category, never result payloads) and answers `pending`; once
-written, the answer is `ready` with a signed URL `/trace_exports/<token>.json?expires=&signature=`
-served by this server (signed like the archive URLs). A ready export is handed out again for
-`TRACE_EXPORT_REUSE` seconds; after that the next request builds a fresh one, so an export
-asked for later shows later activity. A build that fails answers `failed` with the error once,
-and the next request starts over.
+"""Sessions: create, heartbeat, finish (PROTOCOL.md 2.2, 3.1), and their REST endpoints (3.5,
+7.9): listing, get, project assignment, trace exports (`_trace_exports.py`) and the experimental
+session search.
 
 Search (7.9): every filter is applied in Python over all sessions (a local backend has few).
 Statuses: a session with no finish is `active`; a finished one is `client_finished` with the
@@ -19,13 +11,9 @@ reason the client gave. This backend never cancels or fails a session, so filter
 
 from __future__ import annotations
 
-import json
-import logging
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final
 
 import msgspec
 import trio
@@ -35,9 +23,16 @@ from tinkex_trio.types import (
     UNSET,
     AssignSessionProjectRequest,
     ClientFinishedReason,
+    CreateSessionRequest,
+    CreateSessionResponse,
+    EmptyResponse,
+    GetSessionResponse,
+    ListSessionsResponse,
     SearchOwnerUsers,
     SearchStatusActive,
     SearchStatusClientFinished,
+    SessionHeartbeatRequest,
+    SessionHeartbeatResponse,
     SessionSearchCursor,
     SessionSearchRequest,
     SessionSearchResponse,
@@ -49,149 +44,135 @@ from tinkex_trio.types import (
     decode_request,
 )
 
-from ._archive import ARCHIVE_URL_TTL
-from ._backend import API, Backend, now, utc_datetime
-from ._http import Handler, HTTPError, Request, Response, json_response
+from ._backend import API, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend, now
+from ._checkpoints import utc_datetime
+from ._convert import or_none
+from ._http import Handler, HTTPError, Request, Response, int_query, json_response
 from ._store import SessionRow
+from ._trace_exports import TraceExports
 
-logger = logging.getLogger("tinkex_trio.local.trace_export")
-
-#: The owner reported for every session and run: the local backend has one user.
-LOCAL_OWNER: Final = "tml:user:local"
 TRACE_ROUTE_PREFIX: Final = "/trace_exports/"
-#: Seconds a ready export is handed out again before a new request rebuilds it.
-TRACE_EXPORT_REUSE: Final = 60.0
-#: Lifetime of a signed trace URL (as for archives).
-TRACE_URL_TTL: Final = ARCHIVE_URL_TTL
+#: Default page size of the session listing (PROTOCOL.md 3.5).
+DEFAULT_SESSIONS_LIMIT: Final = 20
 
 _SESSION = r"(?P<session_id>[^/]+)"
 _FINISH_REASONS: Final = ("success", "errored", "interrupted")
 
 
-@dataclass
-class _TraceExport:
-    status: Literal["pending", "ready", "failed"]
-    token: str
-    started_at: float
-    error: str | None = None
-
-
-class SessionRestRoutes:
-    """`sessions/{id}/project`, `sessions/{id}/trace_export` (+ its files), `sessions/search`."""
+class SessionRoutes:
+    """The session endpoints; state and shared lookups live in `Backend`."""
 
     def __init__(self, backend: Backend) -> None:
         self.backend = backend
-        self._exports: dict[str, _TraceExport] = {}
+        self.traces = TraceExports(backend.settings.data_dir / "traces", backend.store)
 
     def routes(self) -> list[tuple[str, str, Handler]]:
         return [
+            ("POST", f"{API}/create_session", self.create_session),
+            ("POST", f"{API}/session_heartbeat", self.session_heartbeat),
+            ("POST", f"{API}/sessions/{_SESSION}/finish", self.finish_session),
+            ("GET", f"{API}/sessions", self.list_sessions),
+            ("GET", f"{API}/sessions/{_SESSION}", self.get_session),
             ("PUT", f"{API}/sessions/{_SESSION}/project", self.assign_project),
             ("GET", f"{API}/sessions/{_SESSION}/trace_export", self.trace_export),
             ("POST", f"{API}/sessions/search", self.search),
             ("GET", f"{TRACE_ROUTE_PREFIX}(?P<token>[0-9a-f]{{32}}\\.json)", self.trace_file),
         ]
 
-    def _session(self, session_id: str) -> SessionRow:
+    # --------------------------------------------------------------- lifecycle
+
+    async def create_session(self, request: Request) -> Response:
+        body = decode_request(request.body, CreateSessionRequest)
+        session_id = str(uuid.uuid4())
+        self.backend.store.insert_session(
+            session_id,
+            created_at=now(),
+            tags=list(body.tags),
+            user_metadata=body.user_metadata,
+            project_id=or_none(body.project_id),
+            display_name=or_none(body.display_name),
+            sdk_version=body.sdk_version,
+        )
+        return json_response(CreateSessionResponse(session_id=session_id))
+
+    async def session_heartbeat(self, request: Request) -> Response:
+        body = decode_request(request.body, SessionHeartbeatRequest)
+        session = self.backend.store.get_session(body.session_id)
+        if session is None:
+            raise HTTPError(404, f"unknown session_id {body.session_id!r}")
+        if session.finished_reason is not None:
+            raise HTTPError(410, f"session {body.session_id!r} is finished")
+        self.backend.store.heartbeat(body.session_id, now())
+        return json_response(SessionHeartbeatResponse())
+
+    async def finish_session(self, request: Request) -> Response:
+        session_id = request.params["session_id"]
+        self.backend.session(session_id)
+        reason = "success"
+        if request.body.strip():
+            raw = msgspec.json.decode(request.body)
+            if isinstance(raw, dict) and isinstance(raw.get("reason"), dict):
+                reason = str(raw["reason"].get("type", "success"))
+        self.backend.store.finish_session(session_id, reason)
+        return json_response(EmptyResponse())
+
+    # -------------------------------------------------------------------- REST
+
+    def _session(self, request: Request) -> SessionRow:
+        session_id = request.params["session_id"]
         session = self.backend.store.get_session(session_id)
         if session is None:
             raise HTTPError(404, f"unknown session_id {session_id!r}")
         return session
 
-    # ------------------------------------------------------------------ project
+    async def list_sessions(self, request: Request) -> Response:
+        limit = int_query(request, "limit", DEFAULT_SESSIONS_LIMIT, 1, MAX_PAGE_LIMIT)
+        offset = int_query(request, "offset", 0, 0, 2**31)
+        ids, _total = self.backend.store.list_sessions(limit=limit, offset=offset)
+        return json_response(ListSessionsResponse(sessions=ids))
+
+    async def get_session(self, request: Request) -> Response:
+        session = self._session(request)
+        store = self.backend.store
+        return json_response(
+            GetSessionResponse(
+                training_run_ids=store.models_of_session(session.session_id),
+                sampler_ids=store.samplers_of_session(session.session_id),
+                user_metadata=session.user_metadata,
+                display_name=session.display_name,
+            )
+        )
 
     async def assign_project(self, request: Request) -> Response:
-        session = self._session(request.params["session_id"])
+        session = self._session(request)
         body = decode_request(request.body, AssignSessionProjectRequest)
         if not body.project_id.strip():
             raise HTTPError(400, "project_id must be a non-empty string")
         self.backend.store.set_session_project(session.session_id, body.project_id)
         await trio.lowlevel.checkpoint()
-        return json_response({})
+        return json_response(EmptyResponse())
 
     # ------------------------------------------------------------- trace export
 
-    def _trace_dir(self) -> Path:
-        return self.backend.settings.data_dir / "traces"
-
     async def trace_export(self, request: Request) -> Response:
-        session = self._session(request.params["session_id"])
-        export = self._exports.get(session.session_id)
-        if export is not None and export.status == "failed":
-            del self._exports[session.session_id]
+        session = self._session(request)
+        export = self.traces.current(session.session_id, self.backend.nursery)
+        await trio.lowlevel.checkpoint()
+        if export.status == "failed":
             return json_response(SessionTraceExportResponse(status="failed", error=export.error))
-        if export is not None and export.status == "ready":
-            if now() - export.started_at <= TRACE_EXPORT_REUSE:
-                expires = int(now() + TRACE_URL_TTL)
-                path = TRACE_ROUTE_PREFIX + export.token
-                url = self.backend.signed_url(request.base_url(), path, expires)
-                return json_response(SessionTraceExportResponse(status="ready", url=url))
-            (self._trace_dir() / export.token).unlink(missing_ok=True)
-            export = None
-        if export is None:
-            export = _TraceExport("pending", f"{uuid.uuid4().hex}.json", now())
-            self._exports[session.session_id] = export
-            self.backend.nursery.start_soon(self._build_trace, session.session_id, export)
-        await trio.lowlevel.checkpoint()
+        if export.status == "ready":
+            urls = self.backend.urls
+            url = urls.make(request.base_url(), TRACE_ROUTE_PREFIX + export.token, urls.expiry())
+            return json_response(SessionTraceExportResponse(status="ready", url=url))
         return json_response(SessionTraceExportResponse(status="pending"))
-
-    def _trace_document(self, session_id: str) -> dict[str, Any]:
-        store = self.backend.store
-        session = self._session(session_id)
-        runs = [store.get_model(m) for m in store.models_of_session(session_id)]
-        samplers = [store.get_sampling_session(s) for s in store.samplers_of_session(session_id)]
-        return {
-            "session": {
-                "session_id": session.session_id,
-                "created_at": session.created_at,
-                "project_id": session.project_id,
-                "display_name": session.display_name,
-                "tags": session.tags,
-                "user_metadata": session.user_metadata,
-                "finished_reason": session.finished_reason,
-            },
-            "training_runs": [
-                {
-                    "training_run_id": r.model_id,
-                    "base_model": r.base_model,
-                    "lora_config": r.lora_config,
-                    "created_at": r.created_at,
-                }
-                for r in runs
-                if r is not None
-            ],
-            "sampling_sessions": [
-                {
-                    "sampling_session_id": s.sampling_session_id,
-                    "base_model": s.base_model,
-                    "model_path": s.model_path,
-                    "created_at": s.created_at,
-                }
-                for s in samplers
-                if s is not None
-            ],
-            "requests": store.futures_of_session(session_id),
-            "exported_at": now(),
-        }
-
-    async def _build_trace(self, session_id: str, export: _TraceExport) -> None:
-        """Gather the rows (on the trio thread: the store is not thread-safe), then write."""
-        await trio.lowlevel.checkpoint()
-        try:
-            document = json.dumps(self._trace_document(session_id), indent=1).encode()
-            directory = self._trace_dir()
-            await trio.to_thread.run_sync(_write_atomically, directory, export.token, document)
-        except (OSError, HTTPError) as exc:
-            logger.exception("trace export of session %s failed", session_id)
-            export.status, export.error = "failed", f"could not write the trace export: {exc}"
-            return
-        export.status = "ready"
 
     async def trace_file(self, request: Request) -> Response:
         token = request.params["token"]
-        path = TRACE_ROUTE_PREFIX + token
-        self.backend.check_signed_url(request, path, what="trace", renew="export the trace again")
+        self.backend.urls.check(
+            request, TRACE_ROUTE_PREFIX + token, what="trace", renew="export the trace again"
+        )
         try:
-            content = await trio.Path(self._trace_dir() / token).read_bytes()
+            content = await trio.Path(self.traces.path_for(token)).read_bytes()
         except FileNotFoundError:
             raise HTTPError(404, "this trace export no longer exists; export again") from None
         return Response(body=content)
@@ -244,13 +225,6 @@ class SessionRestRoutes:
             user_metadata=session.user_metadata,
             checkpoint_storage_bytes=size,
         )
-
-
-def _write_atomically(directory: Path, name: str, content: bytes) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{name}.tmp"
-    tmp.write_bytes(content)
-    tmp.replace(directory / name)
 
 
 def _status(session: SessionRow) -> SessionStatus:

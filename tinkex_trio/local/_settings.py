@@ -1,0 +1,181 @@
+"""Every option of the local backend in one frozen value: `LocalBackendSettings`.
+
+It is built once, by `tinkex-trio serve` from its flags or by `open_local_backend(...)` /
+`serve_local_backend(...)` from their keyword arguments (or given to them as `settings=`), and
+flows unchanged to the app (`_app.py`) and the routes. An option is declared here, in the
+dataclass and in `LocalBackendOptions` (the keyword form, checked against each other by the
+tests), and nowhere else on the way down; its check is in `__post_init__`, so a bad value is
+refused with a `ValueError` naming the option before anything starts.
+
+The defaults and why they were chosen sit next to each other below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Final, TypedDict
+
+import msgspec
+
+from tinkex_trio.types import ClientConfigResponse
+
+from ._jwt import DEFAULT_JWT_LIFETIME
+
+__all__ = [
+    "DEFAULT_CLIENT_FLAGS",
+    "DEFAULT_DATA_DIR",
+    "DEFAULT_HOST",
+    "DEFAULT_MAX_QUEUED_SAMPLES",
+    "DEFAULT_METADATA_ONLY_THRESHOLD",
+    "DEFAULT_POLL_TIMEOUT",
+    "LocalBackendOptions",
+    "LocalBackendSettings",
+]
+
+#: A project-local directory keeps checkpoints next to the code that made them and is easy to
+#: find and delete; `data_dir=` / `--data-dir` puts it elsewhere.
+DEFAULT_DATA_DIR: Final = Path("tinkex-data")
+#: Loopback only: the backend is a development server (DESIGN.md "The local backend").
+DEFAULT_HOST: Final = "127.0.0.1"
+#: How long a `retrieve_future` poll is held before answering `try_again`. PROTOCOL.md A.3.7
+#: recommends well under the client's 45 s poll timeout (<= 30 s); 20 s leaves room for slow
+#: networks while keeping the number of polls (and client WARNING lines) low.
+DEFAULT_POLL_TIMEOUT: Final = 20.0
+#: PROTOCOL.md 9.5, 10.8: `asample` answers 429 once this many sampling requests wait for the
+#: engine. 256 is 16 full engine batches (`SAMPLE_BATCH_MAX`), minutes of CPU decoding: more
+#: queued work only adds latency and held memory, while a burst from one SDK (up to 400
+#: concurrent submits, 9.5) is pushed back instead of starving other clients. It stays well
+#: above the 10 submissions the SDK allows itself while backing off, so a backed-off client
+#: refills the queue without another 429 storm.
+DEFAULT_MAX_QUEUED_SAMPLES: Final = 256
+#: PROTOCOL.md 4.4: a finished result larger than this is first answered metadata-only to a
+#: poll that allows it. The SDK reserves the announced bytes from its 50 MiB in-flight response
+#: budget (2.1) before fetching, so a dozen 4 MiB payloads still fit at once; below that an
+#: extra round trip costs more than the memory it protects.
+DEFAULT_METADATA_ONLY_THRESHOLD: Final = 4 * 1024 * 1024
+#: The `client/config` flags (PROTOCOL.md 2.1) where the local backend differs from an official
+#: server's defaults, unless `client_flags` overrides them: the official SDK's httpx transport
+#: (pyqwest buys nothing on loopback) and session-wide completion polling (4.8), which this
+#: backend serves. `pjwt_auth_enabled` follows `jwt_auth`.
+DEFAULT_CLIENT_FLAGS: Final[Mapping[str, Any]] = MappingProxyType(
+    {"use_pyqwest_transport": False, "sample_use_retrieve_futures": True}
+)
+
+_FLAG_NAMES: Final = frozenset(ClientConfigResponse.__struct_fields__)
+
+
+class LocalBackendOptions(TypedDict, total=False):
+    """The keyword form of `LocalBackendSettings`, for `open_local_backend(**options)`."""
+
+    host: str
+    port: int
+    data_dir: str | Path
+    api_key: str | None
+    models: Sequence[str] | None
+    extra_models: Mapping[str, str | Path] | None
+    poll_timeout: float
+    client_flags: Mapping[str, Any] | None
+    max_queued_samples: int | None
+    metadata_only_threshold: int | None
+    jwt_auth: bool
+    jwt_lifetime: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalBackendSettings:
+    """How to run the local backend; every field is a `tinkex-trio serve` option.
+
+    * `host`, `port`: where to listen (port 0: any free port; the URL says which).
+    * `data_dir`: SQLite state, checkpoints, the API key and the signing secret.
+    * `api_key`: the key clients must send; None: `<data_dir>/api_key`, created on first start.
+    * `models`: which built-in models to serve (None: all); `extra_models`: more models by
+      name, from Hugging Face-layout directories (checked at start-up).
+    * `poll_timeout`: seconds a `retrieve_future` poll is held before `try_again`.
+    * `client_flags`: `client/config` flags over `DEFAULT_CLIENT_FLAGS` (PROTOCOL.md 2.1),
+      e.g. `{"proto_compress_fwdbwd": True, "fwdbwd_max_chunk_len": 2}`.
+    * `max_queued_samples`: `asample` answers 429 beyond this many requests waiting for the
+      engine (PROTOCOL.md 9.5; None: unlimited).
+    * `metadata_only_threshold`: larger results are announced metadata-only first
+      (PROTOCOL.md 4.4; None: never).
+    * `jwt_auth`: JWT-exchange auth (PROTOCOL.md 1.3), tokens valid for `jwt_lifetime` s;
+      the raw API key stays valid too.
+
+    Raises:
+        ValueError: an option is out of range, or `client_flags` names a flag that
+            `client/config` does not have or gives it a value of the wrong type.
+    """
+
+    host: str = DEFAULT_HOST
+    port: int = 0
+    data_dir: Path = DEFAULT_DATA_DIR
+    api_key: str | None = None
+    models: tuple[str, ...] | None = None
+    extra_models: Mapping[str, Path] = field(default_factory=lambda: MappingProxyType({}))
+    poll_timeout: float = DEFAULT_POLL_TIMEOUT
+    client_flags: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    max_queued_samples: int | None = DEFAULT_MAX_QUEUED_SAMPLES
+    metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD
+    jwt_auth: bool = False
+    jwt_lifetime: float = DEFAULT_JWT_LIFETIME
+
+    def __post_init__(self) -> None:
+        # Normalise what the keyword form accepts loosely (str paths, lists, dicts, None),
+        # and freeze the containers, so the value cannot change under the running server.
+        freeze = object.__setattr__
+        freeze(self, "data_dir", Path(self.data_dir))
+        if self.models is not None:
+            freeze(self, "models", tuple(self.models))
+        extra = {str(k): Path(v) for k, v in (self.extra_models or {}).items()}
+        freeze(self, "extra_models", MappingProxyType(extra))
+        freeze(self, "client_flags", MappingProxyType(dict(self.client_flags or {})))
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port must be in 0..65535, got {self.port!r}")
+        if not (math.isfinite(self.poll_timeout) and self.poll_timeout >= 0):
+            raise ValueError(f"poll_timeout must be >= 0 seconds, got {self.poll_timeout!r}")
+        if self.max_queued_samples is not None and self.max_queued_samples < 1:
+            raise ValueError(
+                f"max_queued_samples must be >= 1 or None, got {self.max_queued_samples!r}"
+            )
+        if self.metadata_only_threshold is not None and self.metadata_only_threshold < 0:
+            raise ValueError(
+                "metadata_only_threshold must be >= 0 or None, got "
+                f"{self.metadata_only_threshold!r}"
+            )
+        if not (math.isfinite(self.jwt_lifetime) and self.jwt_lifetime > 0):
+            raise ValueError(f"jwt_lifetime must be positive, got {self.jwt_lifetime!r}")
+        unknown = sorted(set(self.client_flags) - _FLAG_NAMES)
+        if unknown:
+            raise ValueError(
+                f"client_flags has unknown flags {unknown}; client/config has {sorted(_FLAG_NAMES)}"
+            )
+        self.client_config()  # type-checks every flag's value
+
+    @classmethod
+    def build(
+        cls, settings: LocalBackendSettings | None = None, **options: Any
+    ) -> LocalBackendSettings:
+        """`settings` (or the defaults) with the keyword options (`LocalBackendOptions`) over it.
+
+        The keyword form accepts what the dataclass normalises (a `str` data_dir, lists,
+        dicts); an unknown keyword is a `TypeError` naming it.
+        """
+        if settings is None:
+            return cls(**options)
+        return dataclasses.replace(settings, **options) if options else settings
+
+    def client_config(self) -> ClientConfigResponse:
+        """The `client/config` answer (PROTOCOL.md 2.1): defaults, then the settings' flags."""
+        flags = {
+            **DEFAULT_CLIENT_FLAGS,
+            "pjwt_auth_enabled": self.jwt_auth,
+            **self.client_flags,
+        }
+        try:
+            return msgspec.convert(flags, ClientConfigResponse, strict=True)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"client_flags: {exc}") from None
