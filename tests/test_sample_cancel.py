@@ -16,11 +16,8 @@ import trio.testing
 from fake_tinker import FakeTinker
 
 from tinkex_trio import Config, ModelInput, open_service
-from tinkex_trio._dynamic import (
-    CANCEL_FLUSH_TIMEOUT,
-    DYNAMIC_CONFIG_TIMEOUT,
-    MIN_REFRESH_INTERVAL,
-)
+from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, MIN_REFRESH_INTERVAL
+from tinkex_trio._policy import DYNAMIC_CONFIG_TIMEOUT
 from tinkex_trio.errors import ResultTimeoutError
 from tinkex_trio.types import DynamicConfigResponse
 
