@@ -54,7 +54,7 @@ ProgressCallback = Callable[[int, "int | None"], object]
 
 # Bytes gathered before one write to disk. Writing each network chunk (often 4-64 KiB) from a
 # worker thread would cost a thread hop per chunk; 1 MiB keeps hops rare and memory flat.
-WRITE_BUFFER_BYTES: Final = 1 << 20
+_WRITE_BUFFER_BYTES: Final = 1 << 20
 
 _TEMP_PREFIX: Final = ".tinkex-download-"
 
@@ -145,7 +145,7 @@ async def _stream_to_file(
             async for chunk in _raw_chunks(response):
                 buffer += chunk
                 downloaded += len(chunk)
-                if len(buffer) >= WRITE_BUFFER_BYTES:
+                if len(buffer) >= _WRITE_BUFFER_BYTES:
                     data = bytes(buffer)
                     buffer.clear()
                     await trio.to_thread.run_sync(file.write, data)
@@ -180,8 +180,8 @@ async def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
     """
     if response.is_stream_consumed:
         body = response.content
-        for start in range(0, len(body), WRITE_BUFFER_BYTES):
-            yield body[start : start + WRITE_BUFFER_BYTES]
+        for start in range(0, len(body), _WRITE_BUFFER_BYTES):
+            yield body[start : start + _WRITE_BUFFER_BYTES]
         return
     async for chunk in response.aiter_raw():
         yield chunk
@@ -207,7 +207,7 @@ def _parse(tinker_path: str) -> ParsedTinkerPath:
 # --- extraction (runs in a worker thread) ----------------------------------------------------
 
 
-def check_members(tar: tarfile.TarFile, extract_dir: Path) -> list[tarfile.TarInfo]:
+def _check_members(tar: tarfile.TarFile, extract_dir: Path) -> list[tarfile.TarInfo]:
     """Every member of `tar`, after checking that each one is safe to extract.
 
     Raises UnsafeArchiveError naming the first offending member.
@@ -249,7 +249,7 @@ def _extract_into_place(archive: Path, out: Path, name: str, force: bool) -> Non
         except tarfile.TarError as exc:
             raise ArchiveError(f"the downloaded checkpoint is not a tar archive: {exc}") from exc
         with tar:
-            members = check_members(tar, staging)
+            members = _check_members(tar, staging)
             try:
                 tar.extractall(staging, members=members, filter="data")
             except tarfile.FilterError as exc:

@@ -77,7 +77,17 @@ from tinkex_trio.types import (
 if TYPE_CHECKING:
     from tinkex_trio._transport import Transport
 
-__all__ = ["AccessScope", "RestClient"]
+__all__ = [
+    "ARCHIVE_DEFAULT_EXPIRY",
+    "DEFAULT_CHECKPOINTS_LIMIT",
+    "DEFAULT_RUNS_LIMIT",
+    "DEFAULT_SESSIONS_LIMIT",
+    "MAX_SEARCH_OWNER_URNS",
+    "TRACE_EXPORT_POLL_INTERVAL",
+    "WEIGHTS_ACCESS_TOKEN_HEADER",
+    "AccessScope",
+    "RestClient",
+]
 
 _T = TypeVar("_T")
 
@@ -86,7 +96,7 @@ AccessScope = Literal["owned", "accessible"]
 
 _logger = logging.getLogger("tinkex_trio.rest")
 
-API_PREFIX: Final = "/api/v1"
+_API_PREFIX: Final = "/api/v1"
 
 DEFAULT_RUNS_LIMIT: Final = 20
 DEFAULT_SESSIONS_LIMIT: Final = 20
@@ -490,7 +500,7 @@ class RestClient:
         path = _checkpoint_path(training_run_id, checkpoint_id) + "/archive"
         response = await self._transport.request(
             "GET",
-            API_PREFIX + path,
+            _API_PREFIX + path,
             policy=ARCHIVE_URL,
             follow_redirects=False,
             raise_for_status=False,
@@ -574,7 +584,7 @@ class RestClient:
             headers = {**_JSON_HEADERS, **(headers or {})}
         response = await self._transport.request(
             method,
-            API_PREFIX + path,
+            _API_PREFIX + path,
             policy=REST_CONFLICT_FINAL if conflict_is_final else REST,
             content=content,
             params=params,

@@ -364,4 +364,4 @@ def tokens_of(sequences: Sequence[t.SampledSequence]) -> list[list[int]]:
     return [list(s.tokens) for s in sequences]
 
 
-__all__ = ["SamplingClient", "tokens_of"]
+__all__ = ["DEFAULT_MAX_TOKENS", "SamplingClient", "SamplingClientStatistics", "tokens_of"]

@@ -51,7 +51,7 @@ from tinkex_trio.sampling import SamplingClient
 from tinkex_trio.telemetry import SessionEvent, Telemetry
 from tinkex_trio.training import TrainingClient
 
-logger = logging.getLogger("tinkex_trio.service")
+_logger = logging.getLogger("tinkex_trio.service")
 
 # PROTOCOL.md 9.7: heartbeat every 10 s, first one 10 s after creation; warn after 120 s
 # without a successful one (each is a single attempt: the ``heartbeat`` policy).
@@ -261,7 +261,7 @@ async def _create_session(config: Config, transport: Transport) -> str:
         (logging.ERROR, created.error_message),
     ):
         if message:
-            logger.log(level, "server: %s", message)
+            _logger.log(level, "server: %s", message)
     return created.session_id
 
 
@@ -294,12 +294,12 @@ async def _heartbeat(
                     "POST", "/api/v1/session_heartbeat", content=body, policy=HEARTBEAT
                 )
             except GoneError:
-                logger.info("session %s is finished on the server; heartbeats stop", session_id)
+                _logger.info("session %s is finished on the server; heartbeats stop", session_id)
                 return
             except APIError as exc:
                 if not warned and trio.current_time() - last_ok >= HEARTBEAT_WARN_AFTER:
                     warned = True
-                    logger.warning(
+                    _logger.warning(
                         "no successful heartbeat for session %s in %.0f s (last error: %s)",
                         session_id,
                         trio.current_time() - last_ok,
@@ -324,7 +324,7 @@ async def _finish_session(
             policy=SESSION_FINISH,
         )
     except APIError as exc:
-        logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
+        _logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
 
 
 def _configure_logging(level_name: str, telemetry: Telemetry) -> None:
@@ -483,4 +483,11 @@ def _unwrap(
     return None
 
 
-__all__ = ["ServiceClient", "open_service"]
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_WARN_AFTER",
+    "SESSION_FINISH_TIMEOUT",
+    "SESSION_OPEN_TIMEOUT",
+    "ServiceClient",
+    "open_service",
+]
