@@ -1,7 +1,7 @@
 """Dynamic config and server-side cancellation of abandoned samples (PROTOCOL.md 2.1, 4.9).
 
 `open_service` fetches `POST /api/v1/client/dynamic_config` once at start and keeps it fresh
-with `refresh_dynamic_config`, a task of the service nursery. One of its flags,
+with `DynamicConfig.refresh_forever`, a task of the service nursery. One of its flags,
 `sample_cancel_enabled`, turns on `SampleCanceller`: a `sample()` or `compute_logprobs()` call
 that is abandoned (its caller's cancel scope, its `timeout=`, or the service closing) after its
 submit succeeded and before its result arrived queues its request id, and the canceller's task
