@@ -16,6 +16,7 @@ from typing import Final
 import httpx
 
 from tinkex_trio import _protobuf, types as t
+from tinkex_trio._limits import estimate_model_input_bytes
 from tinkex_trio._metrics import reduce_metrics
 
 FORWARD_PATH: Final = "/api/v1/forward"
@@ -29,14 +30,7 @@ _DTYPE_BYTES: Final = {"int64": 8, "float32": 4}
 
 def estimate_datum_bytes(datum: t.Datum) -> int:
     """PROTOCOL.md 9.1's per-datum size estimate, used to cut chunks."""
-    size = 0
-    for chunk in datum.model_input.chunks:
-        if isinstance(chunk, t.EncodedTextChunk):
-            size += _BYTES_PER_TOKEN * len(chunk.tokens)
-        elif isinstance(chunk, t.ImageChunk):
-            size += len(chunk.data)
-        else:
-            size += len(chunk.location)
+    size = estimate_model_input_bytes(datum.model_input, _BYTES_PER_TOKEN)
     for tensor in datum.loss_fn_inputs.values():
         size += _DTYPE_BYTES[tensor.dtype] * len(tensor.data)
         if tensor.sparse_crow_indices is not t.UNSET:

@@ -37,6 +37,7 @@ from tinkex_trio import _protobuf, types as t
 from tinkex_trio._completions import CompletionWatcher
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import SAMPLE_BYTES_PER_TOKEN
+from tinkex_trio._limits import estimate_model_input_bytes
 from tinkex_trio._policy import CALL, SAMPLE, SAMPLE_RETRY
 from tinkex_trio._validate import require_str, require_tinker_path
 from tinkex_trio.errors import APIError, InvalidInputError, ResultTimeoutError, TinkexError
@@ -57,18 +58,6 @@ class SamplingClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: int
     completed: int
     retries: int
-
-
-def _estimate_bytes(prompt: t.ModelInput) -> int:
-    size = 0
-    for chunk in prompt.chunks:
-        if isinstance(chunk, t.EncodedTextChunk):
-            size += SAMPLE_BYTES_PER_TOKEN * len(chunk.tokens)
-        elif isinstance(chunk, t.ImageChunk):
-            size += len(chunk.data)
-        else:
-            size += len(chunk.location)
-    return size
 
 
 @final
@@ -278,7 +267,7 @@ class SamplingClient:
             headers=_BACKPRESSURE_HEADERS,
             policy=SAMPLE,
             throttle=ctx.rate_limiter,
-            weight=_estimate_bytes(request.prompt),
+            weight=estimate_model_input_bytes(request.prompt, SAMPLE_BYTES_PER_TOKEN),
         )
         future = _decode_submit(response)
         try:

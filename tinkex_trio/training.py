@@ -258,20 +258,13 @@ class TrainingClient:
         self, name: str, ttl_seconds: int | None = None
     ) -> APIFuture[t.SaveWeightsForSamplerResponse]:
         """Save sampler weights as `tinker://<run>/sampler_weights/<name>`."""
-        self._check_usable()
-        require_checkpoint_name(name)
-        require_ttl(ttl_seconds)
-        return self._queue_request(
+        return await self._save_named(
             "/api/v1/save_weights_for_sampler",
             "SaveWeightsForSampler",
-            lambda seq_id: t.SaveWeightsForSamplerRequest(
-                model_id=self.model_id,
-                path=name,
-                seq_id=seq_id,
-                ttl_seconds=t.UNSET if ttl_seconds is None else ttl_seconds,
-            ),
+            t.SaveWeightsForSamplerRequest,
             t.SaveWeightsForSamplerResponse,
-            policy=SAVE,
+            name,
+            ttl_seconds,
         )
 
     async def save_weights_external(
@@ -282,20 +275,13 @@ class TrainingClient:
         Download its files with `RestClient.get_external_weights_urls`. Like the other saves,
         submitted without layer-A retries (PROTOCOL.md 3.2, 9.3).
         """
-        self._check_usable()
-        require_checkpoint_name(name)
-        require_ttl(ttl_seconds)
-        return self._queue_request(
+        return await self._save_named(
             "/api/v1/save_weights_external",
             "SaveWeightsExternal",
-            lambda seq_id: t.SaveWeightsExternalRequest(
-                model_id=self.model_id,
-                path=name,
-                seq_id=seq_id,
-                ttl_seconds=t.UNSET if ttl_seconds is None else ttl_seconds,
-            ),
+            t.SaveWeightsExternalRequest,
             t.SaveWeightsExternalResponse,
-            policy=SAVE,
+            name,
+            ttl_seconds,
         )
 
     async def save_weights_and_get_sampling_client(self) -> SamplingClient:
@@ -414,6 +400,32 @@ class TrainingClient:
                 model_id=self.model_id, seq_id=seq_id, path=path, optimizer=optimizer
             ),
             t.LoadWeightsResponse,
+        )
+
+    async def _save_named(
+        self,
+        path: str,
+        request_type: str,
+        request_cls: type[t.SaveWeightsForSamplerRequest | t.SaveWeightsExternalRequest],
+        result_type: type[_T],
+        name: str,
+        ttl_seconds: int | None,
+    ) -> APIFuture[_T]:
+        """A save to `name` under the ``save`` policy (PROTOCOL.md 3.2, 9.3: no layer A)."""
+        self._check_usable()
+        require_checkpoint_name(name)
+        require_ttl(ttl_seconds)
+        return self._queue_request(
+            path,
+            request_type,
+            lambda seq_id: request_cls(
+                model_id=self.model_id,
+                path=name,
+                seq_id=seq_id,
+                ttl_seconds=t.UNSET if ttl_seconds is None else ttl_seconds,
+            ),
+            result_type,
+            policy=SAVE,
         )
 
     def _queue_request(
