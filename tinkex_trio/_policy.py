@@ -5,46 +5,48 @@ applies it, and nothing above the transport loops on HTTP statuses: futures, sam
 completions, training, REST and the service pick a policy and handle only what is theirs (a
 poll's 2xx envelope: try_again, complete_metadata, error or result).
 
-=====================  ==================  ==============================  =======  ========  ======  ========
-kind                   used for            retries (rows, tried in order)  billing  throttle  timeout accept
-=====================  ==================  ==============================  =======  ========  ======  ========
-``call`` (default)     create_model,       layer A                         -        -         config  json
-                       create_session,
-                       create_sampling_
-                       session, auth/token
-``submit``             training submits    layer A, layer B                pause    -         config  json
-                       but saves, get_info,
-                       load_weights,
-                       client/config
-``save``               save_weights*       layer B (9.3: no layer A)       pause    -         config  json
-``rest``               RestClient          layer A, layer B                pause    -         config  json
-``rest_conflict_       publish/unpublish   layer B without 409             pause    -         config  json
-final``                (409 is an answer)
-``archive_url``        checkpoint archive  layer A, archive rounds (503)   -        -         config  gzip
-``download``           streamed downloads  layer A                         -        -         config  */*
-``poll``               retrieve_future     4.3's rows (below)              pause    -         45 s    json
-``poll_protobuf``      retrieve_future     4.3's rows                      pause    -         45 s    protobuf
-                       (fwd/bwd, sample)
-``long_poll``          retrieve_futures    4.8's row: transient, 1 s       pause    -         45 s    json
-``ack_poll``           retrieve_futures    none (ids go with the next      -        -         5 s     json
-                       with timeout 0      poll)
-``heartbeat``          session_heartbeat   none (the next beat is the      -        -         10 s    json
-                                           retry, 9.7)
-``dynamic_config``     client/dynamic_     none (2.1 step 3)               -        -         10 s    json
-                       config
-``session_finish``     sessions/{id}/      layer A, 2 retries              -        -         config  json
-                       finish
-``cancel``             cancel_future       layer B (9.3: no layer A)       pause    -         30 s    json
-``sample``             asample             none: a 429 opens the           pause    yes       config  json
-                                           RateLimiter window and the
-                                           same body is resubmitted (9.5)
-``one_attempt``        the CLI's preflight none                            -        -         config  json
-=====================  ==================  ==============================  =======  ========  ======  ========
+=======================  ====================  ================================  =======  ========  =======  ========
+kind                     used for              retries (rows, tried in order)    billing  throttle  timeout  accept
+=======================  ====================  ================================  =======  ========  =======  ========
+``call`` (the default)   create_model,         layer A                           -        -         config   json
+                         create_session,
+                         create_sampling_
+                         session, auth/token
+``submit``               training submits      layer A, layer B                  pause    -         config   json
+                         but saves, get_info,
+                         load_weights,
+                         client/config
+``save``                 save_weights*         layer B (9.3: no layer A)         pause    -         config   json
+``rest``                 RestClient            layer A, layer B                  pause    -         config   json
+``rest_conflict_final``  publish, unpublish    layer B without 409 (an answer)   pause    -         config   json
+``archive_url``          checkpoint archive    layer A, archive rounds (503)     -        -         config   gzip
+``download``             streamed downloads    layer A                           -        -         config   any
+``poll``                 retrieve_future       4.3's rows (below)                pause    -         45 s     json
+``poll_protobuf``        retrieve_future of    4.3's rows                        pause    -         45 s     protobuf
+                         fwd/bwd and samples
+``long_poll``            retrieve_futures      4.8's row: transient, 1 s         pause    -         45 s     json
+``ack_poll``             retrieve_futures      none (the ids go with the next    -        -         5 s      json
+                         with timeout 0        poll)
+``heartbeat``            session_heartbeat     none (the next beat is the        -        -         10 s     json
+                                               retry, 9.7)
+``dynamic_config``       client/dynamic_       none (2.1 step 3)                 -        -         10 s     json
+                         config
+``session_finish``       sessions/{id}/finish  layer A, 2 retries                -        -         config   json
+``cancel``               cancel_future         layer B (9.3: no layer A)         pause    -         30 s     json
+``sample``               asample               none: a 429 opens the             pause    yes       config   json
+                                               RateLimiter window and the same
+                                               body is resubmitted (9.5); the
+                                               rest is layer D's (below)
+``one_attempt``          the CLI's preflight   none                              -        -         config   json
+=======================  ====================  ================================  =======  ========  =======  ========
+
+"transient" is `TRANSIENT`: no response (a connection error, a timeout, a bare 400), 408, 409,
+429 and every status >= 500. "config" is ``Config.timeout``; "any" is ``Accept: */*``.
 
 The rows (PROTOCOL.md section in brackets):
 
-* **layer A** [9.3]: connection errors, timeouts, a bare 400 (1.6) and the transient statuses,
-  or any status with ``x-should-retry: true`` (never one with ``false``); ``Config.max_retries``
+* **layer A** [9.3]: the transient outcomes (a bare 400 while the budget of 1.6 lasts), or
+  any status with ``x-should-retry: true`` (never one with ``false``); ``Config.max_retries``
   quick retries of the *same* request (same ``X-Idempotency-Key``, counted in
   ``x-stainless-retry-count``), ``min(0.5 * 2**n, 10) * U(0.75, 1)`` s or the server's
   ``retry-after`` if within (0, 60] s.

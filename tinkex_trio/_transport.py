@@ -320,7 +320,6 @@ class Transport:
             base.update(headers)
         http_timeout = self._http_timeout(read_timeout)
         client = self._client
-        telemetry = self.telemetry
         counts = None if state is None else state.counts
         attempt = 0  # retries of this very request: x-stainless-retry-count, layer A
         replayed = False
@@ -343,60 +342,19 @@ class Transport:
                 key = await self.auth.header_value()
                 if key is not None:
                     request.headers["X-API-Key"] = key
-            if telemetry.active:
-                telemetry.emit(RequestStarted(method=method, path=path, attempt=attempt))
-            sent_at = trio.current_time()
-            response: httpx.Response | None = None
-            failure: httpx.TransportError | None = None
-            try:
-                if throttle is None:
-                    response = await client.send(
-                        request, stream=stream, follow_redirects=follow_redirects
-                    )
-                else:
-                    async with throttle.dispatch(weight):
-                        response = await client.send(
-                            request, stream=stream, follow_redirects=follow_redirects
-                        )
-            except httpx.TransportError as exc:
-                if telemetry.active:
-                    telemetry.emit(
-                        RequestFailed(
-                            method=method,
-                            path=path,
-                            error_type=type(exc).__name__,
-                            attempt=attempt,
-                            duration=trio.current_time() - sent_at,
-                        )
-                    )
-                if not _is_retryable_transport_error(exc):
-                    raise _map_transport_error(exc) from exc
-                failure = exc
-            except httpx.RequestError as exc:  # DecodingError, TooManyRedirects: not retried
-                raise _map_transport_error(exc) from exc
-
-            if response is None:
-                assert failure is not None
+            exchanged = await self._exchange(
+                request, method, path, attempt, stream, follow_redirects, throttle, weight
+            )
+            response: httpx.Response | None
+            failure: httpx.TransportError | None
+            if isinstance(exchanged, httpx.TransportError):
+                response = None
+                failure = exchanged
                 outcome = CONNECTION
-                why = type(failure).__name__
+                why = type(exchanged).__name__
             else:
-                try:
-                    if stream and not response.is_success:
-                        await response.aread()  # error bodies are small; needed for the message
-                except BaseException:
-                    await response.aclose()
-                    raise
-                if telemetry.active:
-                    telemetry.emit(
-                        RequestFinished(
-                            method=method,
-                            path=path,
-                            status=response.status_code,
-                            attempt=attempt,
-                            duration=trio.current_time() - sent_at,
-                        )
-                    )
-                self._log_deprecation(response)
+                response = exchanged
+                failure = None
                 if (
                     response.status_code == 401
                     and key is not None
@@ -488,6 +446,69 @@ class Transport:
                 await response.aclose()
                 raise status_error_for(response)
             return response
+
+    async def _exchange(
+        self,
+        request: httpx.Request,
+        method: str,
+        path: str,
+        attempt: int,
+        stream: bool,
+        follow_redirects: bool,
+        throttle: Throttle | None,
+        weight: int,
+    ) -> httpx.Response | httpx.TransportError:
+        """One HTTP exchange and its telemetry: the response (an error's body read even when
+        streaming), or the transport error if it is worth retrying; others are raised mapped."""
+        telemetry = self.telemetry
+        if telemetry.active:
+            telemetry.emit(RequestStarted(method=method, path=path, attempt=attempt))
+        sent_at = trio.current_time()
+        client = self._client
+        try:
+            if throttle is None:
+                response = await client.send(
+                    request, stream=stream, follow_redirects=follow_redirects
+                )
+            else:
+                async with throttle.dispatch(weight):
+                    response = await client.send(
+                        request, stream=stream, follow_redirects=follow_redirects
+                    )
+        except httpx.TransportError as exc:
+            if telemetry.active:
+                telemetry.emit(
+                    RequestFailed(
+                        method=method,
+                        path=path,
+                        error_type=type(exc).__name__,
+                        attempt=attempt,
+                        duration=trio.current_time() - sent_at,
+                    )
+                )
+            if not _is_retryable_transport_error(exc):
+                raise _map_transport_error(exc) from exc
+            return exc
+        except httpx.RequestError as exc:  # DecodingError, TooManyRedirects: not retried
+            raise _map_transport_error(exc) from exc
+        try:
+            if stream and not response.is_success:
+                await response.aread()  # error bodies are small; needed for the message
+        except BaseException:
+            await response.aclose()
+            raise
+        if telemetry.active:
+            telemetry.emit(
+                RequestFinished(
+                    method=method,
+                    path=path,
+                    status=response.status_code,
+                    attempt=attempt,
+                    duration=trio.current_time() - sent_at,
+                )
+            )
+        self._log_deprecation(response)
+        return response
 
     async def _retry_sleep(
         self, method: str, path: str, row: Retry, attempt: int, delay: float, why: str
@@ -651,8 +672,9 @@ class Transport:
 
         Error handling: an :class:`APIConnectionError` (the outcome `CONNECTION`) or an
         :class:`APIStatusError` whose status is in ``row.on`` is retried after ``row``'s
-        back-off, within its limit and budget, logged and emitted like every retry; anything
-        else, and the last error once ``row`` gives up, propagates.
+        back-off (its ``immediate``, ``limit`` and ``budget`` apply; n counts every retry of
+        the operation), logged and emitted like every retry; anything else, and the last error
+        once ``row`` gives up, propagates.
         """
         started = trio.current_time()
         attempt = 0
@@ -669,7 +691,10 @@ class Transport:
                 why = f"status {outcome}"
             if outcome not in row.on or (row.limit is not None and attempt >= row.limit):
                 raise error
-            delay = row.backoff.delay(attempt, self.random)
+            if attempt < row.immediate:
+                delay = 0.0
+            else:
+                delay = row.backoff.delay(attempt - row.immediate, self.random)
             if row.budget is not None:
                 remaining = row.budget - (trio.current_time() - started)
                 if remaining <= 0:

@@ -171,7 +171,7 @@ class TrainingClient:
           datum, and `loss_fn` returns ``(loss, grads, metrics)``: a number, d loss / d logprobs
           per datum in the same shapes, and a dict of numbers.
         * ``tensors="torch"``: `logprobs` is a list of float32 torch tensors that require grad
-          (torch is imported for this call only), and `loss_fn` returns ``(loss_tensor,
+          (torch is imported only when asked for), and `loss_fn` returns ``(loss_tensor,
           metrics)``; the gradients come from autograd.
 
         The result's `loss:sum` is the custom loss and its metrics are merged in; the server's
