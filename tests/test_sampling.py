@@ -105,7 +105,7 @@ async def test_5xx_on_submit_retries_with_backoff(autojump_clock: trio.testing.M
     fake.faults["/api/v1/asample"] = [503, 503]
     async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
         sampler = await service.create_sampling_client(base_model="fake/model")
-        sampler._random = random.Random(0)
+        service._ctx.transport.random = random.Random(0)  # the layer-D jitter
         start = trio.current_time()
         await sampler.sample(ModelInput.from_ints([1]))
         elapsed = trio.current_time() - start
