@@ -27,11 +27,11 @@ import msgspec
 import numpy as np
 
 from tinkex_trio import _protobuf, types as t
-from tinkex_trio.training import _fwdbwd_json, _FwdBwdChunk
+from tinkex_trio._fwdbwd import FwdBwdChunk, encode_json
 
 
-def _chunk(data: list[t.Datum]) -> _FwdBwdChunk:
-    return _FwdBwdChunk("bench:train:0", 1, data, "cross_entropy", None, False)
+def _chunk(data: list[t.Datum]) -> FwdBwdChunk:
+    return FwdBwdChunk("bench:train:0", 1, data, "cross_entropy", None, False)
 
 
 def main() -> None:
@@ -104,13 +104,13 @@ def main() -> None:
 
     prebuilt = from_numpy()
     rows: list[tuple[str, Callable[[], bytes]]] = [
-        ("JSON from lists", lambda: _fwdbwd_json(_chunk(from_lists()))[1]),
-        ("JSON from numpy", lambda: _fwdbwd_json(_chunk(from_numpy()))[1]),
+        ("JSON from lists", lambda: encode_json(_chunk(from_lists()))[1]),
+        ("JSON from numpy", lambda: encode_json(_chunk(from_numpy()))[1]),
         ("msgspec dict (floor)", lambda: msgspec.json.encode(plain)),
         ("protobuf from numpy", lambda: proto(from_numpy())),
         ("protobuf+zstd", lambda: _protobuf.compress(proto(from_numpy()))),
         # The codecs alone, on Datums built once from numpy (what building them costs above).
-        ("JSON encode only", lambda: _fwdbwd_json(_chunk(prebuilt))[1]),
+        ("JSON encode only", lambda: encode_json(_chunk(prebuilt))[1]),
         ("protobuf encode only", lambda: proto(prebuilt)),
     ]
     print(f"{args.datums} datums x {args.tokens} tokens, median of {args.repeat}")

@@ -181,3 +181,51 @@ async def test_state_survives_a_restart(tmp_path: Path) -> None:
                 resumed = await service.create_training_client_from_state_with_optimizer(path)
                 after = await train_steps(resumed, make_batch(), 1)
                 np.testing.assert_allclose(after, before, rtol=1e-5)
+
+
+def _nll_numpy(
+    data: list[Datum], logprobs: list[np.ndarray]
+) -> tuple[float, list[np.ndarray], dict[str, float]]:
+    """Plain negative log-likelihood, numpy contract: its gradient is -1 per token."""
+    assert all(type(lp) is np.ndarray for lp in logprobs)
+    loss = float(-sum(lp.sum() for lp in logprobs))
+    return loss, [-np.ones_like(lp) for lp in logprobs], {"custom/nll:sum": loss}
+
+
+def _nll_torch(data: list[Datum], logprobs: list[object]) -> tuple[object, dict[str, float]]:
+    """The same loss, torch contract: autograd finds the -1s."""
+    loss = -sum(lp.sum() for lp in logprobs)  # type: ignore[attr-defined]
+    return loss, {"custom/nll:sum": float(loss.detach())}
+
+
+async def test_custom_losses_against_the_local_backend(tmp_path: Path) -> None:
+    """Both custom-loss contracts train a real model (PROTOCOL.md 9.8).
+
+    With NLL as the custom loss the backward weights are exactly 1, so the server's surrogate
+    cross-entropy equals the custom loss: the gradient went through the right way round.
+    """
+    batch = make_batch()
+    with trio.fail_after(LIMIT):
+        async with open_local_backend(data_dir=tmp_path / "data", models=[TINY]) as backend:
+            async with open_service(
+                base_url=backend.base_url, api_key=backend.api_key, telemetry=False
+            ) as service:
+                for tensors in ("numpy", "torch"):
+                    training = await service.create_lora_training_client(TINY, rank=8, seed=0)
+                    fn = _nll_numpy if tensors == "numpy" else _nll_torch
+                    first = await (
+                        await training.forward_backward_custom(batch, fn, tensors=tensors)  # type: ignore[arg-type]
+                    )
+                    await (await training.optim_step(AdamParams(learning_rate=1e-2)))
+                    loss = first.metrics["loss:sum"]
+                    assert first.metrics["custom/nll:sum"] == pytest.approx(loss)
+                    assert first.metrics["surrogate_loss:sum"] == pytest.approx(loss, rel=1e-4)
+                    assert [o["logprobs"].to_numpy().shape for o in first.loss_fn_outputs] == [
+                        (12,),
+                        (9,),
+                    ]
+                    after = await (
+                        await training.forward_backward_custom(batch, fn, tensors=tensors)  # type: ignore[arg-type]
+                    )
+                    # A step on the custom loss's gradient lowered it.
+                    assert after.metrics["loss:sum"] < loss, tensors

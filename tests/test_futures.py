@@ -1,4 +1,8 @@
-"""The retrieve_future loop (PROTOCOL.md 4.2-4.7) in virtual time, over MockTransport."""
+"""The retrieve_future loop (PROTOCOL.md 4.2-4.7) in virtual time, over MockTransport.
+
+The HTTP errors of a poll are the transport's ``poll`` policy (`tinkex_trio._policy`), so these
+tests pin that policy too, through `FuturePoller.poll` as the SDK uses it.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import trio
 import trio.testing
 
 from tinkex_trio import types as t
+from tinkex_trio._polling import FuturePoller, json_decoder
 from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
@@ -24,7 +29,7 @@ from tinkex_trio.errors import (
     RequestFailedError,
     ResultTimeoutError,
 )
-from tinkex_trio.futures import APIFuture, FuturePoller, json_decoder
+from tinkex_trio.futures import APIFuture
 from tinkex_trio.telemetry import FutureCompleted, QueueStateChanged, Telemetry
 
 Step = httpx.Response | type[Exception]
@@ -59,9 +64,10 @@ RESULT = ok({"path": "tinker://m/weights/a"})
 
 
 def poller_for(script: Script, telemetry: Telemetry | None = None, **kwargs: Any) -> FuturePoller:
+    """A poller over a fresh transport (so a fresh billing incident); `kwargs` go to it."""
     config = Config(api_key="tml-secret-key", base_url="http://fake")
-    transport = Transport(config, transport=script.transport())
-    return FuturePoller(transport, telemetry or Telemetry(), **kwargs)
+    transport = Transport(config, transport=script.transport(), **kwargs)
+    return FuturePoller(transport, telemetry or Telemetry())
 
 
 async def poll(script: Script, **kwargs: Any) -> t.SaveWeightsResponse:

@@ -23,6 +23,7 @@ import trio
 import trio.testing
 from _router_server import serve
 
+from tinkex_trio._policy import ARCHIVE_ATTEMPTS, ARCHIVE_RETRY_DELAY
 from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
@@ -34,12 +35,7 @@ from tinkex_trio.errors import (
     RequestFailedError,
     TinkexError,
 )
-from tinkex_trio.rest import (
-    ARCHIVE_ATTEMPTS,
-    ARCHIVE_RETRY_DELAY,
-    TRACE_EXPORT_POLL_INTERVAL,
-    RestClient,
-)
+from tinkex_trio.rest import TRACE_EXPORT_POLL_INTERVAL, RestClient
 from tinkex_trio.types import (
     Checkpoint,
     CheckpointsListResponse,

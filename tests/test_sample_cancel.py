@@ -13,14 +13,12 @@ import httpx
 import pytest
 import trio
 import trio.testing
+from _leaks import assert_nothing_left, holdings
 from fake_tinker import FakeTinker
 
 from tinkex_trio import Config, ModelInput, open_service
-from tinkex_trio._dynamic import (
-    CANCEL_FLUSH_TIMEOUT,
-    DYNAMIC_CONFIG_TIMEOUT,
-    MIN_REFRESH_INTERVAL,
-)
+from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, MIN_REFRESH_INTERVAL
+from tinkex_trio._policy import DYNAMIC_CONFIG_TIMEOUT
 from tinkex_trio.errors import ResultTimeoutError
 from tinkex_trio.types import DynamicConfigResponse
 
@@ -219,29 +217,34 @@ async def test_samples_abandoned_by_the_closing_service_are_flushed_before_finis
     assert fake.finished == {"sess-1": "interrupted"}
 
 
-@pytest.mark.parametrize("cancel_delay", [1000.0, 0.5], ids=["hanging-server", "drain-cut-short"])
+@pytest.mark.parametrize(
+    ("cancel_delay", "sends", "all_cancelled"),
+    [
+        # The server never answers: the flush gives up at its bound, nothing was cancelled.
+        (1000.0, 6, False),
+        # Cut short in the drain, sent again by the flush: every id reached the server.
+        (0.5, 6, True),
+    ],
+    ids=["hanging-server", "drain-cut-short"],
+)
 async def test_the_exit_flush_is_bounded(
-    autojump_clock: trio.testing.MockClock, cancel_delay: float
+    autojump_clock: trio.testing.MockClock, cancel_delay: float, sends: int, all_cancelled: bool
 ) -> None:
     fake = FakeTinker()
     fake.dynamic_config = CANCEL_ON
     fake.poll_try_again = 10**6
     transport, log = delayed(fake, {"retrieve_future": 1.0, "cancel_future": cancel_delay})
-    async with trio.open_nursery() as outer:
-        before = len(outer.child_tasks)
-        async with open_service(config_for(fake), transport=transport) as service:
-            sampler = await service.create_sampling_client(base_model="fake/model")
-            await _abandon_samples(sampler, 3, timeout=2.0)
-            await trio.sleep(0.1)
-            # The block ends while the drain task's cancels are in flight.
-            assert len(times_of(log, "cancel_future")) == 3
-            closing = trio.current_time()
-        assert len(outer.child_tasks) == before
+    before = holdings()
+    async with open_service(config_for(fake), transport=transport) as service:
+        sampler = await service.create_sampling_client(base_model="fake/model")
+        await _abandon_samples(sampler, 3, timeout=2.0)
+        await trio.sleep(0.1)
+        # The block ends while the drain task's cancels are in flight.
+        assert len(times_of(log, "cancel_future")) == 3
+        closing = trio.current_time()
+    assert_nothing_left(before)
     assert trio.current_time() - closing <= CANCEL_FLUSH_TIMEOUT + 0.01
     assert fake.finished == {"sess-1": "success"}
-    if cancel_delay < CANCEL_FLUSH_TIMEOUT:
-        # Cut short in the drain, sent again by the flush: every id reached the server.
-        assert len(times_of(log, "cancel_future")) == 6
-        assert sorted(fake.cancelled) == sorted(fake.sample_request_ids)
-    else:
-        assert fake.cancelled == []
+    assert len(times_of(log, "cancel_future")) == sends
+    expected = sorted(fake.sample_request_ids) if all_cancelled else []
+    assert sorted(fake.cancelled) == expected

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
@@ -104,7 +105,7 @@ async def test_5xx_on_submit_retries_with_backoff(autojump_clock: trio.testing.M
     fake.faults["/api/v1/asample"] = [503, 503]
     async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
         sampler = await service.create_sampling_client(base_model="fake/model")
-        sampler._random = random.Random(0)
+        service._ctx.transport.random = random.Random(0)  # the layer-D jitter
         start = trio.current_time()
         await sampler.sample(ModelInput.from_ints([1]))
         elapsed = trio.current_time() - start
@@ -265,3 +266,75 @@ async def test_samples_survive_drops_410_and_slow_polls_over_real_sockets() -> N
                 retries = sampler.statistics().retries
     assert sorted(results) == list(range(50))
     assert retries >= 1  # at least the 410 made a whole call start again
+
+
+def _watched(fake: FakeTinker, answer: Any) -> tuple[httpx.MockTransport, list[float]]:
+    """A transport over `fake` whose `retrieve_futures` (PROTOCOL.md 4.8) is `answer(body)`."""
+    inner = fake.mock_transport()
+    polls: list[float] = []
+
+    async def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/retrieve_futures"):
+            polls.append(trio.current_time())
+            return answer(json.loads(await request.aread()))
+        return await inner.handle_async_request(request)
+
+    return httpx.MockTransport(handle), polls
+
+
+async def test_session_wide_polling_retries_each_second_then_wakes_the_sample(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeTinker()
+    fake.client_config = {"sample_use_retrieve_futures": True}
+    fake.poll_try_again = 10**6  # a sample's own retrieve_future would never see its result
+    answers = iter([503, 503])
+
+    def answer(body: dict[str, Any]) -> httpx.Response:
+        status = next(answers, None)
+        if status is not None:
+            return httpx.Response(status, json={"detail": "busy"})
+        fake._pending_polls[fake.sample_request_ids[0]] = 0  # finished now
+        done = [{"request_id": fake.sample_request_ids[0], "state": "finished"}]
+        return httpx.Response(200, json={"completions": done, "cursor": 1})
+
+    transport, polls = _watched(fake, answer)
+    async with open_service(config_for(fake), transport=transport) as service:
+        sampler = await service.create_sampling_client(base_model="fake/model")
+        start = trio.current_time()
+        result = await sampler.sample(ModelInput.from_ints([4]))
+    assert result.sequences[0].tokens == [4]
+    # The long-poll policy: transient answers retried every 1 s (PROTOCOL.md 4.8).
+    assert [p - start for p in polls] == [0, 1, 2, 2]  # the last: acknowledgement only
+    assert fake.paths().count("retrieve_future") == 1
+
+
+async def test_session_wide_polling_stops_with_its_last_waiter(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeTinker()
+    fake.client_config = {"sample_use_retrieve_futures": True}
+    transport, polls = _watched(fake, lambda body: httpx.Response(503, json={"detail": "busy"}))
+    async with open_service(config_for(fake), transport=transport) as service:
+        sampler = await service.create_sampling_client(base_model="fake/model")
+        start = trio.current_time()
+        with pytest.raises(ResultTimeoutError):
+            await sampler.sample(ModelInput.from_ints([1]), timeout=2.5)
+        await trio.sleep(60)
+    # Retried while the sample waited; nothing once it left at 2.5 s.
+    assert [p - start for p in polls] == [0, 1, 2]
+
+
+async def test_a_broken_session_wide_poll_falls_back_to_per_sample_polls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeTinker()
+    fake.client_config = {"sample_use_retrieve_futures": True}
+    transport, polls = _watched(fake, lambda body: httpx.Response(404, json={"detail": "no"}))
+    async with open_service(config_for(fake), transport=transport) as service:
+        sampler = await service.create_sampling_client(base_model="fake/model")
+        first = await sampler.sample(ModelInput.from_ints([5]))
+        second = await sampler.sample(ModelInput.from_ints([6]))
+    assert [first.sequences[0].tokens, second.sequences[0].tokens] == [[5], [6]]
+    assert len(polls) == 1  # broken for good after the 404
+    assert fake.paths().count("retrieve_future") == 2

@@ -247,16 +247,19 @@ async def test_forward_backward_custom_with_torch() -> None:
     torch = pytest.importorskip("torch")
     fake = FakeTinker()
     data = [datum(3), datum(2)]
+    seen: list[tuple[type, bool, Any]] = []
 
     def loss_fn(batch: list[t.Datum], logprobs: list[Any]) -> tuple[Any, dict[str, float]]:
+        seen.extend((type(lp), lp.requires_grad, lp.dtype) for lp in logprobs)
         loss = sum((lp * lp).sum() for lp in logprobs)
         return loss, {"custom/sq:sum": float(loss.detach())}
 
     async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
         training = await service.create_lora_training_client("fake/model")
-        out = await (await training.forward_backward_custom(data, loss_fn))
+        out = await (await training.forward_backward_custom(data, loss_fn, tensors="torch"))
         after = await (await training.optim_step())
-    assert isinstance(torch.zeros(1), torch.Tensor)
+    # The loss got one float32 tensor per datum, each requiring grad (autograd is the contract).
+    assert seen == [(torch.Tensor, True, torch.float32)] * 2
     calls = [r for r in fake.requests if r.path.endswith(("/forward", "/forward_backward"))]
     assert [r.path.rsplit("/", 1)[1] for r in calls] == ["forward", "forward_backward"]
     # Backward weights are -d(sum lp^2)/d lp = -2 * lp = 1.0 for the fake's lp = -0.5.
@@ -266,9 +269,93 @@ async def test_forward_backward_custom_with_torch() -> None:
     assert weights == [1.0, 1.0, 1.0]
     assert out.metrics["loss:sum"] == pytest.approx(5 * 0.25)
     assert out.metrics["custom/sq:sum"] == pytest.approx(1.25)
-    assert "surrogate_loss:sum" in out.metrics
-    assert after is not None
+    # The server's cross-entropy of the backward pass: sum of -lp * w = 0.5 per token, 5 tokens.
+    assert out.metrics["surrogate_loss:sum"] == pytest.approx(2.5)
+    assert [o["logprobs"].to_numpy().tolist() for o in out.loss_fn_outputs] == [
+        [-0.5] * 3,
+        [-0.5] * 2,
+    ]
+    assert after.metrics == {"lr:mean": t.AdamParams().learning_rate}
     assert fake.submitted_seq_ids["sess-1:train:0"] == [1, 2, 3]
+
+
+async def test_forward_backward_custom_with_numpy_gets_numpy_even_with_torch_installed() -> None:
+    fake = FakeTinker()
+    fake.client_config = {"fwdbwd_max_chunk_len": 1}  # two chunks each way: 4 requests
+    data = [datum(3), datum(2)]
+    seen: list[Any] = []
+
+    def loss_fn(
+        batch: list[t.Datum], logprobs: list[Any]
+    ) -> tuple[float, list[Any], dict[str, float]]:
+        seen.extend(logprobs)
+        assert batch == data  # the caller's datums, with all their inputs
+        loss = float(sum((lp * lp).sum() for lp in logprobs))
+        return loss, [2 * lp for lp in logprobs], {"custom/sq:sum": loss}
+
+    async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
+        training = await service.create_lora_training_client("fake/model")
+        out = await (await training.forward_backward_custom(data, loss_fn))
+    # numpy in, whatever else is installed (the suite's venv has torch).
+    assert [type(lp) for lp in seen] == [np.ndarray, np.ndarray]
+    assert [(lp.dtype, lp.shape) for lp in seen] == [(np.float32, (3,)), (np.float32, (2,))]
+    calls = [r for r in fake.requests if r.path.endswith(("/forward", "/forward_backward"))]
+    assert [r.path.rsplit("/", 1)[1] for r in calls] == [
+        "forward",
+        "forward",
+        "forward_backward",
+        "forward_backward",
+    ]
+    backward = [c.body["forward_backward_input"]["data"][0]["loss_fn_inputs"] for c in calls[2:]]
+    assert [b["weights"]["data"] for b in backward] == [[1.0] * 3, [1.0] * 2]
+    assert out.metrics["loss:sum"] == pytest.approx(1.25)
+    assert out.metrics["custom/sq:sum"] == pytest.approx(1.25)
+    assert fake.submitted_seq_ids["sess-1:train:0"] == [1, 2, 3, 4]
+
+
+async def test_custom_loss_contract_is_checked() -> None:
+    fake = FakeTinker()
+
+    def torch_style(batch: list[t.Datum], logprobs: list[Any]) -> Any:
+        return sum(lp.sum() for lp in logprobs), {}
+
+    def wrong_shape(batch: list[t.Datum], logprobs: list[Any]) -> Any:
+        return 0.0, [np.zeros(1) for _ in logprobs], {}
+
+    async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
+        training = await service.create_lora_training_client("fake/model")
+        sent = len(fake.requests)
+        with pytest.raises(InvalidInputError, match="tensors"):
+            await training.forward_backward_custom([datum()], wrong_shape, tensors="jax")  # type: ignore[arg-type]
+        assert len(fake.requests) == sent
+        # A numpy loss returning the torch-style pair breaks the contract: it says so.
+        with pytest.raises(TinkexError, match=r"\(loss, grads, metrics\)"):
+            await (await training.forward_backward_custom([datum()], torch_style))
+    async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
+        training = await service.create_lora_training_client("fake/model")
+        with pytest.raises(TinkexError, match=r"grads\[0\] has shape \(1,\)"):
+            await (await training.forward_backward_custom([datum()], wrong_shape))
+
+
+async def test_torch_tensors_without_torch_are_refused_before_sending(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+
+    def no_torch(name: str, *args: Any) -> Any:
+        return None if name == "torch" else real_find_spec(name, *args)
+
+    fake = FakeTinker()
+    async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
+        training = await service.create_lora_training_client("fake/model")
+        sent = len(fake.requests)
+        monkeypatch.setattr(importlib.util, "find_spec", no_torch)
+        with pytest.raises(InvalidInputError, match="needs PyTorch"):
+            await training.forward_backward_custom([datum()], lambda b, lp: None, tensors="torch")
+        assert len(fake.requests) == sent
+        assert training.statistics().next_seq_id == 1
 
 
 async def test_failing_custom_loss_poisons_the_client() -> None:
@@ -290,13 +377,30 @@ async def test_failing_custom_loss_poisons_the_client() -> None:
 
 
 def test_numpy_tensor_inputs_convert_without_loops() -> None:
-    arr = np.arange(12, dtype=np.int32)
+    rng = np.random.default_rng(5)
+    n = 1_000_003
+    tokens = rng.integers(0, 150_000, size=n + 1).astype(np.int64)
+    weights = rng.normal(size=n).astype(np.float32)
     d = t.Datum(
-        model_input=t.ModelInput.from_ints(arr),
-        loss_fn_inputs={"target_tokens": arr + 1, "weights": np.ones(12, dtype=np.float64)},
+        model_input=t.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": tokens[1:], "weights": weights},
     )
-    assert d.loss_fn_inputs["weights"].dtype == "float32"
-    assert d.model_input.length == 12
+    targets = d.loss_fn_inputs["target_tokens"]
+    converted = d.loss_fn_inputs["weights"]
+    # Values round-trip exactly, in their wire dtypes and shapes.
+    assert (targets.dtype, targets.resolved_shape()) == ("int64", [n])
+    assert (converted.dtype, converted.resolved_shape()) == ("float32", [n])
+    assert np.array_equal(targets.to_numpy(), tokens[1:])
+    assert np.array_equal(converted.to_numpy(), weights)
+    assert d.model_input.length == n
+    # No per-element Python work: the TensorData keeps the caller's own buffer for the
+    # protobuf encoder (a float32 input is not even copied).
+    assert np.shares_memory(converted._array, weights)  # type: ignore[attr-defined]
+    # float64 is narrowed to float32 by numpy, exactly as numpy's astype does it.
+    wide = rng.normal(size=1000)
+    narrowed = t.TensorData.from_numpy(wide)
+    assert narrowed.dtype == "float32"
+    assert np.array_equal(narrowed.to_numpy(), wide.astype(np.float32))
 
 
 async def test_futures_never_submitted_fail_with_client_closed_when_the_service_closes(

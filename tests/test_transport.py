@@ -1,4 +1,4 @@
-"""Transport: headers, layer-A and layer-B retries, error mapping, credentials.
+"""Transport: headers, the call policies (layers A and B, billing), error mapping, credentials.
 
 Rules: retry schedules run in virtual time (`autojump_clock`, pytest-trio's built-in fixture)
 over `httpx.MockTransport`, with no real I/O, and assert exact virtual times. The tests at the end
@@ -7,6 +7,7 @@ use real sockets on 127.0.0.1 (the fault server) and assert outcomes under `trio
 
 from __future__ import annotations
 
+import dataclasses
 import email.utils
 import logging
 import random
@@ -18,6 +19,17 @@ import msgspec
 import pytest
 import trio
 
+from tinkex_trio._policy import (
+    CALL,
+    HEARTBEAT,
+    LAYER_A,
+    LAYER_B,
+    ONE_ATTEMPT,
+    SAMPLE_RETRY,
+    SAVE,
+    SUBMIT,
+    CallPolicy,
+)
 from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
@@ -125,7 +137,10 @@ async def test_headers_and_url_join() -> None:
     assert req.content == b"{}"
 
     await t.request(
-        "GET", "/api/v1/sessions/sess:1/x", headers={"X-Custom": "y"}, accept="text/plain"
+        "GET",
+        "/api/v1/sessions/sess:1/x",
+        headers={"X-Custom": "y"},
+        policy=dataclasses.replace(CALL, accept="text/plain"),
     )
     get = rec.requests[1]
     assert get.url.path == "/prefix/api/v1/sessions/sess:1/x"
@@ -316,14 +331,16 @@ async def test_max_retries_zero_and_per_call_override(
     rec = Recorder(status(503))
     t = make(rec)
     with pytest.raises(InternalServerError):
-        await t.request("GET", "/x", max_retries=0)
+        await t.request("GET", "/x", policy=ONE_ATTEMPT)
     assert len(rec.requests) == 1
     t0 = make(rec, max_retries=0)
     with pytest.raises(InternalServerError):
         await t0.request("GET", "/x")
     assert len(rec.requests) == 2
+    # A policy's own layer-A limit wins over Config.max_retries.
+    one_retry = CallPolicy("one_retry", (dataclasses.replace(LAYER_A, limit=1),))
     with pytest.raises(InternalServerError):
-        await t0.request("GET", "/x", max_retries=1)
+        await t0.request("GET", "/x", policy=one_retry)
     assert len(rec.requests) == 4
 
 
@@ -384,7 +401,7 @@ async def test_timeout_is_passed_to_httpx() -> None:
         transport=httpx.MockTransport(handler),
     )
     await t.request("GET", "/x")
-    await t.request("GET", "/x", timeout=10)
+    await t.request("GET", "/x", policy=HEARTBEAT)  # the table's 10 s (PROTOCOL.md 1.5)
     assert seen[0] == {"connect": 5.0, "read": 60.0, "write": 60.0, "pool": 60.0}
     assert seen[1]["read"] == 10.0
 
@@ -545,7 +562,152 @@ async def test_closed_transport_raises() -> None:
             pass
 
 
-# -- layer B ----------------------------------------------------------------------------------------
+# -- layer B --------------------------------------------------------------------------------------
+
+
+def budget(seconds: float, *, layer_a: bool = False) -> CallPolicy:
+    """A submit-like policy with layer B cut to `seconds` (and layer A only if asked)."""
+    rows = (LAYER_A,) if layer_a else ()
+    return CallPolicy(
+        "test", (*rows, dataclasses.replace(LAYER_B, budget=seconds)), billing_pause=True
+    )
+
+
+async def test_layer_b_schedule_until_budget(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder(status(503))
+    t = make(rec)
+    with pytest.raises(InternalServerError):
+        await t.request("POST", "/api/v1/op", content=b"{}", policy=SAVE)
+    assert rec.times == [0, 1, 3, 7, 15, 31, 61, 91, 121, 151, 181, 211, 241, 271, 300]
+    assert trio.current_time() == 300
+    # Each layer-B attempt is a rebuilt request: a new idempotency key, the same body.
+    assert len({r.headers["x-idempotency-key"] for r in rec.requests}) == len(rec.requests)
+    assert {r.headers["x-stainless-retry-count"] for r in rec.requests} == {"0"}
+    assert {r.content for r in rec.requests} == {b"{}"}
+
+
+async def test_layer_b_after_layer_a(autojump_clock: trio.testing.MockClock) -> None:
+    # The submit policy: two quick layer-A retries of one request, then layer B rebuilds it and
+    # layer A starts again.
+    rec = Recorder(*[status(503)] * 4, ok())
+    t = make(rec, max_retries=2)
+    await t.request("POST", "/api/v1/op", content=b"{}", policy=SUBMIT)
+    assert rec.times == [0, 0.5, 1.5, 2.5, 3.0]
+    counts = [r.headers["x-stainless-retry-count"] for r in rec.requests]
+    assert counts == ["0", "1", "2", "0", "1"]
+    keys = [r.headers["x-idempotency-key"] for r in rec.requests]
+    assert keys[0] == keys[1] == keys[2] != keys[3] == keys[4]
+
+
+async def test_layer_b_custom_budget_and_success(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder(
+        httpx.ReadTimeout("slow"),
+        httpx.ConnectError("refused"),
+        status(429),
+        status(408),
+        status(409),
+        ok(),
+    )
+    t = make(rec)
+    assert (await t.request("GET", "/op", policy=budget(100))).status_code == 200
+    assert rec.times == [0, 1, 3, 7, 15, 31]
+    rec2 = Recorder(status(500))
+    with pytest.raises(InternalServerError):
+        await make(rec2).request("GET", "/op", policy=budget(5))
+    assert [x - rec2.times[0] for x in rec2.times] == [0, 1, 3, 5]
+
+
+async def test_layer_b_does_not_retry_other_errors(autojump_clock: trio.testing.MockClock) -> None:
+    for outcome, error in (
+        (status(404), NotFoundError),
+        (status(400), APIStatusError),
+        (ValueError("bug"), ValueError),
+    ):
+        rec = Recorder(outcome)
+        with pytest.raises(error):
+            await make(rec).request("POST", "/op", content=b"{}", policy=SUBMIT)
+        assert len(rec.requests) == 1
+    assert trio.current_time() == 0
+
+
+async def test_billing_pause_gives_up_after_an_hour(autojump_clock: trio.testing.MockClock) -> None:
+    rec = Recorder(status(402))
+    t = make(rec)
+    with pytest.raises(BillingError):
+        await t.request("POST", "/api/v1/op", content=b"{}", policy=SUBMIT)
+    assert trio.current_time() == 3600
+    assert len(rec.times) == 721 and rec.times[1] == 5
+
+
+async def test_billing_pause_then_success_and_budget_excludes_pause(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    rec = Recorder(status(402), status(402), status(503), status(503), ok())
+    t = Transport(
+        Config(api_key=KEY, base_url=BASE),
+        transport=httpx.MockTransport(rec),
+        billing_pause_max=60,
+    )
+    assert (await t.request("GET", "/op", policy=budget(2))).status_code == 200
+    # 402 at 0 and 5 (paused 10 s, not counted), then 503 at 10 (sleep 1) and at 11 (sleep 1 = the rest).
+    assert rec.times == [0, 5, 10, 11, 12]
+    rec2 = Recorder(status(402))
+    t2 = Transport(
+        Config(api_key=KEY, base_url=BASE),
+        transport=httpx.MockTransport(rec2),
+        billing_pause_max=60,
+    )
+    with pytest.raises(BillingError):
+        await t2.request("GET", "/op", policy=budget(2))
+    assert rec2.times[-1] - rec2.times[0] == 60
+
+
+async def test_billing_pause_is_one_incident_for_the_whole_transport(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """PROTOCOL.md 9.6: every call shares one incident, and it resets after 5 quiet minutes."""
+    rec = Recorder(status(402))
+    t = make(rec)
+    t.billing_pause_max = 30
+    caplog.set_level(logging.WARNING, logger="tinkex_trio.transport")
+    results: list[tuple[str, float]] = []
+
+    async def call(name: str, start: float) -> None:
+        await trio.sleep(start)
+        with pytest.raises(BillingError):
+            await t.request("POST", "/op", content=b"{}", policy=SUBMIT)
+        results.append((name, trio.current_time()))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(call, "first", 0)
+        nursery.start_soon(call, "late", 20)
+    # The late call joined the incident that began at 0: both give up at 30 s.
+    assert sorted(results) == [("first", 30), ("late", 30)]
+    assert len([r for r in caplog.records if "billing is not active" in r.getMessage()]) == 1
+    # More than 5 minutes without a 402: a new incident, a new 30 s window.
+    await trio.sleep(301)
+    started = trio.current_time()
+    with pytest.raises(BillingError):
+        await t.request("POST", "/op", content=b"{}", policy=SUBMIT)
+    assert trio.current_time() - started == 30
+
+
+async def test_layer_b_emits_retry_events(autojump_clock: trio.testing.MockClock) -> None:
+    hub = Telemetry()
+    events: list[Event] = []
+    hub.add_handler(events.append)
+    t = make(Recorder(status(503), ok()), telemetry=hub)
+    await t.request("POST", "/api/v1/op", content=b"{}", policy=SAVE)
+    (event,) = [e for e in events if isinstance(e, RetryScheduled)]
+    assert (event.method, event.path, event.delay, event.reason) == (
+        "POST",
+        "/api/v1/op",
+        1.0,
+        "layer B: status 503",
+    )
+
+
+# -- a whole operation (PROTOCOL.md 9.4's layer D) ---------------------------------------------------
 
 
 def _error(code: int) -> APIStatusError:
@@ -554,15 +716,17 @@ def _error(code: int) -> APIStatusError:
 
 
 class Flaky:
-    """An operation for with_retries: raises the given errors in turn, then returns "done"."""
+    """An operation for `Transport.retry`: raises the given errors in turn, then returns "done"."""
 
     def __init__(self, *errors: Exception, forever: bool = False) -> None:
         self.errors = list(errors)
         self.forever = forever
         self.times: list[float] = []
+        self.attempts: list[int] = []
 
-    async def __call__(self) -> str:
+    async def __call__(self, attempt: int) -> str:
         self.times.append(trio.current_time())
+        self.attempts.append(attempt)
         await trio.lowlevel.checkpoint()
         if self.errors:
             err = self.errors[0] if self.forever else self.errors.pop(0)
@@ -570,79 +734,22 @@ class Flaky:
         return "done"
 
 
-async def test_layer_b_schedule_until_budget(autojump_clock: trio.testing.MockClock) -> None:
-    op = Flaky(_error(503), forever=True)
-    t = make(Recorder(ok()))
-    with pytest.raises(InternalServerError):
-        await t.with_retries(op)
-    assert op.times == [0, 1, 3, 7, 15, 31, 61, 91, 121, 151, 181, 211, 241, 271, 300]
-    assert trio.current_time() == 300
-
-
-async def test_layer_b_custom_budget_and_success(autojump_clock: trio.testing.MockClock) -> None:
-    op = Flaky(APITimeoutError(), APIConnectionError(), _error(429), _error(408), _error(409))
-    t = make(Recorder(ok()))
-    assert await t.with_retries(op, budget=100) == "done"
-    assert op.times == [0, 1, 3, 7, 15, 31]
-    op2 = Flaky(_error(500), forever=True)
-    with pytest.raises(InternalServerError):
-        await t.with_retries(op2, budget=5)
-    assert [x - op2.times[0] for x in op2.times] == [0, 1, 3, 5]
-
-
-async def test_layer_b_does_not_retry_other_errors(autojump_clock: trio.testing.MockClock) -> None:
-    t = make(Recorder(ok()))
-    for err in (_error(404), _error(400), ValueError("bug")):
-        op = Flaky(err, forever=True)
-        with pytest.raises(type(err)):
-            await t.with_retries(op)
-        assert len(op.times) == 1
-    assert trio.current_time() == 0
-
-
-async def test_billing_pause_gives_up_after_an_hour(autojump_clock: trio.testing.MockClock) -> None:
-    op = Flaky(_error(402), forever=True)
-    t = make(Recorder(ok()))
-    with pytest.raises(BillingError):
-        await t.with_retries(op)
-    assert trio.current_time() == 3600
-    assert len(op.times) == 721 and op.times[1] == 5
-
-
-async def test_billing_pause_then_success_and_budget_excludes_pause(
+async def test_sample_retry_schedule_and_what_it_retries(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    t = Transport(
-        Config(api_key=KEY, base_url=BASE),
-        transport=httpx.MockTransport(Recorder(ok())),
-        billing_pause_max=60,
-    )
-    op = Flaky(_error(402), _error(402), _error(503), _error(503))
-    assert await t.with_retries(op, budget=2) == "done"
-    # 402 at 0 and 5 (paused 10 s, not counted), then 503 at 10 (sleep 1) and at 11 (sleep 1 = the rest).
-    assert op.times == [0, 5, 10, 11, 12]
-    op2 = Flaky(_error(402), forever=True)
-    t2 = Transport(
-        Config(api_key=KEY, base_url=BASE),
-        transport=httpx.MockTransport(Recorder(ok())),
-        billing_pause_max=60,
-    )
-    with pytest.raises(BillingError):
-        await t2.with_retries(op2)
-    assert op2.times[-1] - op2.times[0] == 60
-
-
-async def test_layer_b_emits_retry_events(autojump_clock: trio.testing.MockClock) -> None:
     hub = Telemetry()
     events: list[Event] = []
     hub.add_handler(events.append)
-    t = make(Recorder(ok()), telemetry=hub)
-    await t.with_retries(Flaky(_error(503)))
-    (event,) = events
-    assert isinstance(event, RetryScheduled)
-    assert (event.method, event.path, event.delay, event.reason) == (
-        "POST",
-        "/prefix/api/v1/op",
-        1.0,
-        "layer B: status 503",
-    )
+    t = make(Recorder(ok()), telemetry=hub, fraction=0.5)  # jitter U(0.75, 1.25) -> 1.0
+    op = Flaky(APIConnectionError("down"), _error(410), _error(503), _error(429), _error(409))
+    assert await t.retry(SAMPLE_RETRY, op) == "done"
+    # min(0.5 * 2**k, 10) s: 0.5, 1, 2, 4, 8.
+    assert op.times == [0, 0.5, 1.5, 3.5, 7.5, 15.5]
+    assert op.attempts == [0, 1, 2, 3, 4, 5]
+    reasons = [e.reason for e in events if isinstance(e, RetryScheduled)]
+    assert reasons[:2] == ["sample retry: APIConnectionError", "sample retry: status 410"]
+    for err in (_error(400), _error(404), _error(402), ValueError("bug")):
+        once = Flaky(err, forever=True)
+        with pytest.raises(type(err)):
+            await t.retry(SAMPLE_RETRY, once)
+        assert len(once.times) == 1

@@ -164,6 +164,23 @@ class Credentials:
         """The claims of the cached JWT (unverified), or None before the first exchange."""
         return None if self._token is None else dict(self._token.claims)
 
+    async def current_claims(self) -> Mapping[str, Any] | None:
+        """The claims (unverified) of the credential in use, for ``whoami`` (PROTOCOL.md 3.7).
+
+        In JWT-exchange mode, those of the exchanged JWT (exchanging first if none is cached);
+        in API-key mode, those of the API key when it is itself a JWT; otherwise None.
+
+        Raises:
+            APIError (or a subclass): the exchange failed.
+        """
+        if self._jwt_mode:
+            await self.header_value()
+            return self.claims()
+        try:
+            return _jwt_claims(self._api_key or "")
+        except ValueError:
+            return None
+
     def __repr__(self) -> str:
         if not self._jwt_mode:
             return "<Credentials mode=api_key>"

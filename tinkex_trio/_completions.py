@@ -8,12 +8,14 @@ its payload with one `retrieve_future`, which answers at once. Thousands of wait
 hold one connection and cost one request per poll window between them, instead of one each.
 
 The watcher task runs in the service nursery only while some sample waits, and ends by itself
-when none does.
+when none does (a poll in flight when the last waiter leaves is cancelled).
 
-Error handling (4.8): timeouts, connection errors and 408/409/429/5xx are retried after
-`RETRY_DELAY` s (a 402 after the billing delay); any other answer marks the watcher broken and
-wakes every waiter, which then falls back to polling `retrieve_future` itself, so a server
-with a broken `retrieve_futures` degrades to per-sample polling rather than failing samples.
+Error handling (4.8): the transport's ``long_poll`` policy (`tinkex_trio._policy`) retries
+timeouts, connection errors and 408/409/429/5xx every second and pauses on 402; any other
+answer marks the watcher broken and wakes every waiter, which then falls back to polling
+`retrieve_future` itself, so a server with a broken `retrieve_futures` degrades to per-sample
+polling rather than failing samples. An acknowledgement-only poll is a single attempt: if it
+fails, its ids go with the next poll.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ import msgspec
 import trio
 
 from tinkex_trio import types as t
-from tinkex_trio.errors import APIConnectionError, APIStatusError, BillingError
+from tinkex_trio._policy import ACK_POLL, LONG_POLL
+from tinkex_trio.errors import APIError, APIStatusError
 
 if TYPE_CHECKING:
     from tinkex_trio._context import ServiceContext
@@ -33,16 +36,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("tinkex_trio.sampling")
 
 RETRIEVE_FUTURES_PATH: Final = "/api/v1/retrieve_futures"
-# PROTOCOL.md 1.5: retrieve_futures polls time out after 45 s; the server long-polls ~30 s.
-RETRIEVE_FUTURES_TIMEOUT: Final = 45.0
-# PROTOCOL.md 1.5: an acknowledgement-only poll (timeout 0) times out after 5 s.
-ACK_ONLY_TIMEOUT: Final = 5.0
-# PROTOCOL.md 4.8: retryable poll errors are retried after 1 s.
-RETRY_DELAY: Final = 1.0
-BILLING_RETRY_DELAY: Final = 5.0
 # Completions reported before their sample started waiting are kept this long (in entries).
 MAX_EARLY_COMPLETIONS: Final = 100_000
-_RETRYABLE: Final = frozenset({408, 409, 429})
 
 
 class CompletionWatcher:
@@ -56,6 +51,7 @@ class CompletionWatcher:
         self._acknowledge: list[str] = []
         self._cursor = 0
         self._running = False
+        self._poll_scope: trio.CancelScope | None = None
         self._flushing = False
         self.broken = False
         self.polls = 0
@@ -81,14 +77,21 @@ class CompletionWatcher:
             await event.wait()
         finally:
             self._waiters.pop(request_id, None)
+            if not self._waiters and self._poll_scope is not None:
+                # Nobody waits any more: a long-poll in flight (or its retries against a
+                # failing server) has no one to answer. Its acknowledgements go again later.
+                self._poll_scope.cancel()
 
     async def _run(self) -> None:
         try:
             while self._waiters:
-                response = await self._poll_once()
+                response = None
+                with trio.CancelScope() as self._poll_scope:
+                    response = await self._poll_once()
                 if response is not None:
                     self._deliver(response)
         finally:
+            self._poll_scope = None
             self._running = False
 
     def _deliver(self, response: t.RetrieveFuturesResponse) -> None:
@@ -132,33 +135,26 @@ class CompletionWatcher:
         )
         self.polls += 1
         try:
-            try:
-                response = await self._ctx.transport.request(
-                    "POST",
-                    RETRIEVE_FUTURES_PATH,
-                    content=body,
-                    timeout=ACK_ONLY_TIMEOUT if ack_only else RETRIEVE_FUTURES_TIMEOUT,
-                    max_retries=0,
-                )
-                decoded = t.decode(response.content, t.RetrieveFuturesResponse)
-            except BaseException:
-                # Not delivered: report these ids again with the next poll.
-                self._acknowledge = sent + self._acknowledge
+            response = await self._ctx.transport.request(
+                "POST",
+                RETRIEVE_FUTURES_PATH,
+                content=body,
+                policy=ACK_POLL if ack_only else LONG_POLL,
+            )
+            decoded = t.decode(response.content, t.RetrieveFuturesResponse)
+        except BaseException as exc:
+            # Not delivered: report these ids again with the next poll.
+            self._acknowledge = sent + self._acknowledge
+            if not isinstance(exc, APIError | msgspec.DecodeError | msgspec.ValidationError):
                 raise
-        except APIConnectionError:
-            await trio.sleep(RETRY_DELAY)
-            return None
-        except BillingError:
-            await trio.sleep(BILLING_RETRY_DELAY)
-            return None
-        except APIStatusError as exc:
-            if exc.status_code in _RETRYABLE or exc.status_code >= 500:
-                await trio.sleep(RETRY_DELAY)
-                return None
-            self._break(f"HTTP {exc.status_code}")
-            return None
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            self._break(f"invalid body: {exc}")
+            if ack_only:
+                logger.debug("acknowledgement-only retrieve_futures failed: %s", exc)
+            elif isinstance(exc, APIStatusError):
+                self._break(f"HTTP {exc.status_code}")
+            elif isinstance(exc, APIError):
+                self._break(f"{type(exc).__name__}: {exc}")
+            else:
+                self._break(f"invalid body: {exc}")
             return None
         if ack_only:
             # Completions in this answer are remembered like any others.

@@ -11,10 +11,10 @@ from tinkex_trio import types as t
 from tinkex_trio._dispatch import RateLimiter
 from tinkex_trio._dynamic import DynamicConfig, SampleCanceller
 from tinkex_trio._limits import ByteBudget
+from tinkex_trio._polling import FuturePoller
 from tinkex_trio._transport import Transport
 from tinkex_trio.config import Config
 from tinkex_trio.errors import ClientClosedError
-from tinkex_trio.futures import FuturePoller
 from tinkex_trio.telemetry import Telemetry
 
 

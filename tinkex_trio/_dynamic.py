@@ -1,7 +1,7 @@
 """Dynamic config and server-side cancellation of abandoned samples (PROTOCOL.md 2.1, 4.9).
 
 `open_service` fetches `POST /api/v1/client/dynamic_config` once at start and keeps it fresh
-with `refresh_dynamic_config`, a task of the service nursery. One of its flags,
+with `DynamicConfig.refresh_forever`, a task of the service nursery. One of its flags,
 `sample_cancel_enabled`, turns on `SampleCanceller`: a `sample()` or `compute_logprobs()` call
 that is abandoned (its caller's cancel scope, its `timeout=`, or the service closing) after its
 submit succeeded and before its result arrived queues its request id, and the canceller's task
@@ -23,10 +23,10 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Final
 
-import httpx
 import trio
 
 from tinkex_trio import types as t
+from tinkex_trio._policy import CANCEL, DYNAMIC_CONFIG, DYNAMIC_CONFIG_TIMEOUT
 from tinkex_trio._version import __version__
 from tinkex_trio.errors import APIError, NotFoundError
 
@@ -37,12 +37,8 @@ logger = logging.getLogger("tinkex_trio.service")
 
 DYNAMIC_CONFIG_PATH: Final = "/api/v1/client/dynamic_config"
 CANCEL_FUTURE_PATH: Final = "/api/v1/cancel_future"
-# PROTOCOL.md 1.5: a dynamic_config fetch times out after 10 s; 2.1: one attempt each.
-DYNAMIC_CONFIG_TIMEOUT: Final = 10.0
 # PROTOCOL.md 2.1: refreshed every max(refresh_interval_sec, 10) s.
 MIN_REFRESH_INTERVAL: Final = 10.0
-# PROTOCOL.md 1.5: a cancel_future request times out after 30 s.
-CANCEL_FUTURE_TIMEOUT: Final = 30.0
 # How long `open_service` waits at exit for the last cancels before finishing the session. Not
 # in PROTOCOL.md: a cancel only saves server work, so closing must not wait on it for long.
 CANCEL_FLUSH_TIMEOUT: Final = 2.0
@@ -56,11 +52,7 @@ async def fetch_dynamic_config(transport: Transport) -> t.DynamicConfigResponse 
     body = t.encode(t.DynamicConfigRequest(sdk_version=__version__))
     try:
         response = await transport.request(
-            "POST",
-            DYNAMIC_CONFIG_PATH,
-            content=body,
-            timeout=DYNAMIC_CONFIG_TIMEOUT,
-            max_retries=0,
+            "POST", DYNAMIC_CONFIG_PATH, content=body, policy=DYNAMIC_CONFIG
         )
     except NotFoundError:
         return None
@@ -124,9 +116,10 @@ class SampleCanceller:
     `sample_cancel_max_batch_size` ids, one request per id, each batch in parallel
     (PROTOCOL.md 4.9); `flush` sends what is left at service exit.
 
-    Error handling: each `cancel_future` gets layer-B retries (`Transport.with_retries`, 9.3)
-    and a 30 s read timeout (1.5); a final failure is logged at INFO on `tinkex_trio.service`
-    and dropped (the server also stops abandoned work when the session's heartbeats lapse).
+    Error handling: each `cancel_future` is sent under the transport's ``cancel`` policy (layer
+    B without layer A, 9.3; a 30 s read timeout, 1.5); a final failure is logged at INFO on
+    `tinkex_trio.service` and dropped (the server also stops abandoned work when the session's
+    heartbeats lapse).
     """
 
     def __init__(self, transport: Transport, config: DynamicConfig) -> None:
@@ -192,14 +185,8 @@ class SampleCanceller:
 
     async def _cancel_one(self, request_id: str) -> None:
         body = t.encode(t.CancelFutureRequest(request_id=request_id))
-
-        async def send() -> httpx.Response:
-            return await self._transport.request(
-                "POST", CANCEL_FUTURE_PATH, content=body, timeout=CANCEL_FUTURE_TIMEOUT
-            )
-
         try:
-            await self._transport.with_retries(send)
+            await self._transport.request("POST", CANCEL_FUTURE_PATH, content=body, policy=CANCEL)
         except APIError as exc:
             self.failed += 1
             logger.info("cancel_future for %s failed: %s", request_id, exc)

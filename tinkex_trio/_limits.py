@@ -1,4 +1,4 @@
-"""Byte budgets for in-flight work (PROTOCOL.md 4.4, 9.1 and 9.5)."""
+"""Byte budgets for in-flight work, and the size estimates they count (PROTOCOL.md 4.4, 9.1, 9.5)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,22 @@ from typing import final
 
 import msgspec
 import trio
+
+from tinkex_trio import types as t
+
+
+def estimate_model_input_bytes(model_input: t.ModelInput, bytes_per_token: int) -> int:
+    """A model input's estimated size: `bytes_per_token` per text token, an image's data, an
+    image pointer's location (PROTOCOL.md 9.1 counts 4 per token, 9.5 counts 10)."""
+    size = 0
+    for chunk in model_input.chunks:
+        if isinstance(chunk, t.EncodedTextChunk):
+            size += bytes_per_token * len(chunk.tokens)
+        elif isinstance(chunk, t.ImageChunk):
+            size += len(chunk.data)
+        else:
+            size += len(chunk.location)
+    return size
 
 
 class ByteBudgetStatistics(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,23 +1,22 @@
-"""The SDK's HTTP layer: one httpx client, the headers, layer-A and layer-B retries, error mapping.
+"""The SDK's HTTP layer: one httpx client, the headers, the call policies, error mapping.
 
 Synopsis::
 
     transport = Transport(config)                       # default pool: H11Pool
     resp = await transport.request("POST", "/api/v1/create_session", content=body)
+    resp = await transport.request("POST", "/api/v1/optim_step", content=body, policy=SUBMIT)
     async with transport.stream("GET", signed_url) as resp:
         async for chunk in resp.aiter_bytes(): ...
-    result = await transport.with_retries(lambda: submit(...))   # layer B
+    result = await transport.retry(SAMPLE_RETRY, one_sample)   # a whole multi-request operation
     await transport.aclose()
 
-Everything above the HTTP level (futures, training, sampling, REST) calls this module only, so
-headers, retries, error types and telemetry are decided in one place.
-
-Retry layers (PROTOCOL.md 9.3):
-
-- **Layer A** lives in :meth:`Transport.request`: a few quick retries of *one* call, with the
-  same ``X-Idempotency-Key`` on every attempt so the server can deduplicate.
-- **Layer B** is :meth:`Transport.with_retries`: retries of a whole operation (a new request,
-  rebuilt by the caller) for up to five minutes, plus the 402 billing pause (PROTOCOL.md 9.6).
+Everything above the HTTP level (futures, training, sampling, REST, the service) calls this
+module only, and this module is the only place that loops on HTTP statuses: each call names
+its `CallPolicy` (`tinkex_trio._policy`, the table of which statuses are retried, the back-off,
+whether layer B applies, the billing pause, the throttle, the timeout and the ``Accept``
+header), and :meth:`Transport.request` applies it. The 402 billing pause is one incident shared
+by every call of the transport (PROTOCOL.md 9.6), and the bare-400 budget (1.6) is the
+transport's too.
 
 Credentials: the ``X-API-Key`` value is asked of :class:`tinkex_trio._auth.Credentials`
 (``Transport.auth``) just before each send, so it can be an exchanged JWT that is refreshed
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import email.utils
 import logging
-import math
 import random as _random
 import time
 import uuid
@@ -44,14 +42,15 @@ from typing import Final, TypeVar, final
 import httpx
 import trio
 
+from tinkex_trio import _policy
 from tinkex_trio._auth import TOKEN_PATH, Credentials
+from tinkex_trio._policy import CALL, CONNECTION, DOWNLOAD, CallPolicy, Retry, RetryState, Throttle
 from tinkex_trio._version import __version__
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
     APIConnectionError,
     APIStatusError,
     APITimeoutError,
-    BillingError,
     ClientClosedError,
     status_error_for,
 )
@@ -65,7 +64,7 @@ from tinkex_trio.telemetry import (
 
 __all__ = ["Transport"]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 _logger: Final = logging.getLogger("tinkex_trio.transport")
 
@@ -73,46 +72,18 @@ USER_AGENT: Final = f"tinkex-trio/{__version__}"
 """Sent as ``User-Agent`` (PROTOCOL.md 1.4 lists the official SDK's; we name ourselves)."""
 
 IDEMPOTENCY_KEY_PREFIX: Final = "tinkex-trio-retry-"
-"""``X-Idempotency-Key`` on non-GET requests: prefix + uuid4, one per call (PROTOCOL.md 1.4)."""
-
-# Layer A (PROTOCOL.md 9.3): delay = min(0.5 * 2**n, 10) * U(0.75, 1.0), n = retries taken.
-INITIAL_RETRY_DELAY: Final = 0.5
-MAX_RETRY_DELAY: Final = 10.0
-RETRY_JITTER_LOW: Final = 0.75
-# A server-given retry-after(-ms) is obeyed only if 0 < value <= 60 s (PROTOCOL.md 1.4).
-MAX_RETRY_AFTER: Final = 60.0
-
-# Statuses retried by both layers (PROTOCOL.md 9.3), besides >= 500.
-_RETRYABLE_STATUSES: Final = frozenset({408, 409, 429})
-
-# Layer B (PROTOCOL.md 9.3): retry for up to 5 minutes, sleeping min(2**k, 30) s.
-LAYER_B_BUDGET: Final = 300.0
-LAYER_B_MAX_DELAY: Final = 30.0
-
-# 402 billing pause (PROTOCOL.md 9.6).
-BILLING_PAUSE_DELAY: Final = 5.0
-BILLING_PAUSE_MAX: Final = 3600.0
-BILLING_INCIDENT_RESET: Final = 300.0
-"""After this long without a 402, the next 402 starts a new incident (a new pause window)."""
-BILLING_WARNING_INTERVAL: Final = 60.0
-
-# PROTOCOL.md 1.6 "Cloudflare reset": a 400 with an empty body is a connection reset in disguise,
-# retried like a connection error (layer A) while this budget lasts. Each such retry spends one
-# unit, each success gives one back (up to the cap), so a server that really answers bare 400s
-# cannot keep every call retrying forever.
-BARE_400_RETRY_BUDGET: Final = 16
+"""``X-Idempotency-Key`` on non-GET requests: prefix + uuid4, one per request (PROTOCOL.md 1.4)."""
 
 # Headers that carry credentials; never sent to an origin other than base_url's.
 _SECRET_HEADERS: Final = ("x-api-key", "cf-access-client-id", "cf-access-client-secret")
+
+ObserveFn = Callable[[httpx.Response], None]
+"""Sees each response a policy row retries (a poll's 408 carries a queue state, 4.3)."""
 
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     default = {"http": 80, "https": 443}.get(url.scheme)
     return (url.scheme, url.host, url.port if url.port is not None else default)
-
-
-def _is_retryable_status(status: int) -> bool:
-    return status in _RETRYABLE_STATUSES or status >= 500
 
 
 def _retry_after_seconds(headers: httpx.Headers) -> float | None:
@@ -162,8 +133,8 @@ def _map_transport_error(exc: httpx.RequestError) -> APIConnectionError:
     return APIConnectionError(f"Connection error: {detail}", request=request)
 
 
-def _status_reason(resp: httpx.Response) -> str:
-    return f"status {resp.status_code}"
+def _new_idempotency_key() -> str:
+    return IDEMPOTENCY_KEY_PREFIX + uuid.uuid4().hex
 
 
 class _NoCookies(httpx.Cookies):
@@ -175,23 +146,27 @@ class _NoCookies(httpx.Cookies):
 
 @final
 class Transport:
-    """The SDK's HTTP client: one ``httpx.AsyncClient`` with the SDK's headers and retries.
+    """The SDK's HTTP client: one ``httpx.AsyncClient`` with the SDK's headers and call policies.
 
     Args:
-        config: where to connect and with which credentials, timeouts and retry count.
+        config: where to connect and with which credentials, timeouts and layer-A retry count.
         transport: any ``httpx.AsyncBaseTransport``. Default: the lean :class:`H11Pool`. Pass
             ``httpx.AsyncHTTPTransport()`` for proxies or HTTP/2, or ``httpx.MockTransport`` in
             tests. The Transport takes ownership and closes it in :meth:`aclose`.
         telemetry: hub for request events; a private, handler-less hub if None.
-        billing_pause_max: seconds of persistent 402s before :class:`BillingError` propagates.
-        rng: the jitter source for layer-A back-off (inject a seeded ``random.Random`` in tests).
+        billing_pause_max: seconds of persistent 402s before :class:`BillingError` propagates
+            (`open_service` sets it from the server's client config, PROTOCOL.md 9.6).
+        rng: the jitter source of the back-offs (inject a seeded ``random.Random`` in tests).
 
     Resource handling: :meth:`aclose` closes the client and every pooled connection; calls
     after it raise :class:`ClientClosedError`.
     """
 
     random: _random.Random
-    """The jitter source for layer-A back-off; replace it for deterministic delays."""
+    """The jitter source of the back-offs; replace it for deterministic delays."""
+
+    billing_pause_max: float
+    """Seconds of persistent 402s before the billing pause gives up (PROTOCOL.md 9.6)."""
 
     def __init__(
         self,
@@ -199,7 +174,7 @@ class Transport:
         *,
         transport: httpx.AsyncBaseTransport | None = None,
         telemetry: Telemetry | None = None,
-        billing_pause_max: float = BILLING_PAUSE_MAX,
+        billing_pause_max: float = _policy.BILLING_PAUSE_MAX,
         rng: _random.Random | None = None,
     ) -> None:
         if transport is None:
@@ -211,15 +186,17 @@ class Transport:
         self._base_origin = _origin(httpx.URL(config.base_url))
         self.telemetry = telemetry if telemetry is not None else Telemetry()
         self.random = rng if rng is not None else _random.Random()
-        self._billing_pause_max = billing_pause_max
+        self.billing_pause_max = billing_pause_max
+        # The billing incident (PROTOCOL.md 9.6), shared by every call of this transport.
         self._billing_since: float | None = None
-        self._billing_last = -math.inf
-        self._billing_warned = -math.inf
+        self._billing_last = -float("inf")
+        self._billing_warned = -float("inf")
         self._closed = False
-        self._bare_400_budget = BARE_400_RETRY_BUDGET
+        self._bare_400_budget = _policy.BARE_400_RETRY_BUDGET
+        self._timeouts: dict[float, httpx.Timeout] = {}
         self.auth = Credentials(config, self._exchange_token, rng=self.random)
 
-        # X-API-Key is not a default header: `_send_with_retries` asks `self.auth` per request.
+        # X-API-Key is not a default header: `_send` asks `self.auth` per request.
         headers: dict[str, str] = {"User-Agent": USER_AGENT}
         if config.cf_access_client_id is not None:
             headers["CF-Access-Client-Id"] = config.cf_access_client_id
@@ -285,23 +262,14 @@ class Transport:
                 "exited. Make requests inside the block."
             )
 
-    def _backoff(self, retries_taken: int, response: httpx.Response | None) -> float:
-        """Layer-A delay before the next attempt (PROTOCOL.md 9.3)."""
-        if response is not None:
-            after = _retry_after_seconds(response.headers)
-            if after is not None and 0 < after <= MAX_RETRY_AFTER:
-                return after
-        delay = min(INITIAL_RETRY_DELAY * 2.0**retries_taken, MAX_RETRY_DELAY)
-        return delay * self.random.uniform(RETRY_JITTER_LOW, 1.0)
-
-    @staticmethod
-    def _should_retry(response: httpx.Response) -> bool:
-        forced = response.headers.get("x-should-retry")
-        if forced == "true":
-            return True
-        if forced == "false":
-            return False
-        return _is_retryable_status(response.status_code)
+    def _http_timeout(self, read: float) -> httpx.Timeout:
+        """One `httpx.Timeout` per distinct read timeout (the policies have a handful)."""
+        timeout = self._timeouts.get(read)
+        if timeout is None:
+            timeout = self._timeouts[read] = httpx.Timeout(
+                read, connect=self._config.connect_timeout
+            )
+        return timeout
 
     @staticmethod
     def _log_deprecation(response: httpx.Response) -> None:
@@ -312,24 +280,61 @@ class Transport:
                 logging.ERROR if error else logging.WARNING, "Server deprecation note: %s", note
             )
 
-    async def _send_with_retries(
+    async def _send(
         self,
-        build: Callable[[int], httpx.Request],
-        *,
         method: str,
+        url: str,
         path: str,
-        max_retries: int,
+        *,
+        policy: CallPolicy,
+        content: bytes | None,
+        content_type: str,
+        params: Mapping[str, str | int] | None,
+        headers: Mapping[str, str] | None,
         raise_for_status: bool,
         stream: bool,
         follow_redirects: bool,
+        throttle: Throttle | None,
+        weight: int,
+        observe: ObserveFn | None,
+        state: RetryState | None,
     ) -> httpx.Response:
-        """Layer A. Returns a response (read unless ``stream``; error bodies are always read)."""
-        telemetry = self.telemetry
-        attempt = 0
+        """Send one call under ``policy``; return its response (read unless ``stream``)."""
+        self._check_open()
+        method = method.upper()
+        read_timeout = self._config.timeout if policy.timeout is None else policy.timeout
+        base: dict[str, str] = {
+            "Accept": policy.accept,
+            "x-stainless-read-timeout": f"{read_timeout:g}",
+        }
+        if content is not None and method != "GET":
+            base["Content-Type"] = content_type
+        # Our key is new for every rebuilt request; a caller's own key (copy_weights) is kept on
+        # every attempt.
+        keyed = method != "GET" and not (
+            headers and any(name.lower() == "x-idempotency-key" for name in headers)
+        )
+        if keyed:
+            base["X-Idempotency-Key"] = _new_idempotency_key()
+        if headers:
+            base.update(headers)
+        http_timeout = self._http_timeout(read_timeout)
+        client = self._client
+        counts = None if state is None else state.counts
+        attempt = 0  # retries of this very request: x-stainless-retry-count, layer A
         replayed = False
+        started = trio.current_time()
+        paused = 0.0
         while True:
             self._check_open()
-            request = build(attempt)
+            request = client.build_request(
+                method,
+                url,
+                content=content,
+                params=params,
+                headers={**base, "x-stainless-retry-count": str(attempt)},
+                timeout=http_timeout,
+            )
             key: str | None = None
             # A caller-supplied X-API-Key (the JWT exchange) is sent as is; credentials go only
             # to the base URL's origin.
@@ -337,95 +342,178 @@ class Transport:
                 key = await self.auth.header_value()
                 if key is not None:
                     request.headers["X-API-Key"] = key
-            if telemetry.active:
-                telemetry.emit(RequestStarted(method=method, path=path, attempt=attempt))
-            started = trio.current_time()
-            try:
-                response = await self._client.send(
-                    request, stream=stream, follow_redirects=follow_redirects
-                )
-            except httpx.TransportError as exc:
-                error = _map_transport_error(exc)
-                duration = trio.current_time() - started
-                if telemetry.active:
-                    telemetry.emit(
-                        RequestFailed(
-                            method=method,
-                            path=path,
-                            error_type=type(exc).__name__,
-                            attempt=attempt,
-                            duration=duration,
-                        )
-                    )
-                if not _is_retryable_transport_error(exc) or attempt >= max_retries:
-                    raise error from exc
-                delay = self._backoff(attempt, None)
-                await self._retry_sleep(method, path, attempt, delay, type(exc).__name__)
-                attempt += 1
-                continue
-            except httpx.RequestError as exc:  # DecodingError, TooManyRedirects: not retried
-                raise _map_transport_error(exc) from exc
+            exchanged = await self._exchange(
+                request, method, path, attempt, stream, follow_redirects, throttle, weight
+            )
+            response: httpx.Response | None
+            failure: httpx.TransportError | None
+            if isinstance(exchanged, httpx.TransportError):
+                response = None
+                failure = exchanged
+                outcome = CONNECTION
+                why = type(exchanged).__name__
+            else:
+                response = exchanged
+                failure = None
+                if (
+                    response.status_code == 401
+                    and key is not None
+                    and not replayed
+                    and self.auth.jwt_enabled
+                    and 'error="invalid_token"' in response.headers.get("www-authenticate", "")
+                ):
+                    # PROTOCOL.md 1.3: the JWT was refused; exchange once and replay once.
+                    replayed = True
+                    await response.aclose()
+                    _logger.info("%s %s: token rejected (invalid_token); exchanging", method, path)
+                    await self.auth.refresh(stale=key)
+                    continue
+                if response.is_success:
+                    if self._bare_400_budget < _policy.BARE_400_RETRY_BUDGET:
+                        self._bare_400_budget += 1
+                    if throttle is not None:
+                        throttle.on_success()
+                    if counts is not None:
+                        _policy.succeeded(policy, counts)
+                    return response
+                if _is_bare_400(response) and self._bare_400_budget > 0:
+                    self._bare_400_budget -= 1
+                    outcome = CONNECTION
+                    why = "bare 400 (reset)"
+                else:
+                    outcome = response.status_code
+                    why = f"status {outcome}"
 
-            try:
-                if stream and not response.is_success:
-                    await response.aread()  # error bodies are small; needed for the message
-            except BaseException:
-                await response.aclose()
-                raise
-            duration = trio.current_time() - started
-            if telemetry.active:
-                telemetry.emit(
-                    RequestFinished(
-                        method=method,
-                        path=path,
-                        status=response.status_code,
-                        attempt=attempt,
-                        duration=duration,
-                    )
+            # The policy decides: a row retries it, the throttle or billing pause waits, or it
+            # is final.
+            if policy.retries:
+                if counts is None:
+                    counts = policy.new_state().counts
+                # The server's hints (1.4) come with a real answer, not with a bare 400.
+                hints = None if response is None or outcome == CONNECTION else response.headers
+                decision = _policy.next_retry(
+                    policy,
+                    counts,
+                    outcome,
+                    max_retries=self._config.max_retries,
+                    should_retry=None if hints is None else hints.get("x-should-retry"),
+                    retry_after=None if hints is None else _retry_after_seconds(hints),
+                    elapsed=trio.current_time() - started - paused,
+                    rng=self.random,
                 )
-            self._log_deprecation(response)
-            if (
-                response.status_code == 401
-                and key is not None
-                and not replayed
-                and self.auth.jwt_enabled
-                and 'error="invalid_token"' in response.headers.get("www-authenticate", "")
+                if decision is not None:
+                    index, delay = decision
+                    row = policy.retries[index]
+                    if response is not None:
+                        if observe is not None:
+                            observe(response)
+                        await response.aclose()
+                    await self._retry_sleep(method, path, row, counts[index] - 1, delay, why)
+                    if row.count == "per_request":
+                        attempt += 1
+                    else:
+                        attempt = 0
+                        if keyed:
+                            base["X-Idempotency-Key"] = _new_idempotency_key()
+                    continue
+            if response is not None and (
+                (outcome == 429 and policy.throttle and throttle is not None)
+                or (outcome == 402 and policy.billing_pause)
             ):
-                # PROTOCOL.md 1.3: the JWT was refused; exchange once and replay once.
-                replayed = True
                 await response.aclose()
-                _logger.info("%s %s: token rejected (invalid_token); exchanging", method, path)
-                await self.auth.refresh(stale=key)
+                if throttle is not None:
+                    # PROTOCOL.md 9.5: a 429, or a 402 while paused, opens the window for
+                    # every sampler; the next dispatch waits it out.
+                    throttle.on_rate_limited(weight)
+                if outcome == 402:
+                    paused += await self._pause_for_billing(response)
+                if counts is not None:
+                    _policy.rebuilt(policy, counts, outcome)
+                attempt = 0
+                if keyed:
+                    base["X-Idempotency-Key"] = _new_idempotency_key()
                 continue
-            if response.is_success:
-                self._bare_400_budget = min(self._bare_400_budget + 1, BARE_400_RETRY_BUDGET)
-                return response
-            if _is_bare_400(response) and self._bare_400_budget > 0:
-                self._bare_400_budget -= 1
+            if failure is not None:
+                raise _map_transport_error(failure) from failure
+            assert response is not None
+            if outcome == CONNECTION:
                 await response.aclose()
-                if attempt >= max_retries:
-                    raise APIConnectionError(
-                        "Connection error: HTTP 400 with an empty body (connection reset)",
-                        request=request,
-                    )
-                delay = self._backoff(attempt, None)
-                await self._retry_sleep(method, path, attempt, delay, "bare 400 (reset)")
-                attempt += 1
-                continue
-            if attempt < max_retries and self._should_retry(response):
-                await response.aclose()
-                delay = self._backoff(attempt, response)
-                await self._retry_sleep(method, path, attempt, delay, _status_reason(response))
-                attempt += 1
-                continue
+                raise APIConnectionError(
+                    "Connection error: HTTP 400 with an empty body (connection reset)",
+                    request=request,
+                )
             if raise_for_status:
                 await response.aclose()
                 raise status_error_for(response)
             return response
 
+    async def _exchange(
+        self,
+        request: httpx.Request,
+        method: str,
+        path: str,
+        attempt: int,
+        stream: bool,
+        follow_redirects: bool,
+        throttle: Throttle | None,
+        weight: int,
+    ) -> httpx.Response | httpx.TransportError:
+        """One HTTP exchange and its telemetry: the response (an error's body read even when
+        streaming), or the transport error if it is worth retrying; others are raised mapped."""
+        telemetry = self.telemetry
+        if telemetry.active:
+            telemetry.emit(RequestStarted(method=method, path=path, attempt=attempt))
+        sent_at = trio.current_time()
+        client = self._client
+        try:
+            if throttle is None:
+                response = await client.send(
+                    request, stream=stream, follow_redirects=follow_redirects
+                )
+            else:
+                async with throttle.dispatch(weight):
+                    response = await client.send(
+                        request, stream=stream, follow_redirects=follow_redirects
+                    )
+        except httpx.TransportError as exc:
+            if telemetry.active:
+                telemetry.emit(
+                    RequestFailed(
+                        method=method,
+                        path=path,
+                        error_type=type(exc).__name__,
+                        attempt=attempt,
+                        duration=trio.current_time() - sent_at,
+                    )
+                )
+            if not _is_retryable_transport_error(exc):
+                raise _map_transport_error(exc) from exc
+            return exc
+        except httpx.RequestError as exc:  # DecodingError, TooManyRedirects: not retried
+            raise _map_transport_error(exc) from exc
+        try:
+            if stream and not response.is_success:
+                await response.aread()  # error bodies are small; needed for the message
+        except BaseException:
+            await response.aclose()
+            raise
+        if telemetry.active:
+            telemetry.emit(
+                RequestFinished(
+                    method=method,
+                    path=path,
+                    status=response.status_code,
+                    attempt=attempt,
+                    duration=trio.current_time() - sent_at,
+                )
+            )
+        self._log_deprecation(response)
+        return response
+
     async def _retry_sleep(
-        self, method: str, path: str, attempt: int, delay: float, reason: str
+        self, method: str, path: str, row: Retry, attempt: int, delay: float, why: str
     ) -> None:
+        reason = f"{row.label}: {why}" if row.label else why
         _logger.info(
             "Retrying %s %s in %.3f s (%s, attempt %d)", method, path, delay, reason, attempt + 1
         )
@@ -437,41 +525,28 @@ class Transport:
             )
         await trio.sleep(delay)
 
-    def _request_builder(
-        self,
-        method: str,
-        url: str,
-        *,
-        content: bytes | None,
-        content_type: str,
-        params: Mapping[str, str | int] | None,
-        headers: Mapping[str, str] | None,
-        timeout: float | None,
-        accept: str,
-    ) -> Callable[[int], httpx.Request]:
-        method = method.upper()
-        read_timeout = self._config.timeout if timeout is None else timeout
-        base: dict[str, str] = {"Accept": accept, "x-stainless-read-timeout": f"{read_timeout:g}"}
-        if content is not None and method != "GET":
-            base["Content-Type"] = content_type
-        if method != "GET":
-            base["X-Idempotency-Key"] = IDEMPOTENCY_KEY_PREFIX + uuid.uuid4().hex
-        if headers:
-            base.update(headers)  # the caller may supply its own idempotency key (copy_weights)
-        http_timeout = httpx.Timeout(read_timeout, connect=self._config.connect_timeout)
-        client = self._client
+    async def _pause_for_billing(self, response: httpx.Response) -> float:
+        """The 402 pause (PROTOCOL.md 9.6): sleep, and return how long; or raise `BillingError`.
 
-        def build(attempt: int) -> httpx.Request:
-            return client.build_request(
-                method,
-                url,
-                content=content,
-                params=params,
-                headers={**base, "x-stainless-retry-count": str(attempt)},
-                timeout=http_timeout,
+        One incident for the whole transport: it starts at the first 402, ends after
+        `BILLING_INCIDENT_RESET` s without one, and gives up (raising the 402's
+        :class:`BillingError`) once 402s have lasted `billing_pause_max` s. A warning is
+        logged on ``tinkex_trio.transport`` at most once a minute.
+        """
+        now = trio.current_time()
+        if self._billing_since is None or now - self._billing_last > _policy.BILLING_INCIDENT_RESET:
+            self._billing_since = now
+        self._billing_last = now
+        if now - self._billing_since >= self.billing_pause_max:
+            raise status_error_for(response)
+        if now - self._billing_warned >= _policy.BILLING_WARNING_INTERVAL:
+            self._billing_warned = now
+            _logger.warning(
+                "Tinker billing is not active (HTTP 402); pausing and retrying for up to %.0f s",
+                self.billing_pause_max - (now - self._billing_since),
             )
-
-        return build
+        await trio.sleep(_policy.BILLING_RETRY_DELAY)
+        return trio.current_time() - now
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -480,63 +555,61 @@ class Transport:
         method: str,
         path: str,
         *,
+        policy: CallPolicy = CALL,
         content: bytes | None = None,
         content_type: str = "application/json",
         params: Mapping[str, str | int] | None = None,
         headers: Mapping[str, str] | None = None,
-        # A per-read HTTP timeout handed to httpx (PROTOCOL.md 1.5), not an overall deadline:
-        # callers bound the whole call with trio cancel scopes.
-        timeout: float | None = None,
-        max_retries: int | None = None,
         raise_for_status: bool = True,
-        accept: str = "application/json",
         follow_redirects: bool = True,
+        throttle: Throttle | None = None,
+        weight: int = 0,
+        observe: ObserveFn | None = None,
+        state: RetryState | None = None,
     ) -> httpx.Response:
-        """Send one API call and return its fully read response.
+        """Send one API call under ``policy`` and return its fully read response.
 
         ``path`` (``"/api/v1/..."``) is appended to the base URL's path. Headers: the SDK's
-        (PROTOCOL.md 1.4: ``X-API-Key``, ``User-Agent``, ``X-Idempotency-Key`` on non-GET, one
-        per call and stable across retries, ``x-stainless-retry-count``, Cloudflare and
-        ``Config.extra_headers``), then ``headers``. ``timeout``: seconds per read (default
-        ``Config.timeout``); ``max_retries``: layer-A retries (default ``Config.max_retries``;
-        0 disables them).
+        (PROTOCOL.md 1.4: ``X-API-Key``, ``User-Agent``, ``Accept`` from the policy,
+        ``X-Idempotency-Key`` on non-GET, stable across the layer-A retries of one request and
+        new for every rebuilt one, ``x-stainless-retry-count``, ``x-stainless-read-timeout``,
+        Cloudflare and ``Config.extra_headers``), then ``headers`` (a caller's own idempotency
+        key is kept on every attempt). The read timeout is the policy's (1.5).
 
-        Error handling (layer A, PROTOCOL.md 9.3): retried are connection errors and timeouts
-        (httpx NetworkError, TimeoutException, RemoteProtocolError), a 400 with an empty body
-        (PROTOCOL.md 1.6 "Cloudflare reset": a connection error, within a budget of
-        `BARE_400_RETRY_BUDGET` per transport that each success replenishes by one; once spent
-        such a 400 is a plain :class:`BadRequestError`), responses 408, 409, 429
-        and >= 500, or any non-2xx carrying ``x-should-retry: true`` (never one carrying
-        ``false``). Delay: the server's ``retry-after-ms`` / ``retry-after`` (seconds or
-        HTTP-date) if within (0, 60] s, else ``min(0.5 * 2**n, 10) * uniform(0.75, 1.0)`` s, with
-        n the retries taken so far. Each retry is logged on ``tinkex_trio.transport`` at INFO
-        and emitted as :class:`RetryScheduled`.
+        ``throttle`` and ``weight`` (the ``sample`` policy): every attempt is sent inside
+        ``throttle.dispatch(weight)``; a 429 opens its window. ``observe`` sees each response a
+        row retries. ``state`` carries the rows' counts across calls (a future's polls).
+
+        Error handling: as ``policy`` says (`tinkex_trio._policy`; its rows give the retried
+        outcomes, back-offs and limits). Every retry is logged on ``tinkex_trio.transport`` at
+        INFO and emitted as :class:`RetryScheduled`; a billing pause logs a WARNING at most
+        once a minute. A 400 with an empty body is a connection reset (PROTOCOL.md 1.6) while
+        the transport's budget of `BARE_400_RETRY_BUDGET` lasts (each success gives one back);
+        once spent, such a 400 is a plain :class:`BadRequestError`.
 
         Raises:
             APIStatusError: (the subclass for the status) for a non-2xx final response, when
                 ``raise_for_status``; otherwise the response is returned.
+            BillingError: 402s lasted longer than the billing pause allows.
             APITimeoutError / APIConnectionError: when no response came, ``from`` the httpx error.
             ClientClosedError: the transport is closed.
         """
-        self._check_open()
-        build = self._request_builder(
+        return await self._send(
             method,
             self._url(path),
+            path,
+            policy=policy,
             content=content,
             content_type=content_type,
             params=params,
             headers=headers,
-            timeout=timeout,
-            accept=accept,
-        )
-        return await self._send_with_retries(
-            build,
-            method=method.upper(),
-            path=path,
-            max_retries=self._config.max_retries if max_retries is None else max_retries,
             raise_for_status=raise_for_status,
             stream=False,
             follow_redirects=follow_redirects,
+            throttle=throttle,
+            weight=weight,
+            observe=observe,
+            state=state,
         )
 
     @asynccontextmanager
@@ -545,16 +618,12 @@ class Transport:
         method: str,
         url_or_path: str,
         *,
+        policy: CallPolicy = DOWNLOAD,
         content: bytes | None = None,
         content_type: str = "application/json",
         params: Mapping[str, str | int] | None = None,
         headers: Mapping[str, str] | None = None,
-        # A per-read HTTP timeout handed to httpx (PROTOCOL.md 1.5), not an overall deadline:
-        # callers bound the whole call with trio cancel scopes.
-        timeout: float | None = None,
-        max_retries: int | None = None,
         raise_for_status: bool = True,
-        accept: str = "*/*",
         follow_redirects: bool = True,
     ) -> AsyncIterator[httpx.Response]:
         """Send a request and yield its response with the body unread, for large downloads.
@@ -562,108 +631,80 @@ class Transport:
         ``url_or_path`` is a path under the base URL or an absolute ``http(s)://`` URL (e.g. a
         signed archive URL). Credentials go only to the base URL's origin.
 
-        Error handling: as :meth:`request` (layer A) until the response head arrives; nothing
-        is retried once the body is being read. Non-2xx responses have their body read.
+        Error handling: as :meth:`request` under ``policy`` (layer A by default) until the
+        response head arrives; nothing is retried once the body is being read. Non-2xx
+        responses have their body read.
 
         Resource handling: the response is closed when the block exits.
         """
-        self._check_open()
         if url_or_path.startswith(("http://", "https://")):
             tele_path = httpx.URL(url_or_path).path
         else:
             tele_path = url_or_path
-        build = self._request_builder(
+        response = await self._send(
             method,
             self._url(url_or_path),
+            tele_path,
+            policy=policy,
             content=content,
             content_type=content_type,
             params=params,
             headers=headers,
-            timeout=timeout,
-            accept=accept,
-        )
-        response = await self._send_with_retries(
-            build,
-            method=method.upper(),
-            path=tele_path,
-            max_retries=self._config.max_retries if max_retries is None else max_retries,
             raise_for_status=raise_for_status,
             stream=True,
             follow_redirects=follow_redirects,
+            throttle=None,
+            weight=0,
+            observe=None,
+            state=None,
         )
         try:
             yield response
         finally:
             await response.aclose()
 
-    async def with_retries(
-        self, fn: Callable[[], Awaitable[T]], *, budget: float = LAYER_B_BUDGET
-    ) -> T:
-        """Layer B: call ``fn()`` until it succeeds, a non-retryable error occurs, or time runs out.
+    async def retry(self, row: Retry, operation: Callable[[int], Awaitable[_T]]) -> _T:
+        """Run ``operation(attempt)`` (attempt 0, 1, ...) until it succeeds or ``row`` gives up.
 
-        ``fn`` must build a fresh request each time (new idempotency key, same ``seq_id``).
+        For an operation of several requests that is retried as a whole, each time anew
+        (PROTOCOL.md 9.4: a ``sample()`` is a submit and its polls, and each retry is a new
+        submission with a new ``seq_id``). Each request inside it has its own policy.
 
-        Error handling (PROTOCOL.md 9.3, 9.6): retried are :class:`APIConnectionError` (and so
-        :class:`APITimeoutError`) and :class:`APIStatusError` with status 408, 409, 429 or
-        >= 500, sleeping ``min(2**k, 30)`` s (k = retries so far), cut to the time left, until
-        ``budget`` seconds of trio time have passed since the first attempt; then the last error
-        propagates. A 402 (:class:`BillingError`) is a billing pause instead: see
-        :meth:`pause_for_billing`; time spent paused does not count against ``budget``. Other
-        errors propagate at once. Retries are logged on ``tinkex_trio.transport`` at INFO.
+        Error handling: an :class:`APIConnectionError` (the outcome `CONNECTION`) or an
+        :class:`APIStatusError` whose status is in ``row.on`` is retried after ``row``'s
+        back-off (its ``immediate``, ``limit`` and ``budget`` apply; n counts every retry of
+        the operation), logged and emitted like every retry; anything else, and the last error
+        once ``row`` gives up, propagates.
         """
         started = trio.current_time()
-        paused = 0.0
-        retries = 0
+        attempt = 0
         while True:
             try:
-                return await fn()
-            except BillingError as exc:
-                before = trio.current_time()
-                await self.pause_for_billing(exc)
-                paused += trio.current_time() - before
-                continue
+                return await operation(attempt)
             except APIConnectionError as exc:
                 error: APIConnectionError | APIStatusError = exc
+                outcome = CONNECTION
+                why = type(exc).__name__
             except APIStatusError as exc:
-                if not _is_retryable_status(exc.status_code):
-                    raise
                 error = exc
-            remaining = budget - (trio.current_time() - started - paused)
-            if remaining <= 0:
+                outcome = exc.status_code
+                why = f"status {outcome}"
+            if outcome not in row.on or (row.limit is not None and attempt >= row.limit):
                 raise error
-            delay = min(2.0**retries, LAYER_B_MAX_DELAY, remaining)
+            if attempt < row.immediate:
+                delay = 0.0
+            else:
+                delay = row.backoff.delay(attempt - row.immediate, self.random)
+            if row.budget is not None:
+                remaining = row.budget - (trio.current_time() - started)
+                if remaining <= 0:
+                    raise error
+                delay = min(delay, remaining)
             request = error.request
             method = request.method if request is not None else "?"
             path = request.url.path if request is not None else "?"
-            reason = (
-                _status_reason(error.response)
-                if isinstance(error, APIStatusError) and error.response is not None
-                else type(error).__name__
-            )
-            await self._retry_sleep(method, path, retries, delay, f"layer B: {reason}")
-            retries += 1
-
-    async def pause_for_billing(self, error: BillingError) -> None:
-        """The 402 pause (PROTOCOL.md 9.6): sleep 5 s so the caller can retry, or raise ``error``.
-
-        402s that keep coming for ``billing_pause_max`` seconds (default one hour) end the pause:
-        ``error`` is raised. The incident is shared by every caller of this transport and
-        resets after 5 minutes without a 402. A warning is logged on ``tinkex_trio.transport``
-        at most once a minute. Used by layer B, and by result polling and sampling.
-        """
-        now = trio.current_time()
-        if self._billing_since is None or now - self._billing_last > BILLING_INCIDENT_RESET:
-            self._billing_since = now
-        self._billing_last = now
-        if now - self._billing_since >= self._billing_pause_max:
-            raise error
-        if now - self._billing_warned >= BILLING_WARNING_INTERVAL:
-            self._billing_warned = now
-            _logger.warning(
-                "Tinker billing is not active (HTTP 402); pausing and retrying for up to %.0f s",
-                self._billing_pause_max - (now - self._billing_since),
-            )
-        await trio.sleep(BILLING_PAUSE_DELAY)
+            await self._retry_sleep(method, path, row, attempt, delay, why)
+            attempt += 1
 
     async def aclose(self) -> None:
         """Close the client and its connections. Idempotent."""

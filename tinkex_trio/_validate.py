@@ -1,6 +1,12 @@
-"""Argument checks shared by the clients: bad input fails before anything is sent."""
+"""Argument checks of the clients: bad input fails before anything is sent.
+
+Each check raises `InvalidInputError` naming the argument and what it should be.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Sequence
 
 from tinkex_trio import types as t
 from tinkex_trio.errors import InvalidInputError
@@ -21,3 +27,77 @@ def require_tinker_path(name: str, value: str) -> t.ParsedTinkerPath:
         return t.ParsedTinkerPath.parse(value)
     except ValueError as exc:
         raise InvalidInputError(f"{name}: {exc}") from None
+
+
+def require_training_data(data: Sequence[t.Datum], loss_fn: str) -> None:
+    """`data` must be a non-empty list of Datums carrying what `loss_fn` needs, in shape."""
+    if not isinstance(data, Sequence) or isinstance(data, str | bytes):
+        raise InvalidInputError("data must be a list of Datum")
+    if not data:
+        raise InvalidInputError("data is empty: pass at least one Datum")
+    required = t.LOSS_FN_REQUIRED_INPUTS.get(loss_fn)
+    if required is None:
+        raise InvalidInputError(
+            f"loss_fn {loss_fn!r} is not supported; use one of {sorted(t.LOSS_FN_REQUIRED_INPUTS)}"
+        )
+    for i, datum in enumerate(data):
+        if not isinstance(datum, t.Datum):
+            raise InvalidInputError(f"data[{i}] is a {type(datum).__name__}, not a Datum")
+        try:
+            length = datum.model_input.length
+        except ValueError as exc:
+            raise InvalidInputError(f"data[{i}].model_input: {exc}") from None
+        if length == 0:
+            raise InvalidInputError(f"data[{i}].model_input is empty")
+        for key in required:
+            if key not in datum.loss_fn_inputs:
+                raise InvalidInputError(
+                    f"data[{i}].loss_fn_inputs lacks {key!r}, which loss_fn {loss_fn!r} needs "
+                    f"(it needs {list(required)})"
+                )
+        for key, tensor in datum.loss_fn_inputs.items():
+            shape = tensor.resolved_shape()
+            if not shape or shape[0] != length:
+                raise InvalidInputError(
+                    f"data[{i}].loss_fn_inputs[{key!r}] has shape {shape}, but the model input "
+                    f"has {length} tokens: per-token inputs must have length {length}"
+                )
+            if not tensor.is_sparse and math.prod(shape) != len(tensor.data):
+                raise InvalidInputError(
+                    f"data[{i}].loss_fn_inputs[{key!r}] holds {len(tensor.data)} values but its "
+                    f"shape {shape} needs {math.prod(shape)}"
+                )
+
+
+def require_loss_config(config: dict[str, float] | None) -> dict[str, float] | None:
+    """`loss_fn_config`, its values checked to be finite numbers and made floats."""
+    if config is None:
+        return None
+    out: dict[str, float] = {}
+    for key, value in config.items():
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
+            raise InvalidInputError(
+                f"loss_fn_config[{key!r}] must be a finite number, got {value!r}"
+            )
+        out[str(key)] = float(value)
+    return out
+
+
+def require_checkpoint_name(name: str) -> None:
+    """A checkpoint name: the last segment of a tinker path, so no '/' and no outer spaces."""
+    if not isinstance(name, str) or not name or "/" in name or name.strip() != name:
+        raise InvalidInputError(
+            f"checkpoint name must be a non-empty string without '/' or surrounding spaces, got {name!r}"
+        )
+
+
+def require_ttl(ttl_seconds: int | None) -> None:
+    """`ttl_seconds`: None (keep forever) or a positive int."""
+    if ttl_seconds is not None and (
+        isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
+    ):
+        raise InvalidInputError(f"ttl_seconds must be a positive int or None, got {ttl_seconds!r}")

@@ -49,6 +49,7 @@ from rich.table import Table
 
 from tinkex_trio import types as t
 from tinkex_trio._cli_args import non_negative_int, positive_int
+from tinkex_trio._policy import ONE_ATTEMPT
 from tinkex_trio._transport import Transport
 from tinkex_trio._version import __version__
 from tinkex_trio.config import Config
@@ -214,7 +215,7 @@ async def _preflight(config: Config) -> None:
     transport = Transport(config)
     try:
         await transport.request(
-            "GET", "/api/v1/get_server_capabilities", max_retries=0, raise_for_status=False
+            "GET", "/api/v1/get_server_capabilities", policy=ONE_ATTEMPT, raise_for_status=False
         )
     except APIConnectionError as exc:
         raise _unreachable(config, exc) from None

@@ -30,6 +30,15 @@ __all__ = [
     "DEFAULT_CONNECT_TIMEOUT",
     "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
+    "ENV_API_KEY",
+    "ENV_BASE_URL",
+    "ENV_CF_CLIENT_ID",
+    "ENV_CF_CLIENT_SECRET",
+    "ENV_CREDENTIAL_CMD",
+    "ENV_LOG",
+    "ENV_PROJECT_ID",
+    "ENV_TAGS",
+    "ENV_TELEMETRY",
     "Config",
 ]
 

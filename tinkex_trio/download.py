@@ -58,6 +58,10 @@ if TYPE_CHECKING:
     from tinkex_trio.rest import RestClient
 
 __all__ = [
+    "DEFAULT_MAX_COMPRESSION_RATIO",
+    "DEFAULT_MAX_EXTRACTED_BYTES",
+    "DEFAULT_MAX_MEMBERS",
+    "RATIO_ALLOWANCE_BYTES",
     "ArchiveError",
     "ArchiveLimitError",
     "ProgressCallback",
@@ -71,7 +75,7 @@ ProgressCallback = Callable[[int, "int | None"], object]
 
 # Bytes gathered before one write to disk. Writing each network chunk (often 4-64 KiB) from a
 # worker thread would cost a thread hop per chunk; 1 MiB keeps hops rare and memory flat.
-WRITE_BUFFER_BYTES: Final = 1 << 20
+_WRITE_BUFFER_BYTES: Final = 1 << 20
 
 _TEMP_PREFIX: Final = ".tinkex-download-"
 
@@ -84,6 +88,7 @@ DEFAULT_MAX_COMPRESSION_RATIO: Final = 200.0
 """Extracted bytes per archive byte allowed beyond `RATIO_ALLOWANCE_BYTES`. Trained weights
 compress about 1.1x; a fresh adapter (zero B matrices) a few times; a gzip bomb 1000x."""
 RATIO_ALLOWANCE_BYTES: Final = 64 << 20
+"""64 MiB any archive may expand to whatever its compression ratio."""
 
 # What the compression and tar layers raise on a truncated or corrupt archive. gzip and bz2
 # also report corrupt data as an OSError without an errno (`_is_corrupt_data`).
@@ -202,7 +207,7 @@ async def _stream_to_file(
             async for chunk in _raw_chunks(response):
                 buffer += chunk
                 downloaded += len(chunk)
-                if len(buffer) >= WRITE_BUFFER_BYTES:
+                if len(buffer) >= _WRITE_BUFFER_BYTES:
                     data = bytes(buffer)
                     buffer.clear()
                     await trio.to_thread.run_sync(file.write, data)
@@ -237,8 +242,8 @@ async def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
     """
     if response.is_stream_consumed:
         body = response.content
-        for start in range(0, len(body), WRITE_BUFFER_BYTES):
-            yield body[start : start + WRITE_BUFFER_BYTES]
+        for start in range(0, len(body), _WRITE_BUFFER_BYTES):
+            yield body[start : start + _WRITE_BUFFER_BYTES]
         return
     async for chunk in response.aiter_raw():
         yield chunk
@@ -324,7 +329,7 @@ def _check_member(member: tarfile.TarInfo, root: str) -> None:
         )
 
 
-def check_members(
+def _check_members(
     tar: tarfile.TarFile, extract_dir: Path, limits: _Limits | None = None, archive_size: int = 0
 ) -> list[tarfile.TarInfo]:
     """Every member of `tar`, after checking that each one is safe to extract and that the
@@ -395,7 +400,7 @@ def _extract_into_place(
             raise ArchiveError(f"the downloaded checkpoint is not a tar archive: {exc}") from exc
         with tar:
             try:
-                members = check_members(tar, staging, limits, archive.stat().st_size)
+                members = _check_members(tar, staging, limits, archive.stat().st_size)
                 tar.extractall(staging, members=members, filter="data")
             except tarfile.FilterError as exc:
                 raise UnsafeArchiveError(f"unsafe checkpoint archive: {exc}") from exc

@@ -52,6 +52,7 @@ __all__ = [
     "BillingError",
     "ClientClosedError",
     "ConflictError",
+    "ErrorCategory",
     "GoneError",
     "InternalServerError",
     "InvalidInputError",

@@ -1,8 +1,10 @@
 """RestClient: sessions, training runs and checkpoints (PROTOCOL.md 3.5, 7.8, 11, A.4).
 
-Plain request/response calls, each returning its typed Struct. Every call except the archive
-URL goes through layer-B retries (`Transport.with_retries`: 408/409/429/5xx, timeouts and
-connection errors for up to 5 minutes), as the official SDK does.
+Plain request/response calls, each returning its typed Struct. Every call goes under the
+transport's ``rest`` policy (`tinkex_trio._policy`: layers A and B, 408/409/429/5xx, timeouts
+and connection errors for up to 5 minutes, and the billing pause), as the official SDK does;
+publish/unpublish take a 409 as their answer (``rest_conflict_final``) and the archive URL has
+its own rounds for a 503 (``archive_url``).
 
 Arguments are checked before anything is sent: a malformed tinker path, an id that would
 change the request path, or a negative limit raises `InvalidInputError` naming the argument.
@@ -25,7 +27,7 @@ from __future__ import annotations
 import email.utils
 import logging
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar, final
 
@@ -33,7 +35,7 @@ import httpx
 import msgspec
 import trio
 
-from tinkex_trio._auth import _jwt_claims
+from tinkex_trio._policy import ARCHIVE_URL, REST, REST_CONFLICT_FINAL
 from tinkex_trio.errors import (
     APIStatusError,
     InvalidInputError,
@@ -75,27 +77,31 @@ from tinkex_trio.types import (
 if TYPE_CHECKING:
     from tinkex_trio._transport import Transport
 
-__all__ = ["AccessScope", "RestClient"]
+__all__ = [
+    "ARCHIVE_DEFAULT_EXPIRY",
+    "DEFAULT_CHECKPOINTS_LIMIT",
+    "DEFAULT_RUNS_LIMIT",
+    "DEFAULT_SESSIONS_LIMIT",
+    "MAX_SEARCH_OWNER_URNS",
+    "TRACE_EXPORT_POLL_INTERVAL",
+    "WEIGHTS_ACCESS_TOKEN_HEADER",
+    "AccessScope",
+    "RestClient",
+]
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 AccessScope = Literal["owned", "accessible"]
 """`owned`: what the caller created; `accessible`: also what others shared with them."""
 
 _logger = logging.getLogger("tinkex_trio.rest")
 
-API_PREFIX: Final = "/api/v1"
+_API_PREFIX: Final = "/api/v1"
 
 DEFAULT_RUNS_LIMIT: Final = 20
 DEFAULT_SESSIONS_LIMIT: Final = 20
 DEFAULT_CHECKPOINTS_LIMIT: Final = 100
 
-# PROTOCOL.md A.4.2: the server answers 503 while it builds an archive. Layer A of the
-# transport already retries 503 quickly (~10 times, a few seconds in all); when that gives up,
-# wait this long and start again, up to ARCHIVE_ATTEMPTS rounds (the official SDK's numbers).
-# Large checkpoints take minutes to pack, hence the long pause rather than more quick retries.
-ARCHIVE_ATTEMPTS: Final = 6
-ARCHIVE_RETRY_DELAY: Final = 30.0
 # Expiry assumed when the 302 has no parsable `Expires` header (the official SDK's default).
 ARCHIVE_DEFAULT_EXPIRY: Final = timedelta(minutes=15)
 
@@ -481,9 +487,9 @@ class RestClient:
         """A signed, expiring URL of the checkpoint's archive (a tar file).
 
         The server answers 302 with the URL in `Location` (the redirect is not followed) and
-        503 while the archive is still being built. 503s are retried quickly by the
-        transport, then every `ARCHIVE_RETRY_DELAY` seconds, `ARCHIVE_ATTEMPTS` rounds in all;
-        the last 503 is raised. Not wrapped in layer-B retries (as in the official SDK).
+        503 while the archive is still being built. Under the transport's ``archive_url``
+        policy 503s are retried quickly (layer A), then every 30 s, 6 rounds in all
+        (PROTOCOL.md A.4.2); the last 503 is raised. No layer B (as in the official SDK).
 
         `expires` is timezone-aware UTC: from the `Expires` header, else now + 15 minutes.
 
@@ -492,36 +498,22 @@ class RestClient:
             APIStatusError: any answer but 302 (including a 302 without `Location`).
         """
         path = _checkpoint_path(training_run_id, checkpoint_id) + "/archive"
-        for attempt in range(1, ARCHIVE_ATTEMPTS + 1):
-            response = await self._transport.request(
-                "GET",
-                API_PREFIX + path,
-                accept="application/gzip",
-                follow_redirects=False,
-                raise_for_status=False,
+        response = await self._transport.request(
+            "GET",
+            _API_PREFIX + path,
+            policy=ARCHIVE_URL,
+            follow_redirects=False,
+            raise_for_status=False,
+        )
+        if response.status_code == 302:
+            return _archive_url(response)
+        if response.status_code < 400:
+            raise status_error_for(
+                response,
+                f"Error code: {response.status_code} - the checkpoint archive "
+                "endpoint must answer 302 with a Location header (PROTOCOL.md A.4.2)",
             )
-            if response.status_code == 302:
-                return _archive_url(response)
-            if response.status_code != 503 or attempt == ARCHIVE_ATTEMPTS:
-                await response.aread()
-                if response.status_code < 400:
-                    raise status_error_for(
-                        response,
-                        f"Error code: {response.status_code} - the checkpoint archive "
-                        "endpoint must answer 302 with a Location header (PROTOCOL.md A.4.2)",
-                    )
-                raise status_error_for(response)
-            _logger.info(
-                "checkpoint archive for %s/%s is still being built; retrying in %.0f s "
-                "(round %d of %d)",
-                training_run_id,
-                checkpoint_id,
-                ARCHIVE_RETRY_DELAY,
-                attempt,
-                ARCHIVE_ATTEMPTS,
-            )
-            await trio.sleep(ARCHIVE_RETRY_DELAY)
-        raise AssertionError("unreachable: the last round returns or raises")
+        raise status_error_for(response)
 
     async def get_checkpoint_archive_url_by_tinker_path(
         self, tinker_path: str
@@ -544,17 +536,7 @@ class RestClient:
             InvalidInputError: the server is in plain API-key mode and the key is not a JWT,
                 so there are no claims to read.
         """
-        auth = self._transport.auth
-        claims: Mapping[str, Any] | None
-        if auth.jwt_enabled:
-            await auth.header_value()
-            claims = auth.claims()
-        else:
-            key = self._transport.config.api_key or ""
-            try:
-                claims = _jwt_claims(key)
-            except ValueError:
-                claims = None
+        claims = await self._transport.auth.current_claims()
         if not claims or not isinstance(claims.get("sub"), str):
             raise InvalidInputError(
                 "whoami needs a JWT: the server did not enable JWT-exchange auth "
@@ -581,45 +563,34 @@ class RestClient:
         self,
         method: str,
         path: str,
-        type_: type[T] | None,
+        type_: type[_T] | None,
         *,
         params: dict[str, Any] | None = None,
         content: bytes | None = None,
         conflict_is_final: bool = False,
         headers: dict[str, str] | None = None,
         follow_redirects: bool = True,
-    ) -> T:
-        """One layer-B-retried request; the body is decoded into `type_` (ignored if None).
+    ) -> _T:
+        """One request under the ``rest`` policy; the body is decoded into `type_` (ignored if None).
 
         PROTOCOL.md 9.3 retries 409 like a transient error. Where the API uses 409 as a final
         answer (publish an already public checkpoint), `conflict_is_final` raises it at once:
-        layer-A retries are off for the call and a 409 leaves the layer-B loop unretried.
+        the ``rest_conflict_final`` policy has no layer A and its layer B leaves 409 out.
 
         `headers` are sent on every attempt as given (so a caller's idempotency key is the same
         across all retries).
         """
         if content is not None:
             headers = {**_JSON_HEADERS, **(headers or {})}
-
-        async def attempt() -> httpx.Response:
-            response = await self._transport.request(
-                method,
-                API_PREFIX + path,
-                content=content,
-                params=params,
-                headers=headers,
-                max_retries=0 if conflict_is_final else None,
-                raise_for_status=not conflict_is_final,
-                follow_redirects=follow_redirects,
-            )
-            if conflict_is_final and response.status_code != 409 and response.is_error:
-                raise status_error_for(response)
-            return response
-
-        retried: Callable[[], Awaitable[httpx.Response]] = attempt
-        response = await self._transport.with_retries(retried)
-        if response.status_code == 409:
-            raise status_error_for(response)
+        response = await self._transport.request(
+            method,
+            _API_PREFIX + path,
+            policy=REST_CONFLICT_FINAL if conflict_is_final else REST,
+            content=content,
+            params=params,
+            headers=headers,
+            follow_redirects=follow_redirects,
+        )
         if type_ is None:
             return None  # type: ignore[return-value]
         return decode(response.content, type_)

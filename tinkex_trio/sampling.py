@@ -4,14 +4,18 @@
 users expect). Each call goes through:
 
 1. the per-client concurrency limit (`sample_max_concurrent_requests`, PROTOCOL.md 9.4);
-2. the service-wide `RateLimiter`: a 429 window shared by every sampling client of the service,
-   and the dispatch limits on concurrent submissions and bytes (9.5);
-3. `POST /api/v1/asample`, resubmitted with the same seq_id after a 429 or 402;
-4. polling of the result, with no lock or slot held; a call abandoned here (cancelled, timed
-   out, service closing) has its request cancelled on the server when the server's dynamic
-   flag `sample_cancel_enabled` is on (PROTOCOL.md 4.9, `tinkex_trio._dynamic`);
-5. the retry handler (9.4): timeouts, connection errors, 410 (the result expired) and
-   408/409/5xx retry the whole call with a new seq_id after `min(0.5 * 2**k, 10)` s +-25 %.
+2. `POST /api/v1/asample` under the transport's ``sample`` policy (`tinkex_trio._policy`):
+   every attempt inside the service-wide `RateLimiter` (the dispatch limits on concurrent
+   submissions and bytes, 9.5); a 429 opens its window for every sampling client of the
+   service and the same body (same seq_id) is resubmitted when it closes; a 402 waits in the
+   shared billing pause (9.6) and opens the window too;
+3. polling of the result (`tinkex_trio._polling`), with no lock or slot held; a call abandoned
+   here (cancelled, timed out, service closing) has its request cancelled on the server when
+   the server's dynamic flag `sample_cancel_enabled` is on (PROTOCOL.md 4.9,
+   `tinkex_trio._dynamic`);
+4. the retry handler (layer D, 9.4, the policy module's `SAMPLE_RETRY` applied by
+   `Transport.retry`): timeouts, connection errors, 410 (the result expired) and 408/409/5xx
+   retry the whole call with a new seq_id after `min(0.5 * 2**k, 10)` s +-25 %.
 
 Error handling: `RequestFailedError` and other 4xx propagate at once; `timeout=` bounds the
 whole call (including retries) and raises `ResultTimeoutError`.
@@ -22,7 +26,6 @@ from __future__ import annotations
 import functools
 import itertools
 import math
-import random
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final, final
 
@@ -34,29 +37,20 @@ from tinkex_trio import _protobuf, types as t
 from tinkex_trio._completions import CompletionWatcher
 from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import SAMPLE_BYTES_PER_TOKEN
-from tinkex_trio.errors import (
-    APIConnectionError,
-    APIError,
-    APIStatusError,
-    BillingError,
-    GoneError,
-    InvalidInputError,
-    ResultTimeoutError,
-    TinkexError,
-    status_error_for,
-)
+from tinkex_trio._limits import estimate_model_input_bytes
+from tinkex_trio._policy import CALL, SAMPLE, SAMPLE_RETRY
+from tinkex_trio._validate import require_str, require_tinker_path
+from tinkex_trio.errors import APIError, InvalidInputError, ResultTimeoutError, TinkexError
+from tinkex_trio.rest import RestClient
 
 if TYPE_CHECKING:
     from tinkex_trio.tokenizer import Tokenizer
 
-# PROTOCOL.md 9.4: whole-call retries back off min(0.5 * 2**k, 10) s with +-25 % jitter.
-RETRY_BASE_DELAY: Final = 0.5
-RETRY_MAX_DELAY: Final = 10.0
-RETRY_JITTER: Final = 0.25
-_RETRYABLE_STATUSES: Final = frozenset({408, 409, 429})
-# PROTOCOL.md 9.6: a 402 on a submit is waited out in 5 s steps for up to an hour.
-BILLING_RETRY_DELAY: Final = 5.0
 DEFAULT_MAX_TOKENS: Final = 16
+"""`SamplingParams.max_tokens` when the caller leaves it unset (the official SDK's default)."""
+_ASAMPLE_PATH: Final = "/api/v1/asample"
+# PROTOCOL.md 1.4, 9.5: every asample asks for back-pressure (a 429) rather than queuing.
+_BACKPRESSURE_HEADERS: Final = {"X-Tinker-Sampling-Backpressure": "1"}
 
 
 class SamplingClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
@@ -64,26 +58,6 @@ class SamplingClientStatistics(msgspec.Struct, frozen=True, kw_only=True):
     in_flight: int
     completed: int
     retries: int
-
-
-def _estimate_bytes(prompt: t.ModelInput) -> int:
-    size = 0
-    for chunk in prompt.chunks:
-        if isinstance(chunk, t.EncodedTextChunk):
-            size += SAMPLE_BYTES_PER_TOKEN * len(chunk.tokens)
-        elif isinstance(chunk, t.ImageChunk):
-            size += len(chunk.data)
-        else:
-            size += len(chunk.location)
-    return size
-
-
-def _retryable(exc: BaseException) -> bool:
-    if isinstance(exc, APIConnectionError | GoneError):
-        return True
-    if isinstance(exc, APIStatusError):
-        return exc.status_code in _RETRYABLE_STATUSES or exc.status_code >= 500
-    return False
 
 
 @final
@@ -102,7 +76,6 @@ class SamplingClient:
     _limit: trio.CapacityLimiter
     _completed: int
     _retries: int
-    _random: random.Random
     _watcher: CompletionWatcher | None
 
     def __init__(self) -> None:
@@ -126,9 +99,56 @@ class SamplingClient:
         self._limit = trio.CapacityLimiter(ctx.client_config.sample_max_concurrent_requests)
         self._completed = 0
         self._retries = 0
-        self._random = random.Random()
         self._watcher = None
         return self
+
+    @classmethod
+    async def _open(
+        cls, ctx: ServiceContext, *, base_model: str | None, model_path: str | None
+    ) -> SamplingClient:
+        """A new sampling session for a base model or sampler weights, and its client.
+
+        What `ServiceClient.create_sampling_client` does; a `TrainingClient` uses it too, with
+        the service context only.
+        """
+        if (base_model is None) == (model_path is None):
+            raise InvalidInputError(
+                "create_sampling_client needs exactly one of base_model= or model_path="
+            )
+        if base_model is not None:
+            require_str("base_model", base_model)
+        if model_path is not None:
+            require_tinker_path("model_path", model_path)
+        request = t.CreateSamplingSessionRequest(
+            session_id=ctx.session_id,
+            sampling_session_seq_id=next(ctx.sampling_session_seq_ids),
+            base_model=t.UNSET if base_model is None else base_model,
+            model_path=t.UNSET if model_path is None else model_path,
+        )
+        response = await ctx.transport.request(
+            "POST", "/api/v1/create_sampling_session", content=t.encode(request), policy=CALL
+        )
+        created = t.decode(response.content, t.CreateSamplingSessionResponse)
+        return await cls._for_session(
+            ctx, created.sampling_session_id, base_model=base_model, model_path=model_path
+        )
+
+    @classmethod
+    async def _for_session(
+        cls,
+        ctx: ServiceContext,
+        sampling_session_id: str,
+        *,
+        base_model: str | None = None,
+        model_path: str | None = None,
+    ) -> SamplingClient:
+        """A client for an existing sampling session (asks the server for its base model if
+        not given: `GET samplers/{id}`)."""
+        if base_model is None:
+            sampler = await RestClient(ctx.transport).get_sampler(sampling_session_id)
+            base_model = sampler.base_model
+            model_path = sampler.model_path
+        return cls._create(ctx, sampling_session_id, base_model=base_model, model_path=model_path)
 
     def get_base_model(self) -> str:
         return self._base_model or ""
@@ -227,60 +247,28 @@ class SamplingClient:
 
     async def _sample_with_retries(self, request: t.SampleRequest) -> t.SampleResponse:
         async with self._limit:
-            attempt = 0
-            while True:
-                try:
-                    response = await self._sample_once(request)
-                except Exception as exc:
-                    if not _retryable(exc):
-                        raise
-                    delay = min(RETRY_BASE_DELAY * 2**attempt, RETRY_MAX_DELAY)
-                    delay *= 1 + self._random.uniform(-RETRY_JITTER, RETRY_JITTER)
-                    attempt += 1
-                    self._retries += 1
-                    await trio.sleep(delay)
-                    continue
-                self._completed += 1
-                return response
+            response = await self._ctx.transport.retry(
+                SAMPLE_RETRY, functools.partial(self._sample_once, request)
+            )
+        self._completed += 1
+        return response
 
-    async def _sample_once(self, request: t.SampleRequest) -> t.SampleResponse:
-        """One submission (same seq_id across 429/402 resubmits) and its result."""
+    async def _sample_once(self, request: t.SampleRequest, attempt: int) -> t.SampleResponse:
+        """One submission (the same seq_id across 429/402 resubmits) and its result."""
+        if attempt:
+            self._retries += 1
         ctx = self._ctx
-        limiter = ctx.rate_limiter
         seq_id = next(self._seq_ids)
         body = t.encode(msgspec.structs.replace(request, seq_id=seq_id))
-        estimate = _estimate_bytes(request.prompt)
-        billing_since: float | None = None
-        while True:
-            async with limiter.dispatch(estimate):
-                response = await ctx.transport.request(
-                    "POST",
-                    "/api/v1/asample",
-                    content=body,
-                    headers={"X-Tinker-Sampling-Backpressure": "1"},
-                    max_retries=0,
-                    raise_for_status=False,
-                )
-            if response.status_code == 429:
-                limiter.on_rate_limited(estimate)
-                continue
-            if response.status_code == 402:
-                now = trio.current_time()
-                billing_since = now if billing_since is None else billing_since
-                if (
-                    now - billing_since
-                    >= ctx.client_config.billing_exception_max_pause_duration_sec
-                ):
-                    error = status_error_for(response)
-                    assert isinstance(error, BillingError)
-                    raise error
-                limiter.on_rate_limited(estimate)
-                await trio.sleep(BILLING_RETRY_DELAY)
-                continue
-            if response.status_code >= 300:
-                raise status_error_for(response)
-            limiter.on_success()
-            break
+        response = await ctx.transport.request(
+            "POST",
+            _ASAMPLE_PATH,
+            content=body,
+            headers=_BACKPRESSURE_HEADERS,
+            policy=SAMPLE,
+            throttle=ctx.rate_limiter,
+            weight=estimate_model_input_bytes(request.prompt, SAMPLE_BYTES_PER_TOKEN),
+        )
         future = _decode_submit(response)
         try:
             result = await self._result_of(future)
@@ -308,15 +296,13 @@ class SamplingClient:
             watcher = self._watcher
             await watcher.wait(future.request_id)
         ids = future.sample_sequence_ids
-        # PROTOCOL.md 4.5: a protobuf-speaking client asks for the result as protobuf.
-        accept = (
-            _protobuf.PROTOBUF_CONTENT_TYPE
-            if ctx.config.wire_format == "protobuf"
-            else "application/json"
-        )
         try:
+            # PROTOCOL.md 4.5: a protobuf-speaking client asks for the result as protobuf.
             result = await ctx.poller.poll(
-                future.request_id, "Sample", functools.partial(_sample_result, ids), accept=accept
+                future.request_id,
+                "Sample",
+                functools.partial(_sample_result, ids),
+                protobuf=ctx.config.wire_format == "protobuf",
             )
         except TinkexError:
             if watcher is not None:
@@ -367,4 +353,4 @@ def tokens_of(sequences: Sequence[t.SampledSequence]) -> list[list[int]]:
     return [list(s.tokens) for s in sequences]
 
 
-__all__ = ["SamplingClient", "tokens_of"]
+__all__ = ["DEFAULT_MAX_TOKENS", "SamplingClient", "SamplingClientStatistics", "tokens_of"]

@@ -33,6 +33,8 @@ from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import RateLimiter
 from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, DynamicConfig, SampleCanceller
 from tinkex_trio._limits import ByteBudget
+from tinkex_trio._policy import CALL, HEARTBEAT, SESSION_FINISH, SUBMIT
+from tinkex_trio._polling import FuturePoller, json_decoder
 from tinkex_trio._transport import Transport
 from tinkex_trio._validate import require_str, require_tinker_path
 from tinkex_trio._version import __version__
@@ -44,19 +46,17 @@ from tinkex_trio.errors import (
     InvalidInputError,
     NotFoundError,
 )
-from tinkex_trio.futures import FuturePoller, json_decoder
 from tinkex_trio.rest import RestClient
 from tinkex_trio.sampling import SamplingClient
 from tinkex_trio.telemetry import SessionEvent, Telemetry
 from tinkex_trio.training import TrainingClient
 
-logger = logging.getLogger("tinkex_trio.service")
+_logger = logging.getLogger("tinkex_trio.service")
 
 # PROTOCOL.md 9.7: heartbeat every 10 s, first one 10 s after creation; warn after 120 s
-# without a successful one; each is a single attempt with a 10 s timeout.
+# without a successful one (each is a single attempt: the ``heartbeat`` policy).
 HEARTBEAT_INTERVAL: Final = 10.0
 HEARTBEAT_WARN_AFTER: Final = 120.0
-HEARTBEAT_TIMEOUT: Final = 10.0
 # How long entering and leaving the block may take for session creation and finish.
 SESSION_OPEN_TIMEOUT: Final = 60.0
 SESSION_FINISH_TIMEOUT: Final = 10.0
@@ -133,7 +133,7 @@ class ServiceClient:
         )
         # PROTOCOL.md 9.3: create_model relies on layer-A retries only.
         submitted = await self._ctx.transport.request(
-            "POST", "/api/v1/create_model", content=t.encode(request)
+            "POST", "/api/v1/create_model", content=t.encode(request), policy=CALL
         )
         future = t.decode(submitted.content, t.UntypedAPIFuture)
         created = await self._ctx.poller.poll(
@@ -179,13 +179,9 @@ class ServiceClient:
             base_model=t.UNSET if base_model is None else base_model,
             user_metadata=t.UNSET if user_metadata is None else dict(user_metadata),
         )
-
-        async def submit() -> httpx.Response:
-            return await self._ctx.transport.request(
-                "POST", "/api/v1/load_weights", content=t.encode(request)
-            )
-
-        submitted = await self._ctx.transport.with_retries(submit)
+        submitted = await self._ctx.transport.request(
+            "POST", "/api/v1/load_weights", content=t.encode(request), policy=SUBMIT
+        )
         future = t.decode(submitted.content, t.UntypedAPIFuture)
         await self._ctx.poller.poll(
             future.request_id, "LoadWeights", json_decoder(t.LoadWeightsResponse)
@@ -196,40 +192,18 @@ class ServiceClient:
 
     async def _training_client(self, model_id: str, *, next_request_id: int) -> TrainingClient:
         body = t.encode(t.GetInfoRequest(model_id=model_id))
-
-        async def get_info() -> httpx.Response:
-            return await self._ctx.transport.request("POST", "/api/v1/get_info", content=body)
-
-        response = await self._ctx.transport.with_retries(get_info)
+        response = await self._ctx.transport.request(
+            "POST", "/api/v1/get_info", content=body, policy=SUBMIT
+        )
         info = t.decode(response.content, t.GetInfoResponse)
-        return TrainingClient._create(self._ctx, self, info, next_request_id=next_request_id)
+        return TrainingClient._create(self._ctx, info, next_request_id=next_request_id)
 
     async def create_sampling_client(
         self, *, base_model: str | None = None, model_path: str | None = None
     ) -> SamplingClient:
         """A sampling client for a base model or for sampler weights at `model_path`."""
         self._ctx.check_open("ServiceClient")
-        if (base_model is None) == (model_path is None):
-            raise InvalidInputError(
-                "create_sampling_client needs exactly one of base_model= or model_path="
-            )
-        if base_model is not None:
-            require_str("base_model", base_model)
-        if model_path is not None:
-            require_tinker_path("model_path", model_path)
-        request = t.CreateSamplingSessionRequest(
-            session_id=self._ctx.session_id,
-            sampling_session_seq_id=next(self._ctx.sampling_session_seq_ids),
-            base_model=t.UNSET if base_model is None else base_model,
-            model_path=t.UNSET if model_path is None else model_path,
-        )
-        response = await self._ctx.transport.request(
-            "POST", "/api/v1/create_sampling_session", content=t.encode(request)
-        )
-        created = t.decode(response.content, t.CreateSamplingSessionResponse)
-        return await self.sampling_client_for(
-            created.sampling_session_id, base_model=base_model, model_path=model_path
-        )
+        return await SamplingClient._open(self._ctx, base_model=base_model, model_path=model_path)
 
     async def sampling_client_for(
         self,
@@ -240,11 +214,7 @@ class ServiceClient:
     ) -> SamplingClient:
         """A client for an existing sampling session (learns its base model if not given)."""
         self._ctx.check_open("ServiceClient")
-        if base_model is None:
-            sampler = await RestClient(self._ctx.transport).get_sampler(sampling_session_id)
-            base_model = sampler.base_model
-            model_path = sampler.model_path
-        return SamplingClient._create(
+        return await SamplingClient._for_session(
             self._ctx, sampling_session_id, base_model=base_model, model_path=model_path
         )
 
@@ -264,12 +234,10 @@ class ServiceClient:
 
 async def _fetch_client_config(transport: Transport) -> t.ClientConfigResponse:
     body = t.encode(t.ClientConfigRequest(sdk_version=__version__))
-
-    async def fetch() -> httpx.Response:
-        return await transport.request("POST", "/api/v1/client/config", content=body)
-
     try:
-        response = await transport.with_retries(fetch)
+        response = await transport.request(
+            "POST", "/api/v1/client/config", content=body, policy=SUBMIT
+        )
     except NotFoundError:
         # A server without feature flags: every flag at its default.
         return t.ClientConfigResponse()
@@ -283,7 +251,9 @@ async def _create_session(config: Config, transport: Transport) -> str:
         sdk_version=__version__,
         project_id=t.UNSET if config.project_id is None else config.project_id,
     )
-    response = await transport.request("POST", "/api/v1/create_session", content=t.encode(request))
+    response = await transport.request(
+        "POST", "/api/v1/create_session", content=t.encode(request), policy=CALL
+    )
     created = t.decode(response.content, t.CreateSessionResponse)
     for level, message in (
         (logging.INFO, created.info_message),
@@ -291,7 +261,7 @@ async def _create_session(config: Config, transport: Transport) -> str:
         (logging.ERROR, created.error_message),
     ):
         if message:
-            logger.log(level, "server: %s", message)
+            _logger.log(level, "server: %s", message)
     return created.session_id
 
 
@@ -321,19 +291,15 @@ async def _heartbeat(
                 continue
             try:
                 await transport.request(
-                    "POST",
-                    "/api/v1/session_heartbeat",
-                    content=body,
-                    timeout=HEARTBEAT_TIMEOUT,
-                    max_retries=0,
+                    "POST", "/api/v1/session_heartbeat", content=body, policy=HEARTBEAT
                 )
             except GoneError:
-                logger.info("session %s is finished on the server; heartbeats stop", session_id)
+                _logger.info("session %s is finished on the server; heartbeats stop", session_id)
                 return
             except APIError as exc:
                 if not warned and trio.current_time() - last_ok >= HEARTBEAT_WARN_AFTER:
                     warned = True
-                    logger.warning(
+                    _logger.warning(
                         "no successful heartbeat for session %s in %.0f s (last error: %s)",
                         session_id,
                         trio.current_time() - last_ok,
@@ -355,10 +321,10 @@ async def _finish_session(
             "POST",
             f"/api/v1/sessions/{session_id}/finish",
             content=t.encode(request),
-            max_retries=2,
+            policy=SESSION_FINISH,
         )
     except APIError as exc:
-        logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
+        _logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
 
 
 def _configure_logging(level_name: str, telemetry: Telemetry) -> None:
@@ -423,6 +389,7 @@ async def open_service(
         try:
             with trio.fail_after(SESSION_OPEN_TIMEOUT):
                 client_config = await _fetch_client_config(http)
+                http.billing_pause_max = client_config.billing_exception_max_pause_duration_sec
                 if client_config.pjwt_auth_enabled:
                     # PROTOCOL.md 1.3: later requests carry an exchanged JWT.
                     http.auth.enable_jwt(client_config.credential_default_source)
@@ -450,7 +417,6 @@ async def open_service(
                         response_budget=ByteBudget(
                             client_config.inflight_response_bytes_semaphore_size
                         ),
-                        billing_pause_max=client_config.billing_exception_max_pause_duration_sec,
                     ),
                     nursery=nursery,
                     session_id=session_id,
@@ -517,4 +483,11 @@ def _unwrap(
     return None
 
 
-__all__ = ["ServiceClient", "open_service"]
+__all__ = [
+    "HEARTBEAT_INTERVAL",
+    "HEARTBEAT_WARN_AFTER",
+    "SESSION_FINISH_TIMEOUT",
+    "SESSION_OPEN_TIMEOUT",
+    "ServiceClient",
+    "open_service",
+]

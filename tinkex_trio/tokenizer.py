@@ -39,9 +39,11 @@ import tokenizers
 
 __all__ = [
     "LLAMA3_TOKENIZER_ID",
+    "TOKENIZER_FILENAME",
     "Tokenizer",
     "TokenizerNotFoundError",
     "get_tokenizer",
+    "hf_hub_cache_dir",
     "resolve_tokenizer_id",
 ]
 

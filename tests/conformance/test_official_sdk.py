@@ -141,7 +141,7 @@ async def test_our_protobuf_request_decodes_with_the_official_classes(
     import msgspec
 
     from tinkex_trio import _protobuf, types as t
-    from tinkex_trio.training import _fwdbwd_json, _FwdBwdChunk
+    from tinkex_trio._fwdbwd import FwdBwdChunk, encode_json
 
     rng = np.random.default_rng(3)
     data = []
@@ -181,7 +181,7 @@ async def test_our_protobuf_request_decodes_with_the_official_classes(
     assert done.returncode == 0, done.stderr.decode(errors="replace")[-3000:]
     official = json.loads(done.stdout)
 
-    _, json_body = _fwdbwd_json(_FwdBwdChunk("s:train:0", 7, data, "ppo", config, False))
+    _, json_body = encode_json(FwdBwdChunk("s:train:0", 7, data, "ppo", config, False))
     ours = msgspec.json.decode(json_body)
     fb_input = ours["forward_backward_input"]
     assert official["model_id"] == ours["model_id"] and official["seq_id"] == ours["seq_id"]
