@@ -63,3 +63,82 @@ def write_model_dir(
     if tokenizer:
         shutil.copy(smollm2_files(weights=False).tokenizer_path, directory / "tokenizer.json")
     return directory
+
+
+# --- the supported families, written without transformers (transformers 4 config layout) ---
+
+FAMILY_ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
+
+LLAMA3_ROPE_SCALING: dict[str, Any] = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    # Small, so that with head_dim 16 some frequencies are scaled, some blended, some kept.
+    "original_max_position_embeddings": 64,
+}
+
+
+def family_config(model_type: str, *, tied: bool, llama3_rope: bool = False) -> dict[str, Any]:
+    """A tiny config.json as the Hub's released models of `model_type` spell it."""
+    config: dict[str, Any] = {
+        "architectures": [FAMILY_ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": TINY_CONFIG.vocab_size,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rope_theta": 500000.0 if llama3_rope else 1000000.0,
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 4096,
+        "tie_word_embeddings": tied,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+        "torch_dtype": "float32",
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "use_cache": True,
+        "initializer_range": 0.02,
+    }
+    if model_type == "llama":
+        config |= {"attention_bias": False, "mlp_bias": False, "pretraining_tp": 1}
+        config["rope_scaling"] = dict(LLAMA3_ROPE_SCALING) if llama3_rope else None
+    else:
+        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": 2}
+        config["rope_scaling"] = None
+    if model_type == "qwen3":
+        config["attention_bias"] = False
+    return config
+
+
+def family_tensors(config: dict[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
+    """Random weights for every tensor the config implies: matrices N(0, 0.1), norms around 1,
+    biases N(0, 0.1), so a misplaced norm or a dropped bias changes the logits."""
+    from tinkex_trio.local.engine._llama import LM_HEAD, LlamaConfig
+
+    rng = np.random.default_rng(seed)
+    out: dict[str, np.ndarray] = {}
+    shapes = LlamaConfig.from_hf(config).weight_shapes()
+    if not config["tie_word_embeddings"]:
+        assert f"{LM_HEAD}.weight" in shapes
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            array = rng.uniform(0.5, 1.5, shape)
+        else:
+            array = rng.normal(0.0, 0.1, shape)
+        out[name] = array.astype(np.float32)
+    return out
+
+
+def write_family_dir(
+    directory: Path, model_type: str, *, tied: bool, llama3_rope: bool = False, seed: int = 0
+) -> Path:
+    config = family_config(model_type, tied=tied, llama3_rope=llama3_rope)
+    return write_model_dir(directory, config, family_tensors(config, seed))
