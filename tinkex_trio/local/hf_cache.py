@@ -355,3 +355,43 @@ def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
     for size in shape:
         count *= size
     return count * _DTYPE_BYTES.get(dtype, 4)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`tinkex-trio hf-cache`: write every served model into the Hugging Face hub cache."""
+    import argparse
+    import sys
+
+    from ._engine_api import ModelDirectoryError
+    from .model_locator import add_model_arguments, locate_models
+
+    parser = argparse.ArgumentParser(
+        prog="tinkex-trio hf-cache",
+        description="Write the hub-cache entry (config, tokenizer, weights) of every model the "
+        "local backend serves, so that with HF_HUB_OFFLINE=1 the official SDK's "
+        "get_tokenizer() and transformers' from_pretrained(name) find them offline.",
+    )
+    parser.add_argument(
+        "--hf-home",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="write under DIR/hub (default: where huggingface_hub looks: $HF_HUB_CACHE, "
+        "$HF_HOME/hub, ~/.cache/huggingface/hub)",
+    )
+    add_model_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        located = locate_models(args.model, args.model_name)
+        results = write_hf_cache(located, hf_home=args.hf_home)
+    except ModelDirectoryError as exc:
+        print(f"tinkex-trio hf-cache: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except ValueError as exc:
+        parser.error(str(exc))
+    for result in results:
+        print(f"{result.name}: {result.status} ({result.snapshot})", flush=True)
+    hf_home = args.hf_home.resolve() if args.hf_home is not None else default_hf_home()
+    print(f"  export HF_HOME={hf_home}", flush=True)
+    print("  export HF_HUB_OFFLINE=1", flush=True)
+    return 0

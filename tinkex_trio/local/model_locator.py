@@ -16,6 +16,7 @@ No torch here: the CLI resolves arguments before the engine is imported.
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 from collections.abc import Sequence
@@ -137,3 +138,33 @@ def _name_from_config(directory: Path) -> str | None:
     if isinstance(name, str) and is_repo_id(name) and not Path(name).expanduser().exists():
         return name
     return None
+
+
+# --- command-line arguments shared by `serve` and `hf-cache` ---------------------------------
+
+
+def _model_argument(value: str) -> ModelArgument:
+    try:
+        return ModelArgument.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--model [NAME=]PATH` (repeatable) and `--model-name NAME`."""
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        type=_model_argument,
+        metavar="[NAME=]PATH",
+        help="also serve a Hugging Face model directory, or an org/name from the hub cache "
+        "(offline); NAME defaults to --model-name, the repo id or config.json's _name_or_path "
+        "(repeatable)",
+    )
+    parser.add_argument(
+        "--model-name",
+        default=None,
+        metavar="NAME",
+        help="the base-model name to serve the one --model under",
+    )

@@ -22,7 +22,7 @@ from typing import Any
 
 import trio
 
-from tinkex_trio.cli import positive_int
+from tinkex_trio.cli import byte_size, positive_int
 
 from ._app import (
     DEFAULT_MAX_QUEUED_SAMPLES,
@@ -33,6 +33,7 @@ from ._app import (
 from ._engine_api import Engine, ModelDirectoryError
 from ._futures import DEFAULT_POLL_TIMEOUT
 from ._jwt import DEFAULT_JWT_LIFETIME
+from .model_locator import add_model_arguments, locate_models
 
 logger = logging.getLogger("tinkex_trio.local.server")
 
@@ -50,12 +51,22 @@ class LocalBackend:
     data_dir: Path
 
 
-def _default_engine(models: Sequence[str] | None, extra_models: dict[str, str] | None) -> Engine:
+def _default_engine(
+    models: Sequence[str] | None,
+    extra_models: dict[str, str] | None,
+    *,
+    dtype: str = "float32",
+    max_model_memory: int | None = None,
+) -> Engine:
     """The PyTorch engine (imported lazily: torch is heavy and optional)."""
     from tinkex_trio.local.engine import TorchEngine  # type: ignore[attr-defined,unused-ignore]
 
     extra = {name: Path(path) for name, path in (extra_models or {}).items()}
-    kwargs: dict[str, Any] = {"extra_models": extra or None}
+    kwargs: dict[str, Any] = {
+        "extra_models": extra or None,
+        "dtype": dtype,
+        "max_model_memory": max_model_memory,
+    }
     if models is not None:
         kwargs["models"] = tuple(models)
     engine: Engine = TorchEngine(**kwargs)
@@ -180,16 +191,6 @@ async def _serve_partial(
     await serve_local_backend(**kwargs, task_status=task_status)
 
 
-def _parse_models(values: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise argparse.ArgumentTypeError(f"--model expects NAME=PATH, got {value!r}")
-        out[name] = path
-    return out
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`tinkex-trio serve`: run the local backend in the foreground until Ctrl-C."""
     parser = argparse.ArgumentParser(prog="tinkex-trio serve", description=main.__doc__)
@@ -197,12 +198,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--api-key", default=None)
+    add_model_arguments(parser)
     parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="serve an extra model from a local directory (repeatable)",
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="how base weights are kept in memory; computation is float32 either way "
+        "(bfloat16: half the memory, log-probs of the bf16-rounded weights; default float32)",
+    )
+    parser.add_argument(
+        "--max-model-memory",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse to start if the served models' weights need more than SIZE (e.g. 8G; "
+        "default: the memory available at start-up)",
     )
     parser.add_argument(
         "--max-queued-samples",
@@ -228,14 +238,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.jwt_lifetime > 0:
         parser.error("--jwt-lifetime must be positive")
-    try:
-        extra = _parse_models(args.model)
-    except argparse.ArgumentTypeError as exc:
-        parser.error(str(exc))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        # Built before serving so a model it cannot serve faithfully stops start-up with one line.
-        engine = _default_engine(None, extra or None)
+        located = locate_models(args.model, args.model_name)
+    except ValueError as exc:
+        if isinstance(exc, ModelDirectoryError):
+            print(f"tinkex-trio serve: {exc}", file=sys.stderr, flush=True)
+            return 2
+        parser.error(str(exc))
+    extra = {model.name: str(model.directory) for model in located}
+    try:
+        # Built before serving so a model it cannot serve faithfully (or that does not fit
+        # the memory allowed) stops start-up with one line.
+        engine = _default_engine(
+            None, extra or None, dtype=args.dtype, max_model_memory=args.max_model_memory
+        )
     except ModelDirectoryError as exc:
         print(f"tinkex-trio serve: {exc}", file=sys.stderr, flush=True)
         return 2
