@@ -1,7 +1,7 @@
 """Tiny Hugging Face model directories written by the tests themselves (no download).
 
-`write_model_dir` saves a config.json, a model.safetensors and SmolLM2's tokenizer.json, the
-layout `save_pretrained` produces. Weights come from the tiny random model's generator, so a
+`write_model_dir` saves a config.json, a model.safetensors and SmolLM2's tokenizer.json and
+tokenizer_config.json (chat template, special tokens), the layout `save_pretrained` produces. Weights come from the tiny random model's generator, so a
 plain Llama directory computes exactly what the built-in tiny model computes.
 """
 
@@ -61,7 +61,20 @@ def write_model_dir(
         str(directory / "model.safetensors"),
     )
     if tokenizer:
-        shutil.copy(smollm2_files(weights=False).tokenizer_path, directory / "tokenizer.json")
+        files = smollm2_files(weights=False)
+        shutil.copy(files.tokenizer_path, directory / "tokenizer.json")
+        (directory / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": "<|im_start|>",
+                    "eos_token": "<|im_end|>",
+                    "pad_token": "<|im_end|>",
+                    "unk_token": "<|endoftext|>",
+                    "chat_template": files.chat_template,
+                }
+            )
+        )
     return directory
 
 
