@@ -34,6 +34,8 @@ def available_memory_bytes() -> int | None:
 
 
 def _gib(n: int) -> str:
+    if n < _GIB:
+        return f"{n / 1024**2:.1f} MiB"
     return f"{n / _GIB:.2f} GiB"
 
 
