@@ -46,7 +46,7 @@ class ModelMemoryError(ModelDirectoryError):
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"
-    arch: str  # "llama"
+    arch: str  # the config's model_type: "llama", "qwen2" or "qwen3"
     max_context_length: int
     vocab_size: int
     tokenizer_id: str  # what get_info reports as model_data.tokenizer_id
