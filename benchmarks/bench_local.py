@@ -6,7 +6,8 @@ directly (here) and, later, the server over HTTP (wrap the SDK calls in the same
 - `TrainStep(data) -> None`: one forward_backward + optim_step on `data`.
 - `SampleCall(requests) -> int`: run the requests, return how many tokens were generated.
 
-Run: `.venv/bin/python benchmarks/bench_local.py [--models tiny,real] [--threads N]`.
+Run: `.venv/bin/python benchmarks/bench_local.py [--models tiny,real] [--threads N]
+[--dtype float32|bfloat16]` (the engine also prints its resident memory after loading).
 Sizes stay small (LOCAL_MODEL_NOTES.md budgets) so a run takes about a minute on 2 cores.
 """
 
@@ -133,14 +134,31 @@ PLANS = {
 }
 
 
-def run_engine_benchmarks(models: Sequence[str], threads: int | None) -> list[Measurement]:
+def _resident_mib() -> float:
+    """This process's resident memory (VmRSS), MiB; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_engine_benchmarks(
+    models: Sequence[str], threads: int | None, dtype: str = "float32"
+) -> list[Measurement]:
     from tinkex_trio.local._engine_api import LoraSpec
 
     results = []
     for key in models:
         model, train_shapes, sample_shapes = PLANS[key]
-        engine = TorchEngine(models=[model], threads=threads)
+        before = _resident_mib()
+        engine = TorchEngine(models=[model], threads=threads, dtype=dtype)  # type: ignore[arg-type]
         engine.create_adapter("bench", model, LoraSpec(rank=32, seed=0))
+        engine._model(model)
+        print(f"{key} ({dtype} weights): +{_resident_mib() - before:.0f} MiB resident after load")
         step = engine_train_step(engine, "bench")
         for rows, length, steps in train_shapes:
             m = measure_training(
@@ -323,11 +341,14 @@ def main() -> None:
     parser.add_argument("--models", default="tiny,real", help="comma list of: tiny, real")
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16"], help="weight storage"
+    )
+    parser.add_argument(
         "--mode", default="both", choices=["engine", "http", "both"], help="what to measure"
     )
     args = parser.parse_args()
     models = [m for m in args.models.split(",") if m]
-    direct = run_engine_benchmarks(models, args.threads) if args.mode != "http" else []
+    direct = run_engine_benchmarks(models, args.threads, args.dtype) if args.mode != "http" else []
     over_http = run_http_benchmarks(models, args.threads) if args.mode != "engine" else []
     if direct and over_http:
         print("\nHTTP overhead (engine tokens/s / HTTP tokens/s):")

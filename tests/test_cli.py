@@ -26,7 +26,7 @@ pytest.importorskip("torch")
 pytest.importorskip("hypercorn")
 
 import tinkex_trio
-from tinkex_trio import cli
+from tinkex_trio import _cli_args, cli
 
 TINY = "tinkex-trio/SmolLM2-tiny-random"
 SERVER_START_TIMEOUT = 120.0
@@ -312,7 +312,7 @@ def test_checkpoint_download(server: Server, tmp_path: Path) -> None:
     ],
 )
 def test_byte_size_argument(text: str, size: int) -> None:
-    assert cli.byte_size(text) == size
+    assert _cli_args.byte_size(text) == size
 
 
 def test_checkpoint_delete_then_404(server: Server) -> None:

@@ -3,6 +3,7 @@
 Synopsis::
 
     tinkex-trio serve --data-dir ./tinkex-data           # the local backend (prints URL and key)
+    tinkex-trio hf-cache [--hf-home DIR]                 # served models into the HF hub cache (offline)
     export TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-...
     tinkex-trio checkpoint list [--run RUN_ID]
     tinkex-trio checkpoint info|publish|unpublish|delete tinker://RUN/weights/NAME
@@ -48,7 +49,7 @@ from rich.progress import (
 from rich.table import Table
 
 from tinkex_trio import types as t
-from tinkex_trio._cli_args import non_negative_int, positive_int
+from tinkex_trio._cli_args import byte_size, non_negative_int, positive_int
 from tinkex_trio._policy import ONE_ATTEMPT
 from tinkex_trio._transport import Transport
 from tinkex_trio._version import __version__
@@ -518,15 +519,20 @@ async def _sample(args: argparse.Namespace, out: Output, config: Config) -> None
     out.emit(data, render)
 
 
-def _serve(argv: Sequence[str]) -> int:
+def _local_command(command: str, argv: Sequence[str]) -> int:
+    """`serve` and `hf-cache`: their own parsers in `tinkex_trio.local` (needs the extra)."""
     missing = [name for name in LOCAL_EXTRA_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         print(
-            f"tinkex-trio serve: the local backend needs {', '.join(missing)}, which "
+            f"tinkex-trio {command}: the local backend needs {', '.join(missing)}, which "
             "is not installed.\n  Install it with:  pip install 'tinkex-trio[local]'",
             file=sys.stderr,
         )
         return EXIT_USAGE
+    if command == "hf-cache":
+        from tinkex_trio.local.hf_cache import main as hf_cache_main
+
+        return hf_cache_main(list(argv))
     from tinkex_trio.local.server import main as serve_main
 
     return serve_main(list(argv))
@@ -561,22 +567,6 @@ def _common() -> argparse.ArgumentParser:
     return common
 
 
-_SIZE_SUFFIXES: Final = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def byte_size(value: str) -> int:
-    """An argparse type: a positive byte count, optionally with K, M, G or T (powers of 1024)."""
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (text[:-1], text[-1]) if text[-1:] in _SIZE_SUFFIXES else (text, "")
-    try:
-        size = int(float(number) * _SIZE_SUFFIXES[unit])
-    except (ValueError, OverflowError):
-        size = 0
-    if size < 1:
-        raise argparse.ArgumentTypeError(f"expected a size such as 500M or 64G, got {value!r}")
-    return size
-
-
 def build_parser() -> argparse.ArgumentParser:
     common = _common()
     parser = argparse.ArgumentParser(
@@ -593,6 +583,14 @@ def build_parser() -> argparse.ArgumentParser:
         "serve",
         add_help=False,
         help="run the local Tinker-compatible backend (`tinkex-trio serve --help`)",
+    )
+
+    # hf-cache: likewise, every argument goes to tinkex_trio.local.hf_cache.main.
+    commands.add_parser(
+        "hf-cache",
+        add_help=False,
+        help="write the served models into the Hugging Face hub cache, for offline tools "
+        "(`tinkex-trio hf-cache --help`)",
     )
 
     commands.add_parser("version", help="print the version", parents=[common])
@@ -715,8 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default: sys.argv[1:]); return the exit code."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if args.command == "serve":
-        return _serve(extra)
+    if args.command in ("serve", "hf-cache"):
+        return _local_command(args.command, extra)
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "checkpoint" and args.action == "set-ttl":

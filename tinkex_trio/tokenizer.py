@@ -42,8 +42,10 @@ __all__ = [
     "TOKENIZER_FILENAME",
     "Tokenizer",
     "TokenizerNotFoundError",
+    "find_in_hub_cache",
     "get_tokenizer",
     "hf_hub_cache_dir",
+    "hub_repo_dir",
     "resolve_tokenizer_id",
 ]
 
@@ -305,11 +307,11 @@ def _load(resolved: str, search_paths: Sequence[str | os.PathLike[str]]) -> Toke
         searched.append(str(candidate))
         if candidate.is_file():
             return Tokenizer.from_file(candidate, name=resolved)
-        found = _find_in_hub_cache(root, resolved, searched)
+        found = find_in_hub_cache(root, resolved, TOKENIZER_FILENAME, searched)
         if found is not None:
             return Tokenizer.from_file(found, name=resolved)
     hub = hf_hub_cache_dir()
-    found = _find_in_hub_cache(hub, resolved, searched)
+    found = find_in_hub_cache(hub, resolved, TOKENIZER_FILENAME, searched)
     if found is not None:
         return Tokenizer.from_file(found, name=resolved)
     if resolved in _SMOLLM2_NAMES:
@@ -330,22 +332,36 @@ def hf_hub_cache_dir() -> Path:
     return Path.home() / ".cache" / "huggingface" / "hub"
 
 
-def _find_in_hub_cache(root: Path, repo_id: str, searched: list[str]) -> Path | None:
-    """`tokenizer.json` of `repo_id` in a hub-cache-layout directory, preferring `refs/main`."""
-    repo_dir = root / ("models--" + repo_id.replace("/", "--"))
+def hub_repo_dir(root: Path, repo_id: str) -> Path:
+    """The directory of model repository `repo_id` (`org/name`) in a hub-cache layout."""
+    return root / ("models--" + repo_id.replace("/", "--"))
+
+
+def find_in_hub_cache(
+    root: Path, repo_id: str, filename: str, searched: list[str] | None = None
+) -> Path | None:
+    """`filename` of `repo_id` in a hub-cache-layout directory `root`, preferring `refs/main`.
+
+    The snapshot holding it is the returned path's parent. This is the one place that knows
+    the layout (`models--<org>--<name>/{refs/main, snapshots/<rev>/}`); the local backend's
+    model lookup (`tinkex_trio.local.model_locator`) uses it too. `searched`, if given,
+    collects the places looked at, for error messages.
+    """
+    repo_dir = hub_repo_dir(root, repo_id)
     snapshots = repo_dir / "snapshots"
-    searched.append(f"{snapshots}/<revision>/{TOKENIZER_FILENAME}")
+    if searched is not None:
+        searched.append(f"{snapshots}/<revision>/{filename}")
     ref = repo_dir / "refs" / "main"
     if ref.is_file():
         revision = ref.read_text(encoding="utf-8").strip()
-        candidate = snapshots / revision / TOKENIZER_FILENAME
+        candidate = snapshots / revision / filename
         if revision and candidate.is_file():
             return candidate
     if not snapshots.is_dir():
         return None
     # No usable refs/main (e.g. a cache filled with a pinned revision): take the newest
     # snapshot that has the file, so the choice is deterministic.
-    candidates = [path / TOKENIZER_FILENAME for path in snapshots.iterdir()]
+    candidates = [path / filename for path in snapshots.iterdir()]
     existing = [path for path in candidates if path.is_file()]
     if not existing:
         return None

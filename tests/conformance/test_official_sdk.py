@@ -23,10 +23,15 @@ import trio
 
 pytest.importorskip("torch")
 
+from hf_dirs import write_family_dir
 from official_venvs import JSON_VERSION, PROTOBUF_VERSION
 from ours_job import run_job
 
+from tinkex_trio import get_tokenizer
 from tinkex_trio.local import open_local_backend
+from tinkex_trio.local.engine import TorchEngine
+from tinkex_trio.local.hf_cache import write_hf_cache
+from tinkex_trio.local.model_locator import LocatedModel
 
 TINY = "tinkex-trio/SmolLM2-tiny-random"
 SCRIPT = Path(__file__).with_name("official_client.py")
@@ -38,12 +43,21 @@ LOGPROB_ATOL = 1e-4
 PROTOBUF_FLAGS: dict[str, Any] = {"proto_compress_fwdbwd": True, "fwdbwd_max_chunk_len": 2}
 
 
-async def run_official(python: Path, base_url: str, api_key: str) -> dict[str, Any]:
-    env = {**os.environ, "TINKER_TELEMETRY": "0"}
+async def run_official(
+    python: Path,
+    base_url: str,
+    api_key: str,
+    model: str = TINY,
+    *,
+    script: Path = SCRIPT,
+    args: tuple[str, ...] = (),
+    env_extra: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    env = {**os.environ, "TINKER_TELEMETRY": "0", **(env_extra or {})}
     env.pop("TINKER_API_KEY", None)
     env.pop("TINKER_BASE_URL", None)
     done = await trio.run_process(
-        [str(python), str(SCRIPT), base_url, api_key, TINY],
+        [str(python), str(script), base_url, api_key, model, *args],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -127,6 +141,45 @@ async def test_parity_with_the_official_sdk(
         np.testing.assert_allclose(
             ours["prompt_logprobs"][1:], official["prompt_logprobs"][1:], atol=LOGPROB_ATOL
         )
+
+
+QWEN3_NAME = "tinkex-test/Qwen3-tiny-random"
+GOLDEN_TEXTS = ("Hello, world!", "The year 2024 had 365 days.", "<|im_start|>user\nHi<|im_end|>\n")
+
+
+async def test_official_sdk_job_against_a_qwen3_directory(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """0.38 runs the whole job on a user's Qwen3-architecture directory (q/k norms, tied
+    embeddings, SmolLM2's tokenizer), then loads its tokenizer with `get_tokenizer()` offline
+    from the hub cache that `hf-cache` wrote."""
+    python = official_python(PROTOBUF_VERSION)
+    directory = write_family_dir(tmp_path / "qwen3", "qwen3", tied=True)
+    hf_home = tmp_path / "hf-home"
+    write_hf_cache([LocatedModel(QWEN3_NAME, directory)], hf_home=hf_home, builtins=())
+    engine = TorchEngine(models=[], extra_models={QWEN3_NAME: directory})
+    offline = {"HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1"}
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", engine=engine, client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            result = await run_official(python, backend.base_url, backend.api_key, QWEN3_NAME)
+            tokenizer = await run_official(
+                python,
+                backend.base_url,
+                backend.api_key,
+                QWEN3_NAME,
+                script=SCRIPT.with_name("official_tokenizer.py"),
+                args=GOLDEN_TEXTS,
+                env_extra=offline,
+            )
+    assert result["version"] == PROTOBUF_VERSION
+    check_values(result)
+    ours = get_tokenizer(directory)
+    assert tokenizer["ids"] == [ours.encode(text) for text in GOLDEN_TEXTS]
+    assert tokenizer["ids"][0] == [19556, 28, 905, 17]
+    assert tokenizer["eos_token"] == "<|im_end|>"
+    assert tokenizer["has_chat_template"] is True
 
 
 if sys.platform == "win32":  # pragma: no cover - venv layout differs (Scripts/python.exe)

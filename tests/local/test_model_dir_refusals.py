@@ -1,8 +1,8 @@
 """A model directory the engine would compute wrongly is refused at start-up, never served.
 
 Each case writes a tiny Hugging Face directory that differs from a plain Llama in one way the
-engine does not implement (another architecture, biases, q/k norms, RoPE scaling, unknown
-fields, missing or mismatched files) and checks the refusal names the file and the field.
+engine does not implement (another architecture, biases or q/k norms under a Llama config,
+another RoPE type, unknown fields, missing or mismatched files) and checks the refusal names the file and the field.
 A plain Llama directory is accepted and computes exactly what the built-in tiny model does.
 """
 
@@ -78,10 +78,19 @@ def test_plain_llama_directory_is_served_like_the_builtin_model(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("changes", "named"),
     [
-        ({"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]}, "model_type 'qwen2'"),
-        ({"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"]}, "model_type 'qwen3'"),
         ({"model_type": "mistral"}, "model_type 'mistral'"),
+        ({"model_type": "gemma2", "architectures": ["Gemma2ForCausalLM"]}, "model_type 'gemma2'"),
         ({"architectures": ["LlamaForSequenceClassification"]}, "architectures"),
+        ({"architectures": ["Qwen3ForCausalLM"]}, "architectures"),
+        (
+            {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}},
+            "RoPE type 'yarn' is not implemented",
+        ),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "RoPE type 'linear'"),
+        (
+            {"rope_parameters": {"rope_type": "dynamic", "rope_theta": 1e4, "factor": 2.0}},
+            "RoPE type 'dynamic'",
+        ),
         (
             {
                 "rope_scaling": {
@@ -90,10 +99,13 @@ def test_plain_llama_directory_is_served_like_the_builtin_model(tmp_path: Path) 
                     "low_freq_factor": 1.0,
                     "high_freq_factor": 4.0,
                     "original_max_position_embeddings": 8192,
+                    "attention_factor": 2.0,
                 }
             },
-            "rope_scaling",
+            "RoPE field(s) ['attention_factor']",
         ),
+        ({"rope_scaling": "llama3"}, "rope_scaling must be an object"),
+        ({"layer_types": ["full_attention", "full_attention"]}, "unknown config field"),
         ({"attention_bias": True}, "attention_bias = True"),
         ({"mlp_bias": True}, "mlp_bias = True"),
         ({"hidden_act": "gelu"}, "hidden_act = 'gelu'"),
@@ -163,7 +175,7 @@ def test_missing_tokenizer_and_weights_are_refused(tmp_path: Path) -> None:
 
 def test_serve_refuses_with_one_line_and_exit_code_2(tmp_path: Path) -> None:
     directory = write_model_dir(
-        tmp_path / "qwen", _config(model_type="qwen2", architectures=["Qwen2ForCausalLM"])
+        tmp_path / "mistral", _config(model_type="mistral", architectures=["MistralForCausalLM"])
     )
     result = subprocess.run(
         [
@@ -176,7 +188,7 @@ def test_serve_refuses_with_one_line_and_exit_code_2(tmp_path: Path) -> None:
             "--data-dir",
             str(tmp_path / "data"),
             "--model",
-            f"user/qwen={directory}",
+            f"user/mistral={directory}",
         ],
         capture_output=True,
         text=True,
@@ -186,5 +198,6 @@ def test_serve_refuses_with_one_line_and_exit_code_2(tmp_path: Path) -> None:
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert str(directory / "config.json") in lines[0]
-    assert "model_type 'qwen2' is not supported" in lines[0]
+    assert "model_type 'mistral' is not supported" in lines[0]
+    assert "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in lines[0]
     assert "listening" not in result.stdout

@@ -61,6 +61,8 @@ def test_client_config_is_built_from_the_settings() -> None:
         ({"jwt_lifetime": 0.0}, "jwt_lifetime must be positive"),
         ({"poll_timeout": -1.0}, "poll_timeout must be >= 0"),
         ({"port": 70000}, "port must be in 0..65535"),
+        ({"dtype": "float16"}, r"dtype must be one of \['bfloat16', 'float32'\]"),
+        ({"max_model_memory": 0}, "max_model_memory must be >= 1"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_option(
@@ -95,6 +97,10 @@ def test_serve_flags_become_settings(tmp_path: Path) -> None:
             "--jwt",
             "--jwt-lifetime",
             "60",
+            "--dtype",
+            "bfloat16",
+            "--max-model-memory",
+            "8G",
         ]
     )
     assert settings == LocalBackendSettings(
@@ -105,6 +111,8 @@ def test_serve_flags_become_settings(tmp_path: Path) -> None:
         max_queued_samples=7,
         jwt_auth=True,
         jwt_lifetime=60.0,
+        dtype="bfloat16",
+        max_model_memory=8 << 30,
     )
     # Without --api-key the stored (or a new) key is resolved once, here.
     resolved = _settings_from_argv(["--data-dir", str(tmp_path)]).api_key

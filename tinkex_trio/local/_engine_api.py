@@ -37,10 +37,16 @@ class ModelDirectoryError(ValueError):
     is one line naming the file, the problem and the fix."""
 
 
+class ModelMemoryError(ModelDirectoryError):
+    """The models' weights would not fit the memory the user allows (`--max-model-memory`,
+    default: the memory available at start-up). Raised at start-up, before any weight is
+    read; the message is one line naming the model, the sizes and the fix."""
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     name: str  # e.g. "HuggingFaceTB/SmolLM2-135M-Instruct"
-    arch: str  # "llama"
+    arch: str  # the config's model_type: "llama", "qwen2" or "qwen3"
     max_context_length: int
     vocab_size: int
     tokenizer_id: str  # what get_info reports as model_data.tokenizer_id

@@ -67,6 +67,7 @@ DEFAULT_CLIENT_FLAGS: Final[Mapping[str, Any]] = MappingProxyType(
 )
 
 _FLAG_NAMES: Final = frozenset(ClientConfigResponse.__struct_fields__)
+_DTYPES: Final = frozenset({"float32", "bfloat16"})
 
 
 class LocalBackendOptions(TypedDict, total=False):
@@ -84,6 +85,8 @@ class LocalBackendOptions(TypedDict, total=False):
     metadata_only_threshold: int | None
     jwt_auth: bool
     jwt_lifetime: float
+    dtype: str
+    max_model_memory: int | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -104,6 +107,9 @@ class LocalBackendSettings:
       (PROTOCOL.md 4.4; None: never).
     * `jwt_auth`: JWT-exchange auth (PROTOCOL.md 1.3), tokens valid for `jwt_lifetime` s;
       the raw API key stays valid too.
+    * `dtype`: how base weights are held, `"float32"` or `"bfloat16"` (computation stays
+      float32); `max_model_memory`: refuse to start if the weights need more bytes than this
+      (None: the memory available at start-up).
 
     Raises:
         ValueError: an option is out of range, or `client_flags` names a flag that
@@ -122,6 +128,8 @@ class LocalBackendSettings:
     metadata_only_threshold: int | None = DEFAULT_METADATA_ONLY_THRESHOLD
     jwt_auth: bool = False
     jwt_lifetime: float = DEFAULT_JWT_LIFETIME
+    dtype: str = "float32"
+    max_model_memory: int | None = None
 
     def __post_init__(self) -> None:
         # Normalise what the keyword form accepts loosely (str paths, lists, dicts, None),
@@ -148,6 +156,12 @@ class LocalBackendSettings:
             )
         if not (math.isfinite(self.jwt_lifetime) and self.jwt_lifetime > 0):
             raise ValueError(f"jwt_lifetime must be positive, got {self.jwt_lifetime!r}")
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.max_model_memory is not None and self.max_model_memory < 1:
+            raise ValueError(
+                f"max_model_memory must be >= 1 byte or None, got {self.max_model_memory!r}"
+            )
         unknown = sorted(set(self.client_flags) - _FLAG_NAMES)
         if unknown:
             raise ValueError(

@@ -23,7 +23,7 @@ from typing import Any, Unpack
 
 import trio
 
-from tinkex_trio._cli_args import positive_int
+from tinkex_trio._cli_args import byte_size, positive_int
 
 from ._app import load_or_create_api_key, open_backend_app
 from ._engine_api import Engine, ModelDirectoryError
@@ -35,6 +35,7 @@ from ._settings import (
     LocalBackendOptions,
     LocalBackendSettings,
 )
+from .model_locator import add_model_arguments, locate_models
 
 logger = logging.getLogger("tinkex_trio.local.server")
 
@@ -54,7 +55,11 @@ def _default_engine(settings: LocalBackendSettings) -> Engine:
     """The PyTorch engine (imported lazily: torch is heavy and optional)."""
     from tinkex_trio.local.engine import TorchEngine  # type: ignore[attr-defined,unused-ignore]
 
-    kwargs: dict[str, Any] = {"extra_models": dict(settings.extra_models) or None}
+    kwargs: dict[str, Any] = {
+        "extra_models": dict(settings.extra_models) or None,
+        "dtype": settings.dtype,
+        "max_model_memory": settings.max_model_memory,
+    }
     if settings.models is not None:
         kwargs["models"] = settings.models
     engine: Engine = TorchEngine(**kwargs)
@@ -139,16 +144,6 @@ async def _serve(
     await serve_local_backend(settings, engine=engine, task_status=task_status)
 
 
-def _parse_models(values: Sequence[str]) -> dict[str, str]:
-    out: dict[str, str] = {}
-    for value in values:
-        name, sep, path = value.partition("=")
-        if not sep or not name or not path:
-            raise argparse.ArgumentTypeError(f"--model expects NAME=PATH, got {value!r}")
-        out[name] = path
-    return out
-
-
 def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
     """The settings `tinkex-trio serve` runs with; exits with usage (2) on a bad flag."""
     parser = argparse.ArgumentParser(prog="tinkex-trio serve", description=main.__doc__)
@@ -156,12 +151,21 @@ def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
     parser.add_argument("--port", type=int, default=DEFAULT_PORT)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     parser.add_argument("--api-key", default=None)
+    add_model_arguments(parser)
     parser.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="NAME=PATH",
-        help="serve an extra model from a local directory (repeatable)",
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="how base weights are kept in memory; computation is float32 either way "
+        "(bfloat16: half the memory, log-probs of the bf16-rounded weights; default float32)",
+    )
+    parser.add_argument(
+        "--max-model-memory",
+        type=byte_size,
+        default=None,
+        metavar="SIZE",
+        help="refuse to start if the served models' weights need more than SIZE (e.g. 8G; "
+        "default: the memory available at start-up)",
     )
     parser.add_argument(
         "--max-queued-samples",
@@ -188,8 +192,10 @@ def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
     if not args.jwt_lifetime > 0:
         parser.error("--jwt-lifetime must be positive")
     try:
-        extra = _parse_models(args.model)
-    except argparse.ArgumentTypeError as exc:
+        located = locate_models(args.model, args.model_name)
+    except ModelDirectoryError:
+        raise  # one line and exit 2 (`main`), not a usage message
+    except ValueError as exc:
         parser.error(str(exc))
     api_key = args.api_key if args.api_key is not None else load_or_create_api_key(args.data_dir)
     try:
@@ -198,7 +204,9 @@ def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
             port=args.port,
             data_dir=args.data_dir,
             api_key=api_key,
-            extra_models={name: Path(path) for name, path in extra.items()},
+            extra_models={model.name: model.directory for model in located},
+            dtype=args.dtype,
+            max_model_memory=args.max_model_memory,
             max_queued_samples=args.max_queued_samples,
             jwt_auth=args.jwt,
             jwt_lifetime=args.jwt_lifetime,
@@ -209,10 +217,11 @@ def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`tinkex-trio serve`: run the local backend in the foreground until Ctrl-C."""
-    settings = _settings_from_argv(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        # Built before serving so a model it cannot serve faithfully stops start-up with one line.
+        settings = _settings_from_argv(argv)
+        # Built before serving so a model it cannot serve faithfully (or that does not fit the
+        # memory allowed) stops start-up with one line.
         engine = _default_engine(settings)
     except ModelDirectoryError as exc:
         print(f"tinkex-trio serve: {exc}", file=sys.stderr, flush=True)

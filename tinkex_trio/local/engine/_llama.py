@@ -1,13 +1,25 @@
-"""A hand-written Llama forward pass over plain tensors (no nn.Module).
+"""A hand-written Llama-family forward pass over plain tensors (no nn.Module).
 
 Why not nn.Module: the base weights are frozen, come from an mmapped safetensors file, and are
 shared by every adapter; module construction would allocate and initialise a second copy (an
 nn.Embedding of 49152x576 alone costs ~2.6 s). Here the model is a dict of tensors and a few
 functions, and LoRA is a hook on each linear layer (`LinearHook`).
 
-Weights use Hugging Face Llama names (`model.layers.N.self_attn.q_proj.weight`, ...), with Q/K
-rows in rotate-half RoPE order, so the same code runs the converted GGUF, any HF Llama
-safetensors, and the tiny random model.
+Weights use Hugging Face names (`model.layers.N.self_attn.q_proj.weight`, ...), with Q/K rows
+in rotate-half RoPE order, so the same code runs the converted GGUF, Hugging Face
+safetensors of the Llama family, and the tiny random model. The family members differ in
+three places, each a flag of `LlamaConfig` (facts from transformers' modeling files):
+
+- Llama 3 (`rope_type: llama3`): RoPE inverse frequencies rescaled by wavelength
+  (`Llama3RopeScaling.inverse_frequencies`).
+- Qwen2 / Qwen2.5: q, k and v projections have biases (o does not): `qkv_bias`.
+- Qwen3: per-head RMSNorm on the queries and keys (`q_norm`, `k_norm`, weight [head_dim]),
+  applied after the projection and before RoPE: `qk_norm`.
+
+Precision: activations, norms, attention, the KV cache and the logits are float32 whatever
+the weights' dtype. Weights stored in bfloat16 (`--dtype bfloat16`) are upcast per matmul (the
+unembedding in vocabulary chunks), so the computation is exactly the float32 model with
+bf16-rounded weights and sampled log-probs equal training log-probs, as in float32.
 """
 
 from __future__ import annotations
@@ -24,6 +36,34 @@ LM_HEAD = "lm_head"
 """Module name of the unembedding (tied to `model.embed_tokens.weight` when there is none)."""
 
 
+QWEN3_DEFAULT_HEAD_DIM = 128
+"""transformers' `Qwen3Config.head_dim` default (not hidden_size / heads as for Llama)."""
+
+
+@dataclass(frozen=True)
+class Llama3RopeScaling:
+    """`rope_type: llama3`: long wavelengths slowed by `factor`, short ones kept, a smooth
+    blend between (transformers `_compute_llama3_parameters`; its attention factor is 1)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+    def inverse_frequencies(self, inv_freq: torch.Tensor) -> torch.Tensor:
+        old_context = float(self.original_max_position_embeddings)
+        low_freq_wavelen = old_context / self.low_freq_factor
+        high_freq_wavelen = old_context / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (old_context / wavelen - self.low_freq_factor) / (
+            self.high_freq_factor - self.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
+        return torch.where(medium, smoothed, scaled)
+
+
 @dataclass(frozen=True)
 class LlamaConfig:
     vocab_size: int
@@ -36,39 +76,45 @@ class LlamaConfig:
     rope_theta: float
     rms_norm_eps: float
     max_context: int
-    eos_token_id: int = 2
+    eos_token_ids: tuple[int, ...] = (2,)
     tie_word_embeddings: bool = True
+    model_type: str = "llama"
+    qkv_bias: bool = False  # Qwen2: biases on q/k/v_proj
+    qk_norm: bool = False  # Qwen3: RMSNorm per head on q and k before RoPE
+    rope_scaling: Llama3RopeScaling | None = None
 
     @classmethod
     def from_hf(cls, config: Mapping[str, object]) -> LlamaConfig:
-        """Read the keys of a Hugging Face `config.json` for `LlamaForCausalLM`.
+        """Read the keys of a Hugging Face `config.json` (llama, qwen2 or qwen3).
 
-        Defaults are transformers' `LlamaConfig` defaults. Whether the config asks for
-        anything this engine does not compute is checked separately (`_model_dir`).
+        Defaults are transformers' config defaults. Both config layouts are read: RoPE as
+        `rope_theta` + `rope_scaling` (transformers 4) or as `rope_parameters` (transformers 5).
+        Whether the config asks for anything this engine does not compute is checked
+        separately, before this (`_model_dir.check_config`).
 
         Raises:
             ValueError: a key is missing or has the wrong type, naming the key.
         """
 
-        def num(key: str, default: float | None = None) -> float:
-            value = config.get(key, default)
+        def num(
+            key: str, default: float | None = None, source: Mapping[str, object] = config
+        ) -> float:
+            value = source.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise ValueError(f"config.json: {key!r} must be a number, got {value!r}")
             return float(value)
 
-        def count(key: str, default: int | None = None) -> int:
-            value = config.get(key, default)
+        def count(
+            key: str, default: int | None = None, source: Mapping[str, object] = config
+        ) -> int:
+            value = source.get(key, default)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"config.json: {key!r} must be an integer >= 1, got {value!r}")
             return value
 
+        model_type = str(config.get("model_type", "llama"))
         hidden = count("hidden_size")
         heads = count("num_attention_heads")
-        eos = config.get("eos_token_id", 2)
-        if isinstance(eos, list) and eos:
-            eos = eos[0]
-        if isinstance(eos, bool) or not isinstance(eos, int):
-            raise ValueError(f"config.json: 'eos_token_id' must be an integer, got {eos!r}")
         tie = config.get("tie_word_embeddings", False)
         if not isinstance(tie, bool):
             raise ValueError(f"config.json: 'tie_word_embeddings' must be a bool, got {tie!r}")
@@ -78,6 +124,22 @@ class LlamaConfig:
                 f"config.json: num_attention_heads ({heads}) must be a multiple of "
                 f"num_key_value_heads ({kv_heads})"
             )
+        head_dim_default = QWEN3_DEFAULT_HEAD_DIM if model_type == "qwen3" else hidden // heads
+        rope = rope_settings(config)
+        scaling: Llama3RopeScaling | None = None
+        if rope_type(rope) == "llama3":
+            scaling = Llama3RopeScaling(
+                factor=num("factor", source=rope),
+                low_freq_factor=num("low_freq_factor", source=rope),
+                high_freq_factor=num("high_freq_factor", source=rope),
+                original_max_position_embeddings=count(
+                    "original_max_position_embeddings", source=rope
+                ),
+            )
+            if not scaling.high_freq_factor > scaling.low_freq_factor:
+                raise ValueError(
+                    "config.json: rope_scaling high_freq_factor must exceed low_freq_factor"
+                )
         return cls(
             vocab_size=count("vocab_size"),
             hidden_size=hidden,
@@ -85,12 +147,16 @@ class LlamaConfig:
             num_layers=count("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv_heads,
-            head_dim=count("head_dim", hidden // heads),
-            rope_theta=num("rope_theta", 10000.0),
+            head_dim=count("head_dim", head_dim_default),
+            rope_theta=num("rope_theta", 10000.0, source=rope),
             rms_norm_eps=num("rms_norm_eps", 1e-6),
             max_context=count("max_position_embeddings"),
-            eos_token_id=eos,
+            eos_token_ids=token_ids(config.get("eos_token_id"), "eos_token_id"),
             tie_word_embeddings=tie,
+            model_type=model_type,
+            qkv_bias=model_type == "qwen2",
+            qk_norm=model_type == "qwen3",
+            rope_scaling=scaling,
         )
 
     def weight_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -100,9 +166,18 @@ class LlamaConfig:
         for name, shape in self.linear_shapes().items():
             if name != LM_HEAD:
                 shapes[f"{name}.weight"] = shape
+        q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         for i in range(self.num_layers):
-            shapes[f"model.layers.{i}.input_layernorm.weight"] = (h,)
-            shapes[f"model.layers.{i}.post_attention_layernorm.weight"] = (h,)
+            prefix = f"model.layers.{i}"
+            shapes[f"{prefix}.input_layernorm.weight"] = (h,)
+            shapes[f"{prefix}.post_attention_layernorm.weight"] = (h,)
+            if self.qkv_bias:
+                shapes[f"{prefix}.self_attn.q_proj.bias"] = (q,)
+                shapes[f"{prefix}.self_attn.k_proj.bias"] = (kv,)
+                shapes[f"{prefix}.self_attn.v_proj.bias"] = (kv,)
+            if self.qk_norm:
+                shapes[f"{prefix}.self_attn.q_norm.weight"] = (self.head_dim,)
+                shapes[f"{prefix}.self_attn.k_norm.weight"] = (self.head_dim,)
         shapes["model.norm.weight"] = (h,)
         if not self.tie_word_embeddings:
             shapes[f"{LM_HEAD}.weight"] = (self.vocab_size, h)
@@ -128,6 +203,45 @@ class LlamaConfig:
         }
         shapes[LM_HEAD] = (self.vocab_size, h)
         return shapes
+
+
+def rope_settings(config: Mapping[str, object]) -> Mapping[str, object]:
+    """The RoPE settings of a config.json in one mapping (`rope_theta`, `rope_type`, ...).
+
+    transformers 5 writes `rope_parameters` (theta inside); transformers 4 writes `rope_theta`
+    and an optional `rope_scaling` (`rope_type`, once called `type`). A key of the mapping
+    that is not a number, or a mapping that is not a dict, is left for the checks to refuse.
+    """
+    params = config.get("rope_parameters")
+    if isinstance(params, dict):
+        merged: dict[str, object] = {}
+        if "rope_theta" in config:
+            merged["rope_theta"] = config["rope_theta"]
+        merged.update(params)
+        return merged
+    scaling = config.get("rope_scaling")
+    merged = dict(scaling) if isinstance(scaling, dict) else {}
+    if "rope_theta" in config:
+        merged["rope_theta"] = config["rope_theta"]
+    return merged
+
+
+def rope_type(rope: Mapping[str, object]) -> object:
+    """`rope_type` of `rope_settings(...)` ("default" when absent; old configs say `type`)."""
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
+def token_ids(value: object, key: str) -> tuple[int, ...]:
+    """A config's token id field: an int, a list of ints, or null (no ids)."""
+    if value is None:
+        return ()
+    values: list[object] = list(value) if isinstance(value, list) else [value]
+    ids = [v for v in values if isinstance(v, int) and not isinstance(v, bool) and v >= 0]
+    if len(ids) != len(values):
+        raise ValueError(
+            f"config.json: {key!r} must be an integer or a list of them, got {value!r}"
+        )
+    return tuple(ids)
 
 
 class LinearHook(Protocol):
@@ -162,8 +276,16 @@ class KVCache:
         self.valid = self.valid.index_select(0, rows)
 
 
+UNEMBED_CHUNK_ROWS = 16384
+"""Vocabulary rows upcast at a time when the unembedding is stored in bfloat16: bounds the
+float32 temporary (16384 x 1024 x 4 bytes = 64 MiB for Qwen3-0.6B) instead of a full copy."""
+
+
 class Llama:
-    """Forward pass of a Llama model given its (frozen) weights."""
+    """Forward pass of a Llama-family model given its (frozen) weights.
+
+    Weights may be float32 or bfloat16 (see the module docstring); computation is float32.
+    """
 
     def __init__(self, config: LlamaConfig, weights: Mapping[str, torch.Tensor]) -> None:
         self.config = config
@@ -184,6 +306,8 @@ class Llama:
             if weight is None or tuple(weight.shape) != shape:
                 got = None if weight is None else tuple(weight.shape)
                 raise ValueError(f"weight {name}: expected shape {shape}, got {got}")
+            if weight.dtype not in (torch.float32, torch.bfloat16):
+                raise ValueError(f"weight {name}: dtype {weight.dtype}, expected float32/bfloat16")
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape [B, 1, T, head_dim] for integer `positions` [B, T]."""
@@ -194,14 +318,21 @@ class Llama:
             inv_freq = 1.0 / (
                 self.config.rope_theta ** (torch.arange(half, dtype=torch.float64) * 2 / (2 * half))
             )
+            if self.config.rope_scaling is not None:
+                inv_freq = self.config.rope_scaling.inverse_frequencies(inv_freq)
             angles = torch.outer(torch.arange(size, dtype=torch.float64), inv_freq)
             angles = torch.cat([angles, angles], dim=-1)
             self._rope_cos = angles.cos().float()
             self._rope_sin = angles.sin().float()
         return self._rope_cos[positions].unsqueeze(1), self._rope_sin[positions].unsqueeze(1)
 
+    def _param(self, name: str) -> torch.Tensor:
+        """A float32 view of a weight: itself if stored in float32, else an upcast copy."""
+        return self.weights[name].float()
+
     def _linear(self, module: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
-        out = F.linear(x, self.weights[f"{module}.weight"])
+        bias = self.weights.get(f"{module}.bias")
+        out = F.linear(x, self._param(f"{module}.weight"), None if bias is None else bias.float())
         if hook is not None:
             extra = hook.delta(module, x)
             if extra is not None:
@@ -210,7 +341,7 @@ class Llama:
 
     def _rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
-        return x * torch.rsqrt(variance + self.config.rms_norm_eps) * self.weights[name]
+        return x * torch.rsqrt(variance + self.config.rms_norm_eps) * self._param(name)
 
     def hidden_states(
         self,
@@ -241,15 +372,20 @@ class Llama:
             slots = torch.arange(end)
             causal = slots.unsqueeze(0) <= (start + torch.arange(steps)).unsqueeze(1)
             mask = (cache.valid[:, None, :end] & causal[None]).unsqueeze(1)  # [B, 1, T, S]
-        x = F.embedding(tokens, self.embed)
+        x = F.embedding(tokens, self.embed).float()
         for i in range(c.num_layers):
             prefix = f"model.layers.{i}"
             h = self._rms_norm(x, f"{prefix}.input_layernorm.weight")
             q = self._linear(f"{prefix}.self_attn.q_proj", h, hook)
             k = self._linear(f"{prefix}.self_attn.k_proj", h, hook)
             v = self._linear(f"{prefix}.self_attn.v_proj", h, hook)
-            q = q.view(batch, steps, c.num_heads, c.head_dim).transpose(1, 2)
-            k = k.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            q = q.view(batch, steps, c.num_heads, c.head_dim)
+            k = k.view(batch, steps, c.num_kv_heads, c.head_dim)
+            if c.qk_norm:
+                q = self._rms_norm(q, f"{prefix}.self_attn.q_norm.weight")
+                k = self._rms_norm(k, f"{prefix}.self_attn.k_norm.weight")
+            q = q.transpose(1, 2)
+            k = k.transpose(1, 2)
             v = v.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
@@ -272,8 +408,18 @@ class Llama:
         return self._rms_norm(x, "model.norm.weight")
 
     def logits(self, hidden: torch.Tensor, hook: LinearHook | None = None) -> torch.Tensor:
-        """Unembedding of hidden states [..., hidden] -> [..., vocab]."""
-        out = F.linear(hidden, self.lm_head)
+        """Unembedding of hidden states [..., hidden] -> float32 [..., vocab]."""
+        head = self.lm_head
+        if head.dtype == torch.float32:
+            out = F.linear(hidden, head)
+        else:
+            out = torch.cat(
+                [
+                    F.linear(hidden, head[row : row + UNEMBED_CHUNK_ROWS].float())
+                    for row in range(0, head.shape[0], UNEMBED_CHUNK_ROWS)
+                ],
+                dim=-1,
+            )
         if hook is not None:
             extra = hook.delta(LM_HEAD, hidden)
             if extra is not None:

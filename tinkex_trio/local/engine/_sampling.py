@@ -15,7 +15,7 @@ Choices (documented for the server and users):
 - Returned `logprobs` are log_softmax(logits) of the chosen token at temperature 1 with no
   truncation: the same quantity training computes for `target_tokens`, so an importance ratio
   exp(lp - q) is exactly 1 for unchanged weights.
-- Stops: `stop=None` stops at EOS; `stop=[]` never stops (runs to max_tokens); a list of ids
+- Stops: `stop=None` stops at EOS (any of the model's end-of-sequence ids); `stop=[]` never stops (runs to max_tokens); a list of ids
   stops at any of them (EOS only if listed); a list of strings stops as soon as the decoded
   completion (special tokens included) contains one, and EOS then does not stop: an explicit
   list replaces the default, as `[]` does. The token that triggered the stop is kept in
@@ -100,7 +100,7 @@ def sample_batch(
         for slot, b in enumerate(active):
             row = rows[b]
             if row.stop_reason is None:
-                _append_token(row, logits[slot], tokenizer, config.eos_token_id)
+                _append_token(row, logits[slot], tokenizer, config.eos_token_ids)
         still = [slot for slot, b in enumerate(active) if rows[b].stop_reason is None]
         if not still:
             break
@@ -165,7 +165,9 @@ def _prompt_logprobs(
         result.topk_prompt_logprobs = topk
 
 
-def _append_token(row: _Row, logits: torch.Tensor, tokenizer: Tokenizer, eos: int) -> None:
+def _append_token(
+    row: _Row, logits: torch.Tensor, tokenizer: Tokenizer, eos: tuple[int, ...]
+) -> None:
     params = row.request_params
     token = _choose(logits, params, row.generator)
     row.tokens.append(token)
@@ -173,7 +175,7 @@ def _append_token(row: _Row, logits: torch.Tensor, tokenizer: Tokenizer, eos: in
     row.position += 1
     stop = params.stop
     if stop is None:
-        hit = token == eos
+        hit = token in eos
     elif not stop:
         hit = False
     elif isinstance(stop[0], int):

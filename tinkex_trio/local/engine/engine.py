@@ -1,4 +1,8 @@
-"""TorchEngine: the local backend's Engine (see `_engine_api.py`) on PyTorch, CPU, float32.
+"""TorchEngine: the local backend's Engine (see `_engine_api.py`) on PyTorch, CPU.
+
+Computation is float32; `dtype` chooses how base weights are kept in memory (float32, or
+bfloat16 for half the memory, `_llama`). `max_model_memory` bounds the served models' weights
+(default: the memory available at start-up, `_memory`).
 
 Called from one worker thread only, so it keeps plain dicts and no locks. Base models load on
 first use; each training adapter holds its LoRA tensors and AdamW state; adapters that sampling
@@ -31,7 +35,8 @@ from .._engine_api import (
 from ..model_files import SMOLLM2_NAME, TINY_NAME
 from ._lora import ADAPTER_WEIGHTS, LoraAdapter
 from ._losses import validate_config, validate_inputs
-from ._models import LoadedModel, ModelSource, check_tokens
+from ._memory import check_fits
+from ._models import LoadedModel, ModelSource, WeightDtype, check_tokens
 from ._optim import AdamW
 from ._sampling import sample_batch
 from ._training import PreparedDatum, run_forward_backward
@@ -63,6 +68,9 @@ class TorchEngine:
         extra_models: dict[str, Path] | None = None,
         max_tokens_per_microbatch: int = 2048,
         threads: int | None = None,
+        *,
+        dtype: WeightDtype = "float32",
+        max_model_memory: int | None = None,
     ) -> None:
         if max_tokens_per_microbatch < 1:
             raise ValueError("max_tokens_per_microbatch must be >= 1")
@@ -72,9 +80,12 @@ class TorchEngine:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
             torch.set_num_threads(threads)
-        self._sources: dict[str, ModelSource] = {name: ModelSource(name) for name in models}
+        self._sources: dict[str, ModelSource] = {
+            name: ModelSource(name, dtype=dtype) for name in models
+        }
         for name, directory in (extra_models or {}).items():
-            self._sources[name] = ModelSource(name, Path(directory))
+            self._sources[name] = ModelSource(name, Path(directory), dtype=dtype)
+        check_fits(list(self._sources.values()), max_model_memory)
         self._max_tokens = max_tokens_per_microbatch
         self._adapters: dict[str, _TrainingAdapter] = {}
         self._sampler_cache: OrderedDict[tuple[str, str, int], LoraAdapter] = OrderedDict()
