@@ -95,6 +95,39 @@ def require_checkpoint_name(name: str) -> None:
         )
 
 
+#: PROTOCOL.md 3.2: at most this many age recipients on save_weights_external.
+MAX_AGE_RECIPIENTS = 10
+_AGE_RECIPIENT_PREFIXES = ("age1", "ssh-ed25519 ", "ssh-rsa ")
+
+
+def require_age_recipients(recipients: Sequence[str] | None) -> list[str] | None:
+    """`age_encryption_recipients`: None, or 1..10 public keys of the forms age accepts
+    (`age1...`, `ssh-ed25519 ...`, `ssh-rsa ...`). Only the form is checked here; the server
+    parses the keys themselves."""
+    if recipients is None:
+        return None
+    if isinstance(recipients, str) or not isinstance(recipients, Sequence):
+        raise InvalidInputError(
+            "age_encryption_recipients must be a list of public keys (age1... or SSH), got "
+            f"{type(recipients).__name__}"
+        )
+    if not 1 <= len(recipients) <= MAX_AGE_RECIPIENTS:
+        raise InvalidInputError(
+            f"age_encryption_recipients must hold 1..{MAX_AGE_RECIPIENTS} recipients, got "
+            f"{len(recipients)}; pass None for unencrypted files"
+        )
+    for index, recipient in enumerate(recipients):
+        if not isinstance(recipient, str) or not recipient.strip().startswith(
+            _AGE_RECIPIENT_PREFIXES
+        ):
+            raise InvalidInputError(
+                f"age_encryption_recipients[{index}] must be an age X25519 recipient "
+                "('age1...') or an SSH public key ('ssh-ed25519 AAAA...' / 'ssh-rsa AAAA...'), "
+                f"got {recipient if not isinstance(recipient, str) else recipient[:16]!r}"
+            )
+    return [r.strip() for r in recipients]
+
+
 def require_ttl(ttl_seconds: int | None) -> None:
     """`ttl_seconds`: None (keep forever) or a positive int."""
     if ttl_seconds is not None and (
