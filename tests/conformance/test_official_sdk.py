@@ -269,3 +269,43 @@ async def test_official_sdk_job_with_jwt_auth(
     check_values(result)
     # Its requests after the exchange carried valid JWTs, not the raw key.
     assert len(verified) > 10 and all(verified)
+
+
+def _read_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+async def test_official_sdk_encrypted_weight_export(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """0.38 exports with `age_encryption_recipients` (X25519 and SSH) and downloads with its
+    CLI through the signed URLs; pyrage decrypts every `<file>.age` to the exact bytes of the
+    unencrypted export of the same weights (PROTOCOL.md 3.2, 9.10)."""
+    import pyrage
+    from age_keys import ssh_keypair
+
+    python = official_python(PROTOBUF_VERSION)
+    x25519 = pyrage.x25519.Identity.generate()
+    ssh_key, ssh_pub = ssh_keypair(tmp_path, "ed25519")
+    out = tmp_path / "downloads"
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            result = await run_official(
+                python,
+                backend.base_url,
+                backend.api_key,
+                script=SCRIPT.with_name("official_age_export.py"),
+                args=(str(out), str(x25519.to_public()), ssh_pub),
+            )
+    plain = _read_files(Path(result["directories"][result["plain"]]))
+    secret = _read_files(Path(result["directories"][result["secret"]]))
+    assert "adapter_model.safetensors" in plain and "adapter_config.json" in plain
+    assert sorted(secret) == sorted(name + ".age" for name in plain)
+    ssh_identity = pyrage.ssh.Identity.from_buffer(ssh_key.read_bytes())
+    for name, content in plain.items():
+        for identity in (x25519, ssh_identity):
+            assert pyrage.decrypt(secret[name + ".age"], [identity]) == content, name
+    # The trained adapter really is in there (B matrices moved off zero).
+    assert len(set(plain["adapter_model.safetensors"][-256:])) > 1

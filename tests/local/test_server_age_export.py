@@ -7,31 +7,16 @@ Real time: the encryption runs in a worker thread, which autojump cannot see.
 
 from __future__ import annotations
 
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
 import pyrage
 import pytest
 import trio
+from age_keys import ssh_keypair
 from server_testing import Harness, open_harness
 
 LIMIT = 30
-
-
-def ssh_keypair(directory: Path, kind: str) -> tuple[Path, str]:
-    """A fresh unencrypted OpenSSH key pair made by ssh-keygen: (private key file, public key)."""
-    if shutil.which("ssh-keygen") is None:
-        pytest.skip("ssh-keygen is not installed")
-    key = directory / f"id_{kind}"
-    extra = ["-b", "2048"] if kind == "rsa" else []
-    subprocess.run(
-        ["ssh-keygen", "-q", "-t", kind, *extra, "-N", "", "-C", "test", "-f", str(key)],
-        check=True,
-        capture_output=True,
-    )
-    return key, key.with_name(key.name + ".pub").read_text().strip()
 
 
 async def _export(h: Harness, mid: str, seq: int, name: str, **fields: Any) -> dict[str, Any]:
