@@ -38,6 +38,7 @@ from tinkex_trio._polling import FuturePoller, json_decoder
 from tinkex_trio._transport import Transport
 from tinkex_trio._validate import require_str, require_tinker_path
 from tinkex_trio._version import __version__
+from tinkex_trio.admin import AdminClient
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
     APIError,
@@ -222,6 +223,12 @@ class ServiceClient:
         """REST calls (runs, checkpoints, sessions) over this service's connection pool."""
         self._ctx.check_open("ServiceClient")
         return RestClient(self._ctx.transport)
+
+    def create_admin_client(self) -> AdminClient:
+        """Admin calls (audit log, billing usage, checkpoint storage) over this service's
+        connection pool."""
+        self._ctx.check_open("ServiceClient")
+        return AdminClient(self._ctx.transport)
 
     async def get_server_capabilities(self) -> t.ServerCapabilities:
         self._ctx.check_open("ServiceClient")

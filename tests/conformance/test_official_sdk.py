@@ -309,3 +309,42 @@ async def test_official_sdk_encrypted_weight_export(
             assert pyrage.decrypt(secret[name + ".age"], [identity]) == content, name
     # The trained adapter really is in there (B matrices moved off zero).
     assert len(set(plain["adapter_model.safetensors"][-256:])) > 1
+
+
+async def test_official_sdk_parses_session_search_and_admin_calls(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """0.38's `search_sessions` and `AdminClient` calls, each answer validated strictly by its
+    official type: every required field present and typed (a session's `project_id` is the
+    default project), and the contents true to what happened (PROTOCOL.md 3.6, 7.9)."""
+    python = official_python(PROTOBUF_VERSION)
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            result = await run_official(
+                python,
+                backend.base_url,
+                backend.api_key,
+                script=SCRIPT.with_name("official_admin.py"),
+            )
+    [session] = result["sessions"]
+    assert session["project_id"] == "local-default"
+    assert session["owner"] == "tml:user:local"
+    assert session["status"] == "active"
+    assert session["checkpoints_count"] == 1
+    kept, gone = result["kept"], result["gone"]
+    assert [event for event in result["audit"] if event[0].startswith("checkpoint_")] == [
+        ["checkpoint_create", kept],
+        ["checkpoint_create", gone],
+        ["checkpoint_delete", gone],
+    ]
+    assert result["audit"][0][0] == "session_create"
+    assert result["checkpoint_audit"] == ["checkpoint_create"] * 2 + ["checkpoint_delete"]
+    counts = [e for e in result["usage"] if e["type"] == "checkpoint"]
+    assert sum(e["count"] for e in counts) == 2 and all(e["cost"] is None for e in counts)
+    storage_events = [e for e in result["usage"] if e["type"] == "storage"]
+    assert storage_events and all(e["free"] and e["cost"] == 0.0 for e in storage_events)
+    [storage] = result["storage"]
+    assert storage["project_id"] == "local-default" and storage["checkpoint_count"] == 1
+    assert storage["size_bytes"] > 0 and storage["cost"] == 0.0

@@ -61,6 +61,7 @@ from ._http import (
     send_response,
 )
 from ._jwt import JwtIssuer
+from ._routes_admin import AdminRoutes
 from ._routes_checkpoints import CheckpointRoutes
 from ._routes_futures import FutureRoutes
 from ._routes_models import ModelRoutes
@@ -113,6 +114,7 @@ class BackendApp:
             CheckpointRoutes(backend),
             SamplingRoutes(backend),
             FutureRoutes(backend),
+            AdminRoutes(backend),
         ):
             for method, pattern, handler in group.routes():
                 self.router.add(method, pattern, handler)

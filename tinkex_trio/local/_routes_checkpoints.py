@@ -325,6 +325,7 @@ class CheckpointRoutes:
             )
         expires = self.backend.urls.expiry()
         location = self.backend.urls.make(request.base_url(), ARCHIVE_ROUTE_PREFIX + token, expires)
+        self._audit_read(ck, file="archive")
         return json_response(
             CheckpointArchiveUrlResponse(url=location, expires=utc_datetime(expires)),
             status=302,
@@ -382,7 +383,19 @@ class CheckpointRoutes:
         file_path = self.checkpoints.file(ck, params["file"])
         if file_path is None:
             raise HTTPError(404, f"no file {params['file']!r} in this export")
-        return file_response(await trio.open_file(file_path, "rb"), "application/octet-stream")
+        handle = await trio.open_file(file_path, "rb")
+        self._audit_read(ck, file=params["file"])
+        return file_response(handle, "application/octet-stream")
+
+    def _audit_read(self, ck: CheckpointRow, **details: str) -> None:
+        """A `checkpoint_read` audit event (PROTOCOL.md 3.6): someone fetched its files."""
+        self.backend.store.record_event(
+            "checkpoint_read",
+            {"training_run_id": ck.run_id, "checkpoint_id": ck.checkpoint_id, **details},
+            model_id=ck.run_id,
+            tinker_path=ck.tinker_path,
+            purpose="download",
+        )
 
     # ------------------------------------------------------------------ copies
 
