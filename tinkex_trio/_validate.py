@@ -18,15 +18,27 @@ def require_str(name: str, value: object) -> None:
         raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
 
 
-def require_tinker_path(name: str, value: str) -> t.ParsedTinkerPath:
-    """`value` must be a `tinker://<run>/<segment>/<name>` path; returns it parsed.
+def require_server_path(name: str, value: str) -> str:
+    """`value` must be a well-formed `tinker://` path: the scheme, then a non-empty rest with
+    no whitespace or control characters. Returns it unchanged.
 
-    (`ParsedTinkerPath.parse` also refuses a non-string, with the same message.)
+    For paths the server interprets (load_state, create_training_client_from_state, a sampling
+    client's model_path) this is all the SDK checks, as the official SDK sends any `tinker://`
+    path as is: the hosted service writes `tinker://<run>/weights/<name>`, but other
+    Tinker-compatible servers name their checkpoints otherwise (SkyRL tx:
+    `tinker://<run>/checkpoints/<name>`), and only the server knows its own layout.
     """
-    try:
-        return t.ParsedTinkerPath.parse(value)
-    except ValueError as exc:
-        raise InvalidInputError(f"{name}: {exc}") from None
+    if not isinstance(value, str) or not value.startswith(t.TINKER_SCHEME):
+        raise InvalidInputError(
+            f"{name} must be a tinker:// path such as tinker://<run>/weights/<name>, got {value!r}"
+        )
+    rest = value[len(t.TINKER_SCHEME) :]
+    if not rest.strip("/") or any(c.isspace() or not c.isprintable() for c in rest):
+        raise InvalidInputError(
+            f"{name} {value!r} is not a well-formed tinker:// path: it needs a run and a "
+            "checkpoint after the scheme, without spaces or control characters"
+        )
+    return value
 
 
 def require_training_data(data: Sequence[t.Datum], loss_fn: str) -> None:

@@ -36,12 +36,13 @@ from tinkex_trio._limits import ByteBudget
 from tinkex_trio._policy import CALL, HEARTBEAT, SESSION_FINISH, SUBMIT
 from tinkex_trio._polling import FuturePoller, json_decoder
 from tinkex_trio._transport import Transport
-from tinkex_trio._validate import require_str, require_tinker_path
+from tinkex_trio._validate import require_server_path, require_str
 from tinkex_trio._version import __version__
 from tinkex_trio.admin import AdminClient
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
     APIError,
+    APIStatusError,
     APITimeoutError,
     GoneError,
     InvalidInputError,
@@ -170,7 +171,7 @@ class ServiceClient:
         user_metadata: dict[str, str] | None,
     ) -> TrainingClient:
         self._ctx.check_open("ServiceClient")
-        require_tinker_path("path", path)
+        require_server_path("path", path)
         model_seq_id = next(self._ctx.model_seq_ids)
         request = t.LoadWeightsRequest(
             session_id=self._ctx.session_id,
@@ -319,9 +320,38 @@ async def _heartbeat(
                 warned = False
 
 
+#: Statuses that say "this server has no such endpoint" (not "this call failed").
+MISSING_ENDPOINT_STATUSES: Final = frozenset({404, 405})
+#: Optional endpoints found missing in this process; each is logged once, at debug.
+_missing_endpoints: set[str] = set()
+
+
+def _note_missing_endpoint(endpoint: str, status: int) -> None:
+    """Log, once per process and at debug, that the server lacks an optional endpoint.
+
+    Other Tinker-compatible servers (SkyRL tx, hatchery-core) have no `sessions/{id}/finish`:
+    that is how they are, not something to warn about at every exit.
+    """
+    if endpoint in _missing_endpoints:
+        return
+    _missing_endpoints.add(endpoint)
+    _logger.debug(
+        "the server has no %s endpoint (HTTP %d); it is optional, so it is skipped "
+        "(logged once per process)",
+        endpoint,
+        status,
+    )
+
+
 async def _finish_session(
     transport: Transport, session_id: str, reason: str, detail: str | None
 ) -> None:
+    """Tell the server the session is over (PROTOCOL.md 2.2).
+
+    Error handling: a 404 or 405 means a server without this optional endpoint and is logged
+    once per process at debug (`_note_missing_endpoint`); any other failure is a WARNING on
+    `tinkex_trio.service`. Nothing is raised: the block's own outcome matters more.
+    """
     request = t.FinishSessionRequest(reason=t.FinishReason(type=reason), detail=detail)  # type: ignore[arg-type]
     try:
         await transport.request(
@@ -330,6 +360,11 @@ async def _finish_session(
             content=t.encode(request),
             policy=SESSION_FINISH,
         )
+    except APIStatusError as exc:
+        if exc.status_code in MISSING_ENDPOINT_STATUSES:
+            _note_missing_endpoint("sessions/{session_id}/finish", exc.status_code)
+            return
+        _logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
     except APIError as exc:
         _logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
 

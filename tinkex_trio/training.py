@@ -51,7 +51,7 @@ from tinkex_trio._validate import (
     require_age_recipients,
     require_checkpoint_name,
     require_loss_config,
-    require_tinker_path,
+    require_server_path,
     require_training_data,
     require_ttl,
 )
@@ -406,7 +406,7 @@ class TrainingClient:
 
     async def _load(self, path: str, *, optimizer: bool) -> APIFuture[t.LoadWeightsResponse]:
         self._check_usable()
-        require_tinker_path("path", path)
+        require_server_path("path", path)
         return self._queue_request(
             "/api/v1/load_weights",
             "LoadWeights",
