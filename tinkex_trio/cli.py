@@ -9,6 +9,8 @@ Synopsis::
     tinkex-trio checkpoint info|publish|unpublish|delete tinker://RUN/weights/NAME
     tinkex-trio checkpoint download tinker://RUN/weights/NAME [--output-dir DIR] [--force]
         [--max-bytes SIZE] [--max-members N]
+    tinkex-trio checkpoint download tinker://RUN/external_weights/NAME --identity key.txt
+        (age-encrypted exports: decrypts every <file>.age with an age or OpenSSH identity)
     tinkex-trio checkpoint set-ttl tinker://RUN/weights/NAME 3600   (or --remove)
     tinkex-trio run list | run info RUN_ID
     tinkex-trio session list | session info SESSION_ID
@@ -340,6 +342,7 @@ async def _checkpoint_download(args: argparse.Namespace, out: Output, rest: Rest
                 progress=on_progress,
                 max_extracted_bytes=args.max_bytes,
                 max_members=args.max_members,
+                identity=args.identity,
             )
     except FileExistsError:
         raise CliError(f"{existing} already exists; pass --force to replace it") from None
@@ -627,6 +630,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_MEMBERS,
         metavar="N",
         help=f"refuse an archive with more than N files (default {DEFAULT_MAX_MEMBERS})",
+    )
+    p.add_argument(
+        "--identity",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="decrypt age-encrypted external weights (<file>.age) with this age identity file "
+        "or unencrypted OpenSSH private key (needs: pip install 'tinkex-trio[age]')",
     )
     p.set_defaults(rest=_checkpoint_download)
     p = ck.add_parser(
