@@ -76,6 +76,7 @@ __all__ = [
     "DEFAULT_MAX_EXTRACTED_BYTES",
     "DEFAULT_MAX_MEMBERS",
     "RATIO_ALLOWANCE_BYTES",
+    "RESIGN_MARGIN",
     "ArchiveError",
     "ArchiveLimitError",
     "DecryptionError",

@@ -528,6 +528,7 @@ def _unwrap(
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_WARN_AFTER",
+    "MISSING_ENDPOINT_STATUSES",
     "SESSION_FINISH_TIMEOUT",
     "SESSION_OPEN_TIMEOUT",
     "ServiceClient",
