@@ -24,6 +24,8 @@ Layout (one job per module; the public ones have no underscore):
                             archives, external-weights URLs, copy_weights
     _routes_sampling.py     sampling sessions, samplers, asample
     _routes_futures.py      retrieve_future, retrieve_futures, cancel_future
+    _routes_admin.py        audit log, billing usage events, current checkpoint storage
+    _age_export.py          age encryption of save_weights_external files (pyrage)
     _submit.py              TrainingSubmitter: dedup, checks and queueing by seq_id
     _checkpoints.py         Checkpoints: files, staging and atomic writes, rows, expiry, copies
     _archive.py             checkpoint tar.gz archives
@@ -33,7 +35,7 @@ Layout (one job per module; the public ones have no underscore):
     _futures.py             FutureRegistry (long-polls, completion logs), poll answers
     _scheduler.py           EngineRunner (the engine's one caller), training lanes,
                             sampling batcher
-    _store.py               the SQLite store
+    _store.py               the SQLite store (and its audit log)
     _convert.py             wire types to engine types, with the input checks
     _engine_api.py          the Engine protocol and its plain types (the engine seam)
     _http.py                the small ASGI layer: requests, router, JSON and file answers
