@@ -11,6 +11,9 @@ Real sockets and a torch thread: outcomes only, under `trio.fail_after`.
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Literal
 
@@ -176,3 +179,24 @@ async def test_sdk_refuses_stable_reinforce_data_without_provenance(tmp_path: Pa
                     record_stability_info="yes"  # type: ignore[arg-type]
                 )
             assert training.statistics().next_seq_id == 1  # nothing was sent
+
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_readme_stable_reinforce_program_runs(tmp_path: Path) -> None:
+    """The README's RL example runs as written (with the tiny model, so it takes seconds)."""
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    (program,) = [b for b in blocks if "stable_reinforce" in b and "trio.run(main)" in b]
+    program = program.replace('"HuggingFaceTB/SmolLM2-135M-Instruct"', repr(TINY)).replace(
+        "open_local_backend(models=", f"open_local_backend(data_dir={str(tmp_path)!r}, models="
+    )
+    script = tmp_path / "rl.py"
+    script.write_text(program)
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert [line.split()[0] for line in lines] == ["0", "1", "2"]
+    assert all(np.isfinite(float(line.split()[2])) for line in lines)
