@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import msgspec
 import numpy as np
 import pytest
 import trio
@@ -247,6 +248,26 @@ async def test_bad_spans_are_user_errors_naming_datum_and_sequence(
         # No spans at all.
         bare = t.Datum(model_input=good.model_input, loss_fn_inputs=good.loss_fn_inputs)
         await refused([good, bare], "data[1] has no provenance spans")
+        # Raw JSON the SDK would not send: one span list only, a negative offset.
+        raw = msgspec.json.decode(
+            t.encode(
+                t.ForwardBackwardRequest(
+                    forward_backward_input=t.ForwardBackwardInput(
+                        data=[good], loss_fn="stable_reinforce"
+                    ),
+                    model_id=model,
+                    seq_id=next(seq),
+                )
+            )
+        )
+        raw_datum = raw["forward_backward_input"]["data"][0]
+        del raw_datum["loss_fn_input_spans"]
+        _user_error(await h.post("forward_backward", raw), "provenance comes as a pair")
+        raw["seq_id"] = next(seq)
+        raw_datum["loss_fn_input_spans"] = [
+            {"type": "sampled_tokens", "sequence_id": sid, "offset": -1, "length": 3}
+        ]
+        _user_error(await h.post("forward_backward", raw), "offset must be an int >= 0")
         # Another session's model cannot use this session's recordings.
         other_session = await h.session()
         other_model = await h.model(other_session)

@@ -22,20 +22,21 @@ import numpy.typing as npt
 
 from tinkex_trio import types as t
 
-from ._engine_api import EngineUserError
+from ._engine_api import DatumArrays, EngineUserError
 from ._stability import SequenceUnavailable, StabilityRecordings
 
 
 def recorded_logprobs(
     datum: t.Datum,
     index: int,
-    tokens: npt.NDArray[np.int64],
+    arrays: DatumArrays,
     recordings: StabilityRecordings,
     session_id: str,
 ) -> npt.NDArray[np.float32] | None:
     """The behaviour log-probs of `datum`'s target tokens, or None if it has no spans.
 
-    `tokens` is the datum's model input as token ids (already checked).
+    `arrays` is the datum already converted and checked (`_convert.datum_arrays`): its model
+    input tokens and `target_tokens`.
     """
     model_spans, target_spans = datum.model_input_spans, datum.loss_fn_input_spans
     if model_spans is t.UNSET and target_spans is t.UNSET:
@@ -46,12 +47,10 @@ def recorded_logprobs(
             f"{where} has only one of model_input_spans and loss_fn_input_spans; provenance "
             "comes as a pair (Datum.with_provenance sets both)"
         )
-    targets = datum.loss_fn_inputs.get("target_tokens")
-    if targets is None:
-        raise EngineUserError(f"{where}.loss_fn_inputs needs 'target_tokens'")
-    target_ids = np.asarray(targets.to_numpy(), dtype=np.int64).ravel()
+    targets = np.asarray(arrays.loss_fn_inputs["target_tokens"], dtype=np.int64).ravel()
+    tokens = np.asarray(arrays.tokens, dtype=np.int64)
     _check(f"{where}.model_input_spans", model_spans, tokens, recordings, session_id)
-    return _check(f"{where}.loss_fn_input_spans", target_spans, target_ids, recordings, session_id)
+    return _check(f"{where}.loss_fn_input_spans", target_spans, targets, recordings, session_id)
 
 
 def _check(

@@ -218,7 +218,7 @@ class ModelRoutes:
             arrays = [_convert.datum_arrays(d, i, info) for i, d in enumerate(fb_input.data)]
             for index, (datum, converted) in enumerate(zip(fb_input.data, arrays, strict=True)):
                 converted.recorded_logprobs = recorded_logprobs(
-                    datum, index, converted.tokens, self.backend.stability, model.session_id
+                    datum, index, converted, self.backend.stability, model.session_id
                 )
                 if loss == "stable_reinforce" and converted.recorded_logprobs is None:
                     raise EngineUserError(
