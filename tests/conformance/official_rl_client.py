@@ -82,6 +82,18 @@ def main() -> None:
         )
         inputs.append({"advantages": adv, "logprobs": logprobs, "mask": mask})
 
+    # Move the learner away from the sampler first (one supervised step on the samples), so
+    # the importance ratios differ from 1 and the truncation and the KL term take part.
+    supervised = [
+        types.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={"target_tokens": d.loss_fn_inputs["target_tokens"]},
+        )
+        for d in stable_data[:2]
+    ]
+    training.forward_backward(supervised, "cross_entropy").result()
+    training.optim_step(types.AdamParams(learning_rate=0.05)).result()
+
     stable = training.forward_backward(stable_data, "stable_reinforce", STABLE_CONFIG).result()
     gspo = training.forward_backward(gspo_data, "gspo", GSPO_CONFIG).result()
     training.optim_step(types.AdamParams(learning_rate=0.02)).result()

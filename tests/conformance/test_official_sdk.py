@@ -293,6 +293,7 @@ async def test_official_sdk_rl_losses_on_sampled_sequences(
     ids = result["sequence_ids"]
     assert len(set(ids)) == 4 and all(ids)
     stable_total = gspo_total = 0.0
+    ratios = []
     for k, x in enumerate(result["inputs"]):
         adv = np.array(x["advantages"])
         n_prompt = adv.size - len(result["sampled_tokens"][k])
@@ -300,6 +301,7 @@ async def test_official_sdk_rl_losses_on_sampled_sequences(
         # the server recorded them); prompt positions have none.
         recorded = np.concatenate([np.full(n_prompt, np.nan), result["sampled_logprobs"][k]])
         lp = np.array(result["stable_logprobs"][k])
+        ratios.extend(np.exp(lp[n_prompt:] - recorded[n_prompt:]).tolist())
         stable_total += stable_reinforce_reference(lp, recorded, adv, 1.5, 0.1)[0]
         lp_gspo = np.array(result["gspo_logprobs"][k])
         np.testing.assert_allclose(lp_gspo, lp, atol=LOGPROB_ATOL)  # same weights, same pass
@@ -311,6 +313,8 @@ async def test_official_sdk_rl_losses_on_sampled_sequences(
             0.8,
             1.2,
         )[0]
+    # Off-policy (the learner took a step after sampling): ratios away from 1, some truncated.
+    assert max(ratios) > 1.5 and min(ratios) < 0.9, ratios
     assert result["stable_loss"] == pytest.approx(stable_total, rel=1e-4, abs=1e-4)
     assert result["gspo_loss"] == pytest.approx(gspo_total, rel=1e-4, abs=1e-4)
     refusal = result["refusal"]
