@@ -337,7 +337,6 @@ class Datum(msgspec.Struct, kw_only=True):
 
     def with_provenance(
         self,
-        *,
         model_input: Sequence[ProvenanceSpan],
         loss_fn_inputs: Sequence[ProvenanceSpan],
     ) -> Datum:
