@@ -56,7 +56,7 @@ def test_expires_a_day_after_last_use_and_use_renews_it() -> None:
 
 def test_memory_cap_evicts_least_recently_used() -> None:
     clock = Clock()
-    one = 8 * 1 + 8 * 2 + 4 * 2 + ENTRY_OVERHEAD_BYTES  # prompt, tokens, logprobs, overhead
+    one = 4 * 1 + 4 * 2 + 4 * 2 + ENTRY_OVERHEAD_BYTES  # prompt, tokens, logprobs, overhead
     rec = StabilityRecordings(clock, max_bytes=3 * one)
     rec.record("s", [1], [("a", [1, 2], [-1.0, -1.0]), ("b", [1, 2], [-1.0, -1.0])])
     rec.record("s", [1], [("c", [1, 2], [-1.0, -1.0])])

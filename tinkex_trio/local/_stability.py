@@ -31,8 +31,9 @@ import numpy.typing as npt
 RECORDING_TTL: Final = 24 * 3600.0
 """Seconds a recording stays usable after its last use (PROTOCOL.md 8.7: one day)."""
 DEFAULT_MAX_BYTES: Final = 256 * 1024 * 1024
-"""Memory for recordings: ~8 million sampled tokens (int32 token + float32 log-prob each) with
-their prompts; far more than one RL step of the local models produces."""
+"""Memory for recordings: ~30 million sampled tokens (int32 id + float32 log-prob each), fewer
+with long prompts (a request's prompt is stored once but counted once per sequence, to keep the
+accounting simple and conservative); far more than one RL step of the local models produces."""
 ENTRY_OVERHEAD_BYTES: Final = 512
 """What one entry costs besides its arrays (dict slot, dataclass, numpy headers, the id)."""
 MAX_FORGOTTEN_IDS: Final = 100_000
@@ -46,8 +47,8 @@ class Recording:
     """One sampled sequence as the sampler saw it."""
 
     session_id: str
-    prompt: npt.NDArray[np.int64]  # shared by the sequences of one request
-    tokens: npt.NDArray[np.int64]
+    prompt: npt.NDArray[np.int32]  # shared by the sequences of one request
+    tokens: npt.NDArray[np.int32]
     logprobs: npt.NDArray[np.float32]  # the sampler's log-prob of each of `tokens`
 
     def nbytes(self) -> int:
@@ -111,12 +112,12 @@ class StabilityRecordings:
         """Keep `(sequence_id, tokens, logprobs)` of each sequence sampled from `prompt`."""
         now = self._clock()
         self._expire(now)
-        prompt_array = np.asarray(prompt, dtype=np.int64)
+        prompt_array = np.asarray(prompt, dtype=np.int32)
         for sequence_id, tokens, logprobs in sequences:
             recording = Recording(
                 session_id=session_id,
                 prompt=prompt_array,
-                tokens=np.asarray(tokens, dtype=np.int64),
+                tokens=np.asarray(tokens, dtype=np.int32),
                 logprobs=np.asarray(logprobs, dtype=np.float32),
             )
             if recording.tokens.shape != recording.logprobs.shape:
