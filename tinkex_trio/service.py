@@ -200,11 +200,24 @@ class ServiceClient:
         return TrainingClient._create(self._ctx, info, next_request_id=next_request_id)
 
     async def create_sampling_client(
-        self, *, base_model: str | None = None, model_path: str | None = None
+        self,
+        *,
+        base_model: str | None = None,
+        model_path: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
-        """A sampling client for a base model or for sampler weights at `model_path`."""
+        """A sampling client for a base model or for sampler weights at `model_path`.
+
+        `record_stability_info=True`: the server records every sequence this client samples,
+        for `stable_reinforce` (see `SamplingClient`).
+        """
         self._ctx.check_open("ServiceClient")
-        return await SamplingClient._open(self._ctx, base_model=base_model, model_path=model_path)
+        return await SamplingClient._open(
+            self._ctx,
+            base_model=base_model,
+            model_path=model_path,
+            record_stability_info=record_stability_info,
+        )
 
     async def sampling_client_for(
         self,
@@ -212,11 +225,16 @@ class ServiceClient:
         *,
         base_model: str | None = None,
         model_path: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A client for an existing sampling session (learns its base model if not given)."""
         self._ctx.check_open("ServiceClient")
         return await SamplingClient._for_session(
-            self._ctx, sampling_session_id, base_model=base_model, model_path=model_path
+            self._ctx,
+            sampling_session_id,
+            base_model=base_model,
+            model_path=model_path,
+            record_stability_info=record_stability_info,
         )
 
     def create_rest_client(self) -> RestClient:
