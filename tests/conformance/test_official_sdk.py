@@ -271,6 +271,58 @@ async def test_official_sdk_job_with_jwt_auth(
     assert len(verified) > 10 and all(verified)
 
 
+RL_SCRIPT = Path(__file__).with_name("official_rl_client.py")
+
+
+async def test_official_sdk_rl_losses_on_sampled_sequences(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """tinker 0.38: gspo and stable_reinforce through `forward_backward` on real samples, the
+    latter with provenance from a `record_stability_info` sampler; losses checked by value
+    against the numpy references, from the learner log-probs the server returned and the
+    sampler log-probs the client received; a span naming an unknown sequence is refused."""
+    from rl_reference import gspo_reference, stable_reinforce_reference
+
+    python = official_python(PROTOBUF_VERSION)
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            result = await run_official(python, backend.base_url, backend.api_key, script=RL_SCRIPT)
+    assert result["version"] == PROTOBUF_VERSION
+    ids = result["sequence_ids"]
+    assert len(set(ids)) == 4 and all(ids)
+    stable_total = gspo_total = 0.0
+    ratios = []
+    for k, x in enumerate(result["inputs"]):
+        adv = np.array(x["advantages"])
+        n_prompt = adv.size - len(result["sampled_tokens"][k])
+        # The sampler's log-probs of the sampled tokens, as the client received them (and as
+        # the server recorded them); prompt positions have none.
+        recorded = np.concatenate([np.full(n_prompt, np.nan), result["sampled_logprobs"][k]])
+        lp = np.array(result["stable_logprobs"][k])
+        ratios.extend(np.exp(lp[n_prompt:] - recorded[n_prompt:]).tolist())
+        stable_total += stable_reinforce_reference(lp, recorded, adv, 1.5, 0.1)[0]
+        lp_gspo = np.array(result["gspo_logprobs"][k])
+        np.testing.assert_allclose(lp_gspo, lp, atol=LOGPROB_ATOL)  # same weights, same pass
+        gspo_total += gspo_reference(
+            lp_gspo,
+            np.array(x["logprobs"]),
+            adv,
+            np.array(x["mask"]),
+            0.8,
+            1.2,
+        )[0]
+    # Off-policy (the learner took a step after sampling): ratios away from 1, some truncated.
+    assert max(ratios) > 1.5 and min(ratios) < 0.9, ratios
+    assert result["stable_loss"] == pytest.approx(stable_total, rel=1e-4, abs=1e-4)
+    assert result["gspo_loss"] == pytest.approx(gspo_total, rel=1e-4, abs=1e-4)
+    refusal = result["refusal"]
+    assert refusal["raised"] == "BadRequestError", refusal
+    assert "data[0].model_input_spans[0]" in refusal["message"]
+    assert "'no-such-sequence'" in refusal["message"]
+
+
 def _read_files(directory: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in directory.iterdir()}
 

@@ -37,6 +37,9 @@ Layout (one job per module; the public ones have no underscore):
                             sampling batcher
     _store.py               the SQLite store (and its audit log)
     _convert.py             wire types to engine types, with the input checks
+    _stability.py           what record_stability_info samplers saw, per sequence id
+                            (per session, a day after last use, memory-capped)
+    _provenance.py          a datum's provenance spans checked against those recordings
     _engine_api.py          the Engine protocol and its plain types (the engine seam)
     _http.py                the small ASGI layer: requests, router, JSON and file answers
 

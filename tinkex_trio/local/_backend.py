@@ -25,6 +25,7 @@ from ._http import HTTPError, Response, json_response
 from ._scheduler import EngineRunner, SampleBatcher, TrainingLanes
 from ._settings import LocalBackendSettings
 from ._signed_urls import SignedUrls
+from ._stability import StabilityRecordings
 from ._store import ModelRow, SessionRow, Store
 
 API = "/api/v1"
@@ -83,6 +84,8 @@ class Backend:
         self.batcher = SampleBatcher(runner, self.registry)
         self.checkpoints = Checkpoints(settings.data_dir, store, runner)
         self.urls = SignedUrls(secret)
+        self.stability = StabilityRecordings(trio.current_time)
+        """What `record_stability_info` samplers saw, for stable_reinforce (`_stability.py`)."""
 
     # ----------------------------------------------------------------- lookups
 

@@ -19,8 +19,18 @@ from typing import Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
-LOSS_NAMES: tuple[LossName, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+LossName = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"
+]
+LOSS_NAMES: tuple[LossName, ...] = (
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "stable_reinforce",
+)
 
 
 class EngineUserError(ValueError):
@@ -70,6 +80,9 @@ class DatumArrays:
     loss_fn_inputs: dict[
         str, npt.NDArray[np.generic]
     ]  # target_tokens int64 [N], weights f32 [N], ...
+    # The sampler's own log-prob of each target token, from the server's stability recording
+    # (stable_reinforce, PROTOCOL.md 8.7); NaN where no sampled token backs the position.
+    recorded_logprobs: npt.NDArray[np.float32] | None = None
 
 
 @dataclass

@@ -45,6 +45,7 @@ from ._checkpoints import Checkpoints, utc_datetime
 from ._convert import or_none
 from ._engine_api import EngineUserError
 from ._http import Handler, HTTPError, Request, Response, int_query, json_response
+from ._provenance import recorded_logprobs
 from ._scheduler import JobFn
 from ._store import ModelRow
 from ._submit import TrainingSubmitter
@@ -215,6 +216,16 @@ class ModelRoutes:
             loss = _convert.loss_name(fb_input.loss_fn)
             config = _convert.loss_config(fb_input.loss_fn_config)
             arrays = [_convert.datum_arrays(d, i, info) for i, d in enumerate(fb_input.data)]
+            for index, (datum, converted) in enumerate(zip(fb_input.data, arrays, strict=True)):
+                converted.recorded_logprobs = recorded_logprobs(
+                    datum, index, converted, self.backend.stability, model.session_id
+                )
+                if loss == "stable_reinforce" and converted.recorded_logprobs is None:
+                    raise EngineUserError(
+                        f"data[{index}] has no provenance spans, which stable_reinforce needs: "
+                        "sample with record_stability_info=True and attach the sequences with "
+                        "Datum.with_provenance(model_input=..., loss_fn_inputs=...)"
+                    )
 
             async def job() -> ForwardBackwardOutput:
                 result = await runner.forward_backward(

@@ -53,8 +53,12 @@ from tinkex_trio.types._inputs import (
     ImageChunk as ImageChunk,
     ModelInput as ModelInput,
     ModelInputChunk as ModelInputChunk,
+    PromptProvenanceSpan as PromptProvenanceSpan,
+    ProvenanceSpan as ProvenanceSpan,
+    SampledProvenanceSpan as SampledProvenanceSpan,
     TensorData as TensorData,
     TensorDType as TensorDType,
+    check_span_tiling as check_span_tiling,
     to_tensor_data as to_tensor_data,
 )
 from tinkex_trio.types._paths import (
@@ -142,6 +146,7 @@ from tinkex_trio.types._session import (
 from tinkex_trio.types._training import (
     JSON_LOSS_FNS as JSON_LOSS_FNS,
     LOSS_FN_REQUIRED_INPUTS as LOSS_FN_REQUIRED_INPUTS,
+    LOSS_FNS_NEEDING_PROVENANCE as LOSS_FNS_NEEDING_PROVENANCE,
     AdamParams as AdamParams,
     CreateModelRequest as CreateModelRequest,
     CreateModelResponse as CreateModelResponse,
@@ -171,6 +176,7 @@ from tinkex_trio.types._training import (
 __all__ = [
     "BILLING_MAX_WINDOW_DAYS",
     "JSON_LOSS_FNS",
+    "LOSS_FNS_NEEDING_PROVENANCE",
     "LOSS_FN_REQUIRED_INPUTS",
     "LOSS_INPUT_DTYPES",
     "SESSION_SEARCH_DEFAULT_LIMIT",
@@ -247,6 +253,8 @@ __all__ = [
     "OptimStepResponse",
     "ParsedTinkerPath",
     "PollEnvelope",
+    "PromptProvenanceSpan",
+    "ProvenanceSpan",
     "QueueState",
     "QueueStateBody",
     "Request",
@@ -258,6 +266,7 @@ __all__ = [
     "RetrieveFuturesTarget",
     "SampleRequest",
     "SampleResponse",
+    "SampledProvenanceSpan",
     "SampledSequence",
     "SamplingParams",
     "SamplingPrefillBillingEvent",
@@ -311,6 +320,7 @@ __all__ = [
     "WeightsInfoRequest",
     "WeightsInfoResponse",
     "WhoAmIResponse",
+    "check_span_tiling",
     "decode",
     "decode_request",
     "encode",

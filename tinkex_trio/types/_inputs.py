@@ -249,17 +249,111 @@ def to_tensor_data(key: str, value: Any) -> TensorData:
     )
 
 
+class _ProvenanceSpan(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
+    """A run of a datum's tokens that reproduces tokens of a sampled sequence's request.
+
+    `sequence_id` is a `SampledSequence.sequence_id`; `offset` the run's start within that
+    sequence's prompt (prompt span) or sampled tokens (sampled span); `length` its token count.
+    Runs tile the field they annotate, in order (PROTOCOL.md 7.3).
+    """
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        if not isinstance(self.sequence_id, str) or not self.sequence_id:
+            raise ValueError(
+                f"{kind}.sequence_id must be a non-empty string (a SampledSequence.sequence_id)"
+            )
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
+            raise ValueError(f"{kind}.offset must be an int >= 0, got {self.offset!r}")
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 0:
+            raise ValueError(f"{kind}.length must be an int >= 0, got {self.length!r}")
+
+
+class PromptProvenanceSpan(_ProvenanceSpan, frozen=True, tag="prompt_tokens"):
+    """Tokens that were positions `[offset, offset + length)` of the named sequence's prompt."""
+
+
+class SampledProvenanceSpan(_ProvenanceSpan, frozen=True, tag="sampled_tokens"):
+    """Tokens that were positions `[offset, offset + length)` of the named sequence's sampled
+    tokens (two sequences back to back are two spans)."""
+
+
+ProvenanceSpan = PromptProvenanceSpan | SampledProvenanceSpan
+
+
+def check_span_tiling(field: str, spans: Sequence[ProvenanceSpan], expected: int) -> None:
+    """`spans` must be provenance spans whose lengths sum to `expected`; ValueError naming
+    `field` otherwise."""
+    if isinstance(spans, str | bytes) or not isinstance(spans, Sequence):
+        raise ValueError(f"{field} must be a list of PromptProvenanceSpan/SampledProvenanceSpan")
+    for j, span in enumerate(spans):
+        if not isinstance(span, PromptProvenanceSpan | SampledProvenanceSpan):
+            raise ValueError(
+                f"{field}[{j}] is a {type(span).__name__}; use PromptProvenanceSpan or "
+                "SampledProvenanceSpan"
+            )
+    total = sum(span.length for span in spans)
+    if total != expected:
+        raise ValueError(
+            f"{field} cover {total} positions but the field has {expected}; the spans' lengths "
+            "must sum to it exactly (they tile it in order)"
+        )
+
+
 class Datum(msgspec.Struct, kw_only=True):
     """One training example: the model input and its per-token loss inputs.
 
     `loss_fn_inputs` values may be given as lists, numpy arrays, torch tensors or TensorData;
     they are converted on construction (PROTOCOL.md 7.2 dtype-by-key rules).
+
+    Provenance (PROTOCOL.md 7.3, needed by `stable_reinforce`): `model_input_spans` tile the
+    model input's tokens and `loss_fn_input_spans` tile `target_tokens`, each naming the sampled
+    sequences the tokens came from. Both or neither; attach them with `with_provenance`, which
+    checks the tiling.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData]
+    model_input_spans: list[ProvenanceSpan] | UnsetType = UNSET
+    loss_fn_input_spans: list[ProvenanceSpan] | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         inputs: Mapping[str, Any] = self.loss_fn_inputs
         if any(not isinstance(v, TensorData) for v in inputs.values()):
             self.loss_fn_inputs = {k: to_tensor_data(k, v) for k, v in inputs.items()}
+        if (self.model_input_spans is UNSET) != (self.loss_fn_input_spans is UNSET):
+            raise ValueError(
+                "Datum provenance comes as a pair: set both model_input_spans and "
+                "loss_fn_input_spans, or neither (Datum.with_provenance sets both)"
+            )
+
+    @property
+    def has_provenance(self) -> bool:
+        return self.model_input_spans is not UNSET
+
+    def with_provenance(
+        self,
+        model_input: Sequence[ProvenanceSpan],
+        loss_fn_inputs: Sequence[ProvenanceSpan],
+    ) -> Datum:
+        """A copy carrying provenance: `model_input` spans tile the model input's tokens,
+        `loss_fn_inputs` spans tile `loss_fn_inputs["target_tokens"]`.
+
+        Raises:
+            ValueError: a span list that does not tile its field (the message names it).
+        """
+        check_span_tiling("model_input spans", model_input, self.model_input.length)
+        targets = self.loss_fn_inputs.get("target_tokens")
+        if targets is None:
+            raise ValueError(
+                "with_provenance needs loss_fn_inputs['target_tokens'], which the "
+                "loss_fn_inputs spans tile"
+            )
+        check_span_tiling("loss_fn_inputs spans", loss_fn_inputs, targets.resolved_shape()[0])
+        return msgspec.structs.replace(
+            self, model_input_spans=list(model_input), loss_fn_input_spans=list(loss_fn_inputs)
+        )

@@ -23,14 +23,19 @@ LossFnType = Literal[
 # What the SDK sends over the JSON forward/forward_backward endpoints (A.8).
 JSON_LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 
-# Inputs each built-in loss needs besides target_tokens (PROTOCOL.md 8.1-8.5).
+# The loss inputs each built-in loss needs (PROTOCOL.md 8.1-8.7). stable_reinforce reads the
+# sampler's log-probs from the server's recording, named by the datum's provenance spans, so it
+# needs no `logprobs` input (it also needs the spans: `LOSS_FNS_NEEDING_PROVENANCE`).
 LOSS_FN_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("target_tokens",),
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
+    "stable_reinforce": ("target_tokens", "advantages"),
 }
+LOSS_FNS_NEEDING_PROVENANCE: frozenset[str] = frozenset({"stable_reinforce"})
 
 
 class LoraConfig(msgspec.Struct, kw_only=True):

@@ -148,7 +148,12 @@ class TorchEngine:
             tokens = _int_tensor(datum.tokens, f"data[{index}].tokens")
             check_tokens(tokens, config, f"data[{index}].tokens")
             inputs = validate_inputs(
-                name, index, tokens.numel(), datum.loss_fn_inputs, config.vocab_size
+                name,
+                index,
+                tokens.numel(),
+                datum.loss_fn_inputs,
+                config.vocab_size,
+                datum.recorded_logprobs,
             )
             prepared.append(PreparedDatum(tokens, inputs))
         logprobs, loss = run_forward_backward(
