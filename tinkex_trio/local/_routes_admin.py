@@ -246,7 +246,8 @@ class _BillingUsage:
 
     def response(self) -> BillingUsageResponse:
         events = self._checkpoint_events() + self._storage_events()
-        events.sort(key=lambda e: (e.bucket_start, e.event_info.__struct_config__.tag or ""))
+        # Time order; within an hour, checkpoint counts before storage.
+        events.sort(key=lambda e: (e.bucket_start, isinstance(e.event_info, StorageBillingEvent)))
         sessions: dict[str, BillingUsageSession] = {}
         for event in events:
             if event.session_id is not None and event.session_id not in sessions:
@@ -256,16 +257,28 @@ class _BillingUsage:
                 )
         return BillingUsageResponse(data=events, sessions=sessions, cost_data_through=None)
 
+    @staticmethod
     def _event(
-        self, bucket: float, info: CheckpointBillingEvent | StorageBillingEvent, **fields: object
+        bucket: float,
+        info: CheckpointBillingEvent | StorageBillingEvent,
+        *,
+        base_model: str | None,
+        project_id: str,
+        session_id: str | None = None,
+        cost: float | None = None,
+        rate_per_gigabyte_month: float | None = None,
     ) -> BillingUsageEvent:
         return BillingUsageEvent(
             bucket_start=utc_datetime(bucket),
             bucket_end=utc_datetime(bucket + _HOUR),
             event_info=info,
+            base_model=base_model,
             user_id=LOCAL_OWNER,
             user_name=LOCAL_USER_NAME,
-            **fields,  # type: ignore[arg-type]
+            session_id=session_id,
+            project_id=project_id,
+            estimated_cost_usd=cost,
+            effective_rate_usd_per_gigabyte_month=rate_per_gigabyte_month,
         )
 
     def _checkpoint_events(self) -> list[BillingUsageEvent]:
@@ -320,8 +333,8 @@ class _BillingUsage:
                 StorageBillingEvent(gigabyte_hours=gigabyte_hours, free=True),
                 base_model=base_model,
                 project_id=project,
-                estimated_cost_usd=0.0,
-                effective_rate_usd_per_gigabyte_month=0.0,
+                cost=0.0,
+                rate_per_gigabyte_month=0.0,
             )
             for (bucket, base_model, project), gigabyte_hours in held.items()
             if gigabyte_hours > 0
