@@ -65,3 +65,47 @@ async def test_storage_gigabyte_hours_follow_checkpoint_lifetimes(
     assert max(hours) < pinned_now and all(bucket >= start for bucket in hours)
     assert all(e["event_info"]["free"] and e["estimated_cost_usd"] == 0.0 for e in storage)
     assert all(e["project_id"] == "local-default" for e in usage["data"])
+
+
+async def test_sessions_belong_to_the_default_project_unless_assigned(
+    tmp_path: Path, autojump_clock: object
+) -> None:
+    async with open_harness(tmp_path) as h:
+        default_session = await h.session()
+        named = (
+            await h.ok(
+                "create_session",
+                {"tags": [], "user_metadata": {}, "sdk_version": "t", "project_id": "proj-a"},
+            )
+        )["session_id"]
+        default_run, named_run = await h.model(default_session), await h.model(named)
+
+        async def runs(project: str) -> list[str]:
+            answer = await h.get("training_runs", params={"project_id": project})
+            assert answer.status_code == 200, answer.text
+            return [r["training_run_id"] for r in answer.json()["training_runs"]]
+
+        async def searched(project: str) -> list[str]:
+            found = await h.ok("sessions/search", {"project_ids": [project]})
+            return [s["session_id"] for s in found["sessions"]]
+
+        everything = await h.ok("sessions/search", {})
+        assert {s["session_id"]: s["project_id"] for s in everything["sessions"]} == {
+            default_session: "local-default",
+            named: "proj-a",
+        }
+        assert await runs("local-default") == [default_run]
+        assert await runs("proj-a") == [named_run]
+        assert await searched("local-default") == [default_session]
+        moved = await h.client.put(
+            f"/api/v1/sessions/{default_session}/project", json={"project_id": "proj-a"}
+        )
+        assert moved.status_code == 200
+        assert await runs("local-default") == []
+        assert sorted(await runs("proj-a")) == sorted([default_run, named_run])
+        assert await searched("local-default") == []
+        assert (await h.get("training_runs", params={"project_id": " "})).status_code == 400
+        audit = (await h.get("audit", params={"event_type": "projects"})).json()["entries"]
+        assert [(e["event"], e["event_details"]["project_id"]) for e in audit] == [
+            ("project_session_assign", "proj-a")
+        ]
