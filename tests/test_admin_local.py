@@ -218,3 +218,57 @@ async def test_admin_query_validation_is_a_user_error(tmp_path: Path) -> None:
                     assert answer.status_code == 400, (path, params, answer.text)
                     assert answer.json()["category"] == "user"
                     assert words in answer.json()["detail"], (path, params, answer.text)
+
+
+async def test_admin_cli(tmp_path: Path) -> None:
+    """`tinkex-trio admin audit|usage|storage`, as a user types them, against the backend."""
+    import json
+    import os
+    import sys
+
+    hour = _this_hour()
+    with trio.fail_after(LIMIT):
+        async with (
+            open_local_backend(data_dir=tmp_path / "data", engine=FakeEngine()) as backend,
+            open_service(
+                base_url=backend.base_url, api_key=backend.api_key, telemetry=False
+            ) as service,
+        ):
+            training = await service.create_lora_training_client(FAKE_MODEL_NAME, rank=4)
+            saved = await (await training.save_state("one"))
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("TINKER_")},
+                "TINKER_BASE_URL": backend.base_url,
+                "TINKER_API_KEY": backend.api_key,
+                "TINKER_TELEMETRY": "0",
+            }
+
+            async def cli(*argv: str) -> tuple[int, str, str]:
+                done = await trio.run_process(
+                    [sys.executable, "-m", "tinkex_trio.cli", *argv],
+                    env=env,
+                    capture_stdout=True,
+                    capture_stderr=True,
+                    check=False,
+                )
+                return done.returncode, done.stdout.decode(), done.stderr.decode()
+
+            audit = await cli("--format", "json", "admin", "audit", "--event-type", "checkpoints")
+            storage = await cli("--format", "json", "admin", "storage")
+            start, end = (hour - timedelta(hours=1)).isoformat(), (hour + timedelta(hours=1))
+            usage = await cli("admin", "usage", "--start", start, "--end", end.isoformat())
+            too_long = await cli(
+                "admin", "usage", "--start", "2026-01-01T00:00:00Z", "--end", "2026-02-01T00:00:00Z"
+            )
+            bad_day = await cli("admin", "audit", "--day", "yesterday")
+    assert audit[0] == 0, audit[2]
+    assert [(e["event"], e["tinker_path"]) for e in json.loads(audit[1])["entries"]] == [
+        ("checkpoint_create", saved.path)
+    ]
+    assert storage[0] == 0, storage[2]
+    [item] = json.loads(storage[1])["data"]
+    assert (item["project_id"], item["checkpoint_count"]) == (DEFAULT_PROJECT_ID, 1)
+    assert usage[0] == 0, usage[2]
+    assert "checkpoint" in usage[1] and "count=1" in usage[1] and "storage" in usage[1]
+    assert too_long[0] == 2 and "14 days" in too_long[2]
+    assert bad_day[0] == 2 and "--day" in bad_day[2]
