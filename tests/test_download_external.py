@@ -110,8 +110,10 @@ async def test_download_decrypts_to_the_plain_export(tmp_path: Path) -> None:
     assert by_age == out / f"{ex.secret[len('tinker://') :].replace('/', '_')}"
     assert _files(by_age) == plain
     assert _files(by_ssh) == plain
-    # Progress counts the ciphertext across all files and ends with (n, n).
+    # Progress counts the ciphertext across all files (no total is known before the end) and
+    # ends with (n, n).
     assert seen[-1][0] == seen[-1][1] and seen[-1][0] > sum(len(b) for b in plain.values())
+    assert all(total is None for _, total in seen[:-1])
     assert [done for done, _ in seen] == sorted(done for done, _ in seen)
     assert _entries(out) == sorted(["ssh", by_age.name, plain_dir.name])
 

@@ -261,11 +261,13 @@ async def _stream_to_file(
     what: str = "checkpoint archive",
     offset: int = 0,
     limit: int | None = None,
+    whole: bool = True,
 ) -> int:
     """Stream the body at `url` into `file`; return its length.
 
     `offset` bytes were downloaded before (other files of the same checkpoint): progress
-    counts from there, and reports no total then. With `limit`, a body that would take the
+    counts from there. `whole`: this body is the whole download, so its Content-Length is the
+    total progress reports (else it reports None). With `limit`, a body that would take the
     running count past it is refused (`ArchiveLimitError`) as soon as that is known: from its
     Content-Length, before a byte is written, else at the chunk that passes it. The caller
     makes the final `progress(n, n)` call.
@@ -282,7 +284,7 @@ async def _stream_to_file(
                 f"the {what} is {total} bytes, more than the {limit - offset} left of "
                 f"max_extracted_bytes={limit}; nothing was kept"
             )
-        shown_total = total if offset == 0 else None
+        shown_total = total if whole else None
         # Raw bytes: a gzip-compressed tar is stored as sent and tarfile detects the
         # compression itself, so Content-Length and the progress counts agree.
         try:
@@ -394,6 +396,7 @@ async def _download_external(
                     what=f"file {file!r} of {tinker_path}",
                     offset=downloaded,
                     limit=limits.max_bytes,
+                    whole=False,
                 )
         if progress is not None:
             progress(downloaded, downloaded)
