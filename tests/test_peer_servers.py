@@ -133,8 +133,30 @@ async def test_our_sdk_accepts_what_peer_servers_answer(
     assert len(finishes) == 2
     sdk_records = [r for r in caplog.records if r.name.startswith("tinkex_trio")]
     assert [r for r in sdk_records if r.levelno >= logging.WARNING] == []
-    missing = [r for r in sdk_records if "sessions/{session_id}/finish" in r.getMessage()]
-    assert len(missing) == 1 and missing[0].levelno == logging.DEBUG
+    for endpoint in ("sessions/{session_id}/finish", "client/config"):
+        missing = [r for r in sdk_records if f"no {endpoint} endpoint" in r.getMessage()]
+        assert len(missing) == 1 and missing[0].levelno == logging.DEBUG, endpoint
+
+
+async def test_method_not_allowed_is_a_missing_endpoint_too(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that routes client/config and finish for other methods only answers 405."""
+    monkeypatch.setattr(service_module, "_missing_endpoints", set())
+    caplog.set_level(logging.DEBUG, logger="tinkex_trio")
+    peer = PeerServer()
+    with trio.fail_after(LIMIT):
+        async with open_fault_server(peer) as server:
+            for path in ("/api/v1/client/config", "/api/v1/sessions/*/finish"):
+                server.always(
+                    "POST", path, Reply.json({"detail": "Method Not Allowed"}, status=405)
+                )
+            config = Config(api_key="tml-peer", base_url=server.base_url, telemetry=False)
+            async with open_service(config) as service:
+                training = await service.create_lora_training_client("peer/model", rank=4)
+                assert training.model_id == RUN
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert sum("(HTTP 405)" in r.getMessage() for r in caplog.records) == 2
 
 
 async def test_a_real_finish_failure_still_warns(

@@ -47,7 +47,6 @@ from tinkex_trio.errors import (
     APITimeoutError,
     GoneError,
     InvalidInputError,
-    NotFoundError,
 )
 from tinkex_trio.rest import RestClient
 from tinkex_trio.sampling import SamplingClient
@@ -265,8 +264,11 @@ async def _fetch_client_config(transport: Transport) -> t.ClientConfigResponse:
         response = await transport.request(
             "POST", "/api/v1/client/config", content=body, policy=SUBMIT
         )
-    except NotFoundError:
+    except APIStatusError as exc:
+        if exc.status_code not in MISSING_ENDPOINT_STATUSES:
+            raise
         # A server without feature flags: every flag at its default.
+        _note_missing_endpoint("client/config", exc.status_code)
         return t.ClientConfigResponse()
     return t.decode(response.content, t.ClientConfigResponse)
 
