@@ -17,7 +17,7 @@ import pytest
 import trio
 from fault_server import RecordedRequest, Reply, open_fault_server
 
-from tinkex_trio import Config, open_service, service as service_module
+from tinkex_trio import Config, _optional_endpoints, open_service
 
 RUN = "peer-1:train:0"
 PEER_PATH = f"tinker://{RUN}/checkpoints/c1"
@@ -101,7 +101,7 @@ class PeerServer:
 async def test_our_sdk_accepts_what_peer_servers_answer(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(service_module, "_missing_endpoints", set())
+    monkeypatch.setattr(_optional_endpoints, "_missing", set())
     caplog.set_level(logging.DEBUG, logger="tinkex_trio")
     peer = PeerServer()
     listings = []
@@ -133,7 +133,7 @@ async def test_our_sdk_accepts_what_peer_servers_answer(
     assert len(finishes) == 2
     sdk_records = [r for r in caplog.records if r.name.startswith("tinkex_trio")]
     assert [r for r in sdk_records if r.levelno >= logging.WARNING] == []
-    for endpoint in ("sessions/{session_id}/finish", "client/config"):
+    for endpoint in ("sessions/{session_id}/finish", "client/config", "client/dynamic_config"):
         missing = [r for r in sdk_records if f"no {endpoint} endpoint" in r.getMessage()]
         assert len(missing) == 1 and missing[0].levelno == logging.DEBUG, endpoint
 
@@ -141,13 +141,17 @@ async def test_our_sdk_accepts_what_peer_servers_answer(
 async def test_method_not_allowed_is_a_missing_endpoint_too(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A server that routes client/config and finish for other methods only answers 405."""
-    monkeypatch.setattr(service_module, "_missing_endpoints", set())
+    """A server that routes these paths for other methods only answers 405."""
+    monkeypatch.setattr(_optional_endpoints, "_missing", set())
     caplog.set_level(logging.DEBUG, logger="tinkex_trio")
     peer = PeerServer()
     with trio.fail_after(LIMIT):
         async with open_fault_server(peer) as server:
-            for path in ("/api/v1/client/config", "/api/v1/sessions/*/finish"):
+            for path in (
+                "/api/v1/client/config",
+                "/api/v1/client/dynamic_config",
+                "/api/v1/sessions/*/finish",
+            ):
                 server.always(
                     "POST", path, Reply.json({"detail": "Method Not Allowed"}, status=405)
                 )
@@ -156,14 +160,14 @@ async def test_method_not_allowed_is_a_missing_endpoint_too(
                 training = await service.create_lora_training_client("peer/model", rank=4)
                 assert training.model_id == RUN
     assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
-    assert sum("(HTTP 405)" in r.getMessage() for r in caplog.records) == 2
+    assert sum("(HTTP 405)" in r.getMessage() for r in caplog.records) == 3
 
 
 async def test_a_real_finish_failure_still_warns(
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Only "no such endpoint" (404/405) is quiet: a server error at finish is a WARNING."""
-    monkeypatch.setattr(service_module, "_missing_endpoints", set())
+    monkeypatch.setattr(_optional_endpoints, "_missing", set())
     peer = PeerServer()
     with trio.fail_after(LIMIT):
         async with open_fault_server(peer) as server:

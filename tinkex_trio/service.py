@@ -33,6 +33,7 @@ from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import RateLimiter
 from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, DynamicConfig, SampleCanceller
 from tinkex_trio._limits import ByteBudget
+from tinkex_trio._optional_endpoints import is_missing_endpoint, note_missing_endpoint
 from tinkex_trio._policy import CALL, HEARTBEAT, SESSION_FINISH, SUBMIT
 from tinkex_trio._polling import FuturePoller, json_decoder
 from tinkex_trio._server_telemetry import FINAL_FLUSH_TIMEOUT, ServerTelemetry
@@ -265,10 +266,10 @@ async def _fetch_client_config(transport: Transport) -> t.ClientConfigResponse:
             "POST", "/api/v1/client/config", content=body, policy=SUBMIT
         )
     except APIStatusError as exc:
-        if exc.status_code not in MISSING_ENDPOINT_STATUSES:
+        if not is_missing_endpoint(exc):
             raise
         # A server without feature flags: every flag at its default.
-        _note_missing_endpoint("client/config", exc.status_code)
+        note_missing_endpoint("client/config", exc.status_code)
         return t.ClientConfigResponse()
     return t.decode(response.content, t.ClientConfigResponse)
 
@@ -344,36 +345,13 @@ async def _heartbeat(
                 warned = False
 
 
-#: Statuses that say "this server has no such endpoint" (not "this call failed").
-MISSING_ENDPOINT_STATUSES: Final = frozenset({404, 405})
-#: Optional endpoints found missing in this process; each is logged once, at debug.
-_missing_endpoints: set[str] = set()
-
-
-def _note_missing_endpoint(endpoint: str, status: int) -> None:
-    """Log, once per process and at debug, that the server lacks an optional endpoint.
-
-    Other Tinker-compatible servers (SkyRL tx, hatchery-core) have no `sessions/{id}/finish`:
-    that is how they are, not something to warn about at every exit.
-    """
-    if endpoint in _missing_endpoints:
-        return
-    _missing_endpoints.add(endpoint)
-    _logger.debug(
-        "the server has no %s endpoint (HTTP %d); it is optional, so it is skipped "
-        "(logged once per process)",
-        endpoint,
-        status,
-    )
-
-
 async def _finish_session(
     transport: Transport, session_id: str, reason: str, detail: str | None
 ) -> None:
     """Tell the server the session is over (PROTOCOL.md 2.2).
 
     Error handling: a 404 or 405 means a server without this optional endpoint and is logged
-    once per process at debug (`_note_missing_endpoint`); any other failure is a WARNING on
+    once per process at debug (`_optional_endpoints`); any other failure is a WARNING on
     `tinkex_trio.service`. Nothing is raised: the block's own outcome matters more.
     """
     request = t.FinishSessionRequest(reason=t.FinishReason(type=reason), detail=detail)  # type: ignore[arg-type]
@@ -385,8 +363,8 @@ async def _finish_session(
             policy=SESSION_FINISH,
         )
     except APIStatusError as exc:
-        if exc.status_code in MISSING_ENDPOINT_STATUSES:
-            _note_missing_endpoint("sessions/{session_id}/finish", exc.status_code)
+        if is_missing_endpoint(exc):
+            note_missing_endpoint("sessions/{session_id}/finish", exc.status_code)
             return
         _logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
     except APIError as exc:
@@ -561,7 +539,6 @@ def _unwrap(
 __all__ = [
     "HEARTBEAT_INTERVAL",
     "HEARTBEAT_WARN_AFTER",
-    "MISSING_ENDPOINT_STATUSES",
     "SESSION_FINISH_TIMEOUT",
     "SESSION_OPEN_TIMEOUT",
     "ServiceClient",
