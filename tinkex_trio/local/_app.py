@@ -62,6 +62,7 @@ from ._http import (
 )
 from ._jwt import JwtIssuer
 from ._routes_checkpoints import CheckpointRoutes
+from ._routes_custom_loss import CustomLossRoutes
 from ._routes_futures import FutureRoutes
 from ._routes_models import ModelRoutes
 from ._routes_sampling import SamplingRoutes
@@ -113,6 +114,7 @@ class BackendApp:
             CheckpointRoutes(backend),
             SamplingRoutes(backend),
             FutureRoutes(backend),
+            CustomLossRoutes(backend),
         ):
             for method, pattern, handler in group.routes():
                 self.router.add(method, pattern, handler)
