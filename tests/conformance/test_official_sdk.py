@@ -321,3 +321,41 @@ async def test_official_sdk_rl_losses_on_sampled_sequences(
     assert refusal["raised"] == "BadRequestError", refusal
     assert "data[0].model_input_spans[0]" in refusal["message"]
     assert "'no-such-sequence'" in refusal["message"]
+
+
+async def test_official_sdk_server_side_custom_loss_matches_client_side(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """tinker 0.38's `create_custom_loss` + `forward_backward_custom` (PROTOCOL.md 8.8, 9.8):
+    with `custom_loss_server_side` the graph is uploaded and run by the local backend; without
+    it the SDK runs the same loss client-side. Loss, metrics, logprobs and the weights after
+    one step agree within 1e-5."""
+    import sysconfig
+
+    python = official_python(PROTOBUF_VERSION)
+    script = SCRIPT.with_name("official_custom_loss.py")
+    env = {"OURS_SITE_PACKAGES": sysconfig.get_paths()["purelib"]}
+    runs: dict[bool, dict[str, Any]] = {}
+    with trio.fail_after(2 * JOB_LIMIT):
+        for server_side in (True, False):
+            flags = {**PROTOBUF_FLAGS, "custom_loss_server_side": server_side}
+            async with open_local_backend(
+                data_dir=tmp_path / f"data-{server_side}", models=[TINY], client_flags=flags
+            ) as backend:
+                runs[server_side] = await run_official(
+                    python, backend.base_url, backend.api_key, script=script, env_extra=env
+                )
+    server, client = runs[True], runs[False]
+    # The loss_id comes from the backend's create_custom_loss future only.
+    assert server["loss_id"] is not None and server["loss_id"].endswith(":loss:0")
+    assert client["loss_id"] is None
+    # The client-side path renames the server's surrogate loss; the rest must agree.
+    assert set(client["metrics"]) - set(server["metrics"]) == {"surrogate_loss:sum"}
+    for key, value in server["metrics"].items():
+        np.testing.assert_allclose(value, client["metrics"][key], rtol=1e-5, atol=1e-5, err_msg=key)
+    assert 0 < server["metrics"]["custom/clip_fraction:mean"] < 1  # both clip branches ran
+    for key in ("logprobs", "after"):
+        for a, b in zip(server[key], client[key], strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5, err_msg=key)
+    before = np.concatenate(server["logprobs"])
+    assert not np.allclose(before, np.concatenate(server["after"]), atol=1e-4)
