@@ -165,7 +165,13 @@ async def test_refusals_are_400_user_errors_naming_the_problem(
 
         evil = upload_body(sid, neg_ll, NEG_LL_RANKS)
         evil["graph"]["nodes"][2] |= {"target": "builtins.eval"}
-        await refused("create_custom_loss", evil, "node 'mul'", "'builtins.eval'")
+        await refused(
+            "create_custom_loss",
+            evil,
+            "node 'mul'",
+            "'builtins.eval'",
+            "client_flags={'custom_loss_server_side': False}",  # how to run it anyway
+        )
         bad_key = upload_body(sid, neg_ll, NEG_LL_RANKS)
         out = bad_key["graph"]["nodes"][-1]
         out["args"] = [{"tuple": [{"ref": "neg"}, {"dict": {"loss:sum": {"ref": "neg"}}}]}]

@@ -39,6 +39,12 @@ from ._provenance import recorded_logprobs
 from ._scheduler import JobFn
 from ._store import ModelRow
 
+#: Appended to a refused upload: the official SDK runs any traceable loss client-side when
+#: the flag is off, so a loss this backend will not interpret still has a way to run.
+CLIENT_SIDE_HINT: Final = (
+    "To run this loss client-side instead, serve with client_flags="
+    "{'custom_loss_server_side': False}"
+)
 #: Largest `create_custom_loss` body; a graph of `MAX_NODES` nodes is a few tens of KiB.
 MAX_GRAPH_BYTES: Final = 1024 * 1024
 
@@ -82,7 +88,10 @@ class CustomLossRoutes:
                 f"session {body.session_id!r} already stores {MAX_LOSSES_PER_SESSION} custom "
                 "losses, the local backend's limit; reuse a LossHandle or start a new session",
             )
-        loss = compile_custom_loss(body, loss_id)
+        try:
+            loss = compile_custom_loss(body, loss_id)
+        except EngineUserError as exc:
+            raise HTTPError(400, f"{exc}. {CLIENT_SIDE_HINT}") from None
         request_id = backend.registry.create(
             request_type="CreateCustomLoss", payload_hash=payload_hash
         )

@@ -152,7 +152,7 @@ def _run(
                 value, metrics = run_graph(loss, [lp, *datum.inputs])
                 if not bool(torch.isfinite(value.detach())):
                     raise EngineUserError(
-                        f"custom loss {loss.name!r} is {float(value)} for data[{index}]; "
+                        f"custom loss {loss.name!r} is {float(value.detach())} for data[{index}]; "
                         "a loss must be finite to be trained on"
                     )
                 batch_loss = batch_loss + value
