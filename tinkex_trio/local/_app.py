@@ -2,7 +2,7 @@
 
 The endpoints live by resource in `_routes_service.py` (bootstrap, auth, telemetry),
 `_routes_sessions.py`, `_routes_models.py` (training runs), `_routes_checkpoints.py`,
-`_routes_sampling.py` and `_routes_futures.py`; their shared state in `_backend.py`. This
+`_routes_sampling.py`, `_routes_futures.py` and `_routes_custom_loss.py`; their shared state in `_backend.py`. This
 module wires them into one ASGI callable: routing, authentication and the mapping of
 exceptions to error responses.
 

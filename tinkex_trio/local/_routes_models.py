@@ -4,7 +4,8 @@ load_weights, unload_model (PROTOCOL.md 3.2, A.1), and the training-run listing 
 Every request with a `seq_id` goes through `TrainingSubmitter` (`_submit.py`) into its model's
 lane; saves are checkpoint routes (`_routes_checkpoints.py`). forward_backward accepts the JSON
 body of A.1 and the protobuf body of 6.2 (zstd or not); forward is its own JSON endpoint, or
-protobuf forward_backward with `forward_only`.
+protobuf forward_backward with `forward_only`. `loss_fn: "custom"` (a stored server-side
+custom loss) is handed to `_routes_custom_loss.custom_job`.
 """
 
 from __future__ import annotations
@@ -172,8 +173,10 @@ class ModelRoutes:
     def _protobuf_body(self, request: Request) -> ForwardRequest | ForwardBackwardRequest:
         """A protobuf forward_backward body (PROTOCOL.md 6.2-6.3) as our JSON-form request.
 
-        `forward_only` picks the forward form. Config values must be numbers (our losses take
-        no text options). On a bad body the seq_id is consumed if it could be read.
+        `forward_only` picks the forward form. Config values must be numbers (the built-in
+        losses take no text options), except for `loss_fn: "custom"`, whose text `loss_id`
+        goes to `loss_fn_config_v2` (PROTOCOL.md 8.8). On a bad body the seq_id is consumed if
+        it could be read.
         """
         body = request.body
         encoding = (request.header("content-encoding") or "").strip().lower()
