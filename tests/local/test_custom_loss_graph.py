@@ -15,7 +15,7 @@ from custom_loss_graphs import neg_ll, ppo_clipped, scaled, topk_distill, upload
 
 from tinkex_trio.local._custom_graph import MAX_NODES, CustomLoss, compile_custom_loss
 from tinkex_trio.local._engine_api import EngineUserError
-from tinkex_trio.local.engine._graph_loss import MAX_ELEMENTS, run_graph
+from tinkex_trio.local.engine._graph_loss import MAX_ELEMENTS, MAX_TOTAL_ELEMENTS, run_graph
 from tinkex_trio.types._custom_loss import CreateCustomLossRequest
 
 
@@ -77,9 +77,9 @@ def test_rank2_logprobs_and_input_against_torch_reference() -> None:
     )
     ref.backward()
     assert ref_lp.grad is not None
-    assert value == pytest.approx(float(ref), rel=1e-6)
+    assert value == pytest.approx(float(ref.detach()), rel=1e-6)
     np.testing.assert_allclose(grad, ref_lp.grad.numpy(), rtol=1e-5, atol=1e-7)
-    assert metrics == {"custom/distill:sum": pytest.approx(float(ref), rel=1e-6)}
+    assert metrics == {"custom/distill:sum": pytest.approx(float(ref.detach()), rel=1e-6)}
 
 
 def test_rank0_input() -> None:
@@ -139,11 +139,13 @@ REF = {"ref": "logprobs"}
         (with_node(call("call_method", "numpy", REF)), "'numpy'"),
         (with_node(call("call_function", "getattr", REF, "__class__")), "shape"),
         (with_node(call("call_function", "getattr", "torch", "load")), "shape"),
+        (with_node(call("call_function", "getattr", REF, ["shape"])), "shape"),
         (with_node(call("get_attr", "_tensor_constant0")), "captures a tensor"),
         (with_node(call("call_module", "linear", REF)), "module"),
         (with_node(call("call_function", "torch.exp", REF, out=REF)), "out="),
         (with_node(call("call_function", "torch.exp", {"ref": "output"})), "not an earlier"),
         (with_node(call("call_method", "to", REF, {"device": "cuda"})), "device 'cuda'"),
+        (with_node(call("call_method", "to", REF, {"dtype": ["x"]})), "dtype ['x']"),
         (with_node(call("call_function", "torch.exp", {"code": "x"})), "not a valid encoding"),
         (with_node(call("call_function", "torch.exp", 2**70)), "outside int64"),
     ],
@@ -157,11 +159,13 @@ REF = {"ref": "logprobs"}
         "host-method",
         "getattr-dunder",
         "getattr-module",
+        "getattr-unhashable",
         "get_attr",
         "call_module",
         "out-kwarg",
         "forward-ref",
         "cuda-device",
+        "unhashable-dtype",
         "unknown-encoding",
         "huge-int",
     ],
@@ -244,6 +248,25 @@ def test_a_broadcast_over_the_element_limit_is_refused_before_it_runs() -> None:
         run_graph(loss, [torch.zeros(n)])
     value, _ = run_graph(loss, [torch.ones(4)])
     assert float(value) == 64.0
+
+
+def test_the_tensors_of_one_run_share_an_element_budget() -> None:
+    body = upload_body("sess", lambda_free_chain, {"logprobs": 1})
+    loss = compile_body(body)
+    size = MAX_ELEMENTS // 2
+    steps = MAX_TOTAL_ELEMENTS // size  # each node creates one tensor of `size` elements
+    assert len(loss.nodes) > steps
+    with pytest.raises(EngineUserError, match=f"over {MAX_TOTAL_ELEMENTS} elements"):
+        run_graph(loss, [torch.zeros(size)])
+    value, _ = run_graph(loss, [torch.zeros(8)])
+    assert float(value) == 0.0
+
+
+def lambda_free_chain(logprobs: Any) -> Any:
+    x = logprobs
+    for _ in range(40):
+        x = x * 1.0
+    return x.sum(), {}
 
 
 def test_python_arithmetic_guards() -> None:

@@ -9,6 +9,7 @@ logprobs come back through protobuf.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -182,17 +183,28 @@ async def test_refusals_are_400_user_errors_naming_the_problem(
             "format",
         )
 
+        deep = upload_body(sid, neg_ll, NEG_LL_RANKS)
+        deep["graph"]["nodes"][2]["args"] = [[]]
+        raw = json.dumps(deep).replace("[[]]", "[" * 20_000 + "]" * 20_000)
+        r = await h.post("create_custom_loss", content=raw.encode())
+        assert r.status_code == 400 and "nested too deeply" in r.json()["detail"]
+
         _, loss_id = await upload(h, upload_body(sid, neg_ll, NEG_LL_RANKS))
+        text_for_builtin = custom_fb(mid, 1, loss_id, [datum([1], [1.0])])
+        text_for_builtin["forward_backward_input"]["loss_fn"] = "cross_entropy"
+        await refused(
+            "forward_backward", text_for_builtin, "loss_fn_config_v2['loss_id'] must be a number"
+        )
         await refused(
             "forward_backward",
-            custom_fb(mid, 1, f"{sid}:loss:9", [datum([1], [1.0])]),
+            custom_fb(mid, 2, f"{sid}:loss:9", [datum([1], [1.0])]),
             f"unknown custom loss_id '{sid}:loss:9'",
         )
         no_weights = datum([1, 2], [1.0, 1.0])
         del no_weights["loss_fn_inputs"]["weights"]
         await refused(
             "forward_backward",
-            custom_fb(mid, 2, loss_id, [no_weights]),
+            custom_fb(mid, 3, loss_id, [no_weights]),
             "data[0].loss_fn_inputs lacks 'weights'",
         )
         matrix = datum([1, 2], [1.0, 1.0])
@@ -202,9 +214,9 @@ async def test_refusals_are_400_user_errors_naming_the_problem(
             "shape": [2, 2],
         }
         await refused(
-            "forward_backward", custom_fb(mid, 3, loss_id, [matrix]), "declares it with rank 1"
+            "forward_backward", custom_fb(mid, 4, loss_id, [matrix]), "declares it with rank 1"
         )
-        no_id = custom_fb(mid, 4, loss_id, [datum([1], [1.0])])
+        no_id = custom_fb(mid, 5, loss_id, [datum([1], [1.0])])
         del no_id["forward_backward_input"]["loss_fn_config_v2"]
         await refused("forward_backward", no_id, "loss_fn_config_v2 {'loss_id'")
 
@@ -216,7 +228,7 @@ async def test_refusals_are_400_user_errors_naming_the_problem(
             f"belongs to session '{sid}'",
         )
         # The refused seq ids were consumed: the next one runs (PROTOCOL.md 5.2).
-        fb = await h.ok("forward_backward", custom_fb(mid, 5, loss_id, [datum([1], [3.0])]))
+        fb = await h.ok("forward_backward", custom_fb(mid, 6, loss_id, [datum([1], [3.0])]))
         assert (await h.result(fb["request_id"]))["metrics"]["loss:sum"] == pytest.approx(3.0)
 
 

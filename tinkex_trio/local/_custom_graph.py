@@ -225,10 +225,10 @@ class _Decoder:
             self.literal(node)
             return float(inner)
         if kind in TORCH_CONSTANTS:
-            if inner not in TORCH_CONSTANTS[kind]:
+            if not isinstance(inner, str) or inner not in TORCH_CONSTANTS[kind]:
                 raise self.fail(
                     node,
-                    f"names {kind} {inner!r}; allowed: {sorted(TORCH_CONSTANTS[kind])}",
+                    f"names {kind} {inner!r:.80}; allowed: {sorted(TORCH_CONSTANTS[kind])}",
                 )
             self.literal(node)
             constant_kind: ConstantKind = kind
@@ -293,6 +293,7 @@ def _check_getattr(decoder: _Decoder, node: CustomLossNode, args: Sequence[Any])
         len(args) != 2
         or node.kwargs
         or not isinstance(args[0], Ref)
+        or not isinstance(args[1], str)
         or args[1] not in ALLOWED_ATTRIBUTES
     ):
         raise decoder.fail(

@@ -65,7 +65,10 @@ class CustomLossRoutes:
             )
         # Strict decoding: `null` is a real argument value in a graph, so the lenient
         # null-dropping `decode_request` must not touch it.
-        body = msgspec.json.decode(request.body, type=CreateCustomLossRequest)
+        try:
+            body = msgspec.json.decode(request.body, type=CreateCustomLossRequest)
+        except RecursionError:
+            raise HTTPError(400, "create_custom_loss body is nested too deeply") from None
         backend = self.backend
         backend.session(body.session_id)
         if body.custom_loss_seq_id < 0:

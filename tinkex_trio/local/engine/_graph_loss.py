@@ -38,8 +38,12 @@ from .._custom_graph import (
 )
 from .._engine_api import EngineUserError
 
-MAX_ELEMENTS: Final = 1 << 25
-"""Largest tensor (elements) a custom loss may create: 128 MiB of float32."""
+MAX_ELEMENTS: Final = 1 << 24
+"""Largest tensor (elements) a custom loss may create: 64 MiB of float32."""
+MAX_TOTAL_ELEMENTS: Final = 1 << 26
+"""Most elements all the tensors one run of a graph (one datum) creates may hold together:
+autograd keeps intermediates alive until the backward pass, so the per-tensor bound alone
+would let 512 nodes hold 512 times as much."""
 _MAX_INT_EXPONENT: Final = 64
 _INT_BOUND: Final = 2**63
 
@@ -95,6 +99,7 @@ class _Run:
     def __init__(self, loss: CustomLoss) -> None:
         self.loss = loss
         self.env: dict[str, Any] = {}
+        self.created = 0  # elements of the tensors the nodes created so far
 
     def fail(self, node: GraphNode, problem: str) -> EngineUserError:
         return EngineUserError(
@@ -124,7 +129,9 @@ class _Run:
         if node.op == "call_method" and not isinstance(args[0], torch.Tensor):
             raise self.fail(node, f"calls a tensor method on a {type(args[0]).__name__}")
         if target == "getattr" and (
-            not isinstance(args[0], torch.Tensor) or args[1] not in ALLOWED_ATTRIBUTES
+            not isinstance(args[0], torch.Tensor)
+            or not isinstance(args[1], str)
+            or args[1] not in ALLOWED_ATTRIBUTES
         ):
             raise self.fail(node, "may only read shape, ndim or dtype of a tensor")
         if target.startswith("operator.") and target != "operator.getitem":
@@ -155,10 +162,17 @@ class _Run:
     def check_value(self, node: GraphNode, value: Any) -> None:
         items = value if isinstance(value, tuple | list) else (value,)
         for item in items:
-            if isinstance(item, torch.Tensor) and item.numel() > MAX_ELEMENTS:
-                raise self.fail(
-                    node, f"created a tensor of {item.numel()} elements (over {MAX_ELEMENTS})"
-                )
+            if isinstance(item, torch.Tensor):
+                if item.numel() > MAX_ELEMENTS:
+                    raise self.fail(
+                        node, f"created a tensor of {item.numel()} elements (over {MAX_ELEMENTS})"
+                    )
+                self.created += item.numel()
+                if self.created > MAX_TOTAL_ELEMENTS:
+                    raise self.fail(
+                        node,
+                        f"brings the tensors of one datum over {MAX_TOTAL_ELEMENTS} elements",
+                    )
             if isinstance(item, int) and not -_INT_BOUND < item < _INT_BOUND:
                 raise self.fail(node, "computed an integer outside int64")
 
