@@ -90,13 +90,19 @@ def reduce_metrics(
     return metrics
 
 
-def _target_logprobs(
-    logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor
-) -> torch.Tensor:
-    """log softmax(logits)[t, targets[t, ...]] with `targets`' shape ([N] or [N, K])."""
-    n = targets.shape[0]
-    picked = logits.gather(-1, targets.reshape(n, -1))
-    return (picked - lse.unsqueeze(-1)).reshape(targets.shape)
+def _batch_logprobs(logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
+    """log softmax(logits) at every datum's candidates: [rows, K_max], one gather for the
+    whole micro-batch (a gather per datum slice would make backward zero-fill a full-size
+    [rows, vocab] gradient per datum). Rank-1 targets count as K = 1; padding picks token 0
+    and is never read."""
+    width = max(1 if t.ndim == 1 else int(t.shape[1]) for t in targets)
+    index = torch.zeros(logits.shape[0], width, dtype=torch.int64)
+    row = 0
+    for t in targets:
+        flat = t.reshape(t.shape[0], -1)
+        index[row : row + flat.shape[0], : flat.shape[1]] = flat
+        row += flat.shape[0]
+    return logits.gather(-1, index) - torch.logsumexp(logits, dim=-1, keepdim=True)
 
 
 def run_custom_forward_backward(
@@ -142,13 +148,14 @@ def _run(
             valid[row, : lengths[index]] = True
         with torch.set_grad_enabled(not forward_only):
             logits = model.logits(model.hidden_states(tokens, hook)[valid], hook)
-            lse = torch.logsumexp(logits, dim=-1)
+            all_lp = _batch_logprobs(logits, [data[i].targets for i in batch])
             offsets = np.cumsum([0] + [lengths[i] for i in batch])
             batch_loss = logits.new_zeros(())
             for row, index in enumerate(batch):
-                start, stop = offsets[row], offsets[row + 1]
                 datum = data[index]
-                lp = _target_logprobs(logits[start:stop], lse[start:stop], datum.targets)
+                rows = all_lp[offsets[row] : offsets[row + 1]]
+                k = 1 if datum.targets.ndim == 1 else int(datum.targets.shape[1])
+                lp = rows[:, :k].reshape(datum.targets.shape)
                 value, metrics = run_graph(loss, [lp, *datum.inputs])
                 if not bool(torch.isfinite(value.detach())):
                     raise EngineUserError(
