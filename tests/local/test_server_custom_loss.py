@@ -220,6 +220,17 @@ async def test_refusals_are_400_user_errors_naming_the_problem(
         del no_id["forward_backward_input"]["loss_fn_config_v2"]
         await refused("forward_backward", no_id, "loss_fn_config_v2 {'loss_id'")
 
+        # Provenance spans are checked as for the built-in losses.
+        spanned = datum([1, 2], [1.0, 1.0])
+        span = {"type": "sampled_tokens", "sequence_id": "nope", "offset": 0, "length": 2}
+        spanned |= {"model_input_spans": [span], "loss_fn_input_spans": [span]}
+        await refused(
+            "forward_backward",
+            custom_fb(mid, 6, loss_id, [spanned]),
+            "data[0].model_input_spans[0]",
+            "'nope'",
+        )
+
         other_sid = await h.session()
         other_mid = await h.model(other_sid)
         await refused(
@@ -228,7 +239,7 @@ async def test_refusals_are_400_user_errors_naming_the_problem(
             f"belongs to session '{sid}'",
         )
         # The refused seq ids were consumed: the next one runs (PROTOCOL.md 5.2).
-        fb = await h.ok("forward_backward", custom_fb(mid, 6, loss_id, [datum([1], [3.0])]))
+        fb = await h.ok("forward_backward", custom_fb(mid, 7, loss_id, [datum([1], [3.0])]))
         assert (await h.result(fb["request_id"]))["metrics"]["loss:sum"] == pytest.approx(3.0)
 
 
