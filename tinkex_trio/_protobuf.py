@@ -178,7 +178,12 @@ def encode_forward_backward_request(
         if datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET:
             _encode_spans(datum.model_input_spans, wire.model_input_spans)
             _encode_spans(datum.loss_fn_input_spans, wire.loss_fn_input_spans)
-    body: bytes = request.SerializeToString()
+    # Deterministic: map entries (loss_fn_inputs, loss_fn_config) in key order. The protobuf
+    # runtime (upb) otherwise orders them by a hash seeded per process, so even the official
+    # SDK's body for the same data differs from run to run; this way ours is reproducible and
+    # equals the official body serialized deterministically (tests/conformance). It costs a
+    # sort of a few keys per datum.
+    body: bytes = request.SerializeToString(deterministic=True)
     return body
 
 
