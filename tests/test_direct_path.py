@@ -352,3 +352,38 @@ async def test_transfer_encoding_wins_over_content_length() -> None:
                 await transport.aclose()
             nursery.cancel_scope.cancel()
     assert response.content == b"ok!!!"
+
+
+async def test_a_429_on_the_direct_path_opens_the_window_and_resends_the_same_bytes(
+    no_httpx_path: None,
+) -> None:
+    """A sample's submit answered 429 over real sockets: the shared window opens, the very
+    same body (same seq_id) goes out again once it closes, and telemetry saw both attempts."""
+    from fake_tinker import FakeTinker
+
+    from tinkex_trio import ModelInput, open_service
+    from tinkex_trio.telemetry import RequestFinished
+
+    fake = FakeTinker()
+    events: list[RequestFinished] = []
+    with trio.fail_after(LIMIT):
+        async with open_fault_server(fake.fault_handler) as server:
+            server.script(
+                "POST", "/api/v1/asample", Reply.json({"detail": "slow down"}, status=429)
+            )
+            config = Config(api_key=fake.api_key, base_url=server.base_url, telemetry=False)
+            async with open_service(config) as service:
+                sampler = await service.create_sampling_client(base_model="fake/model")
+                service.telemetry.add_handler(
+                    lambda e: events.append(e) if isinstance(e, RequestFinished) else None
+                )
+                response = await sampler.sample(ModelInput.from_ints([7]))
+                limiter = service._ctx.rate_limiter.statistics()
+            submits = server.requests_to("/api/v1/asample")
+    assert response.sequences[0].tokens
+    assert limiter.rate_limited_total == 1 and limiter.in_flight == 0
+    assert len(submits) == 2 and submits[0].body == submits[1].body
+    # A rebuilt request (after the window): a new idempotency key, the same bytes.
+    assert submits[0].headers["x-idempotency-key"] != submits[1].headers["x-idempotency-key"]
+    statuses = [(e.path, e.status) for e in events]
+    assert statuses[:2] == [("/api/v1/asample", 429), ("/api/v1/asample", 200)]
