@@ -20,6 +20,17 @@ How a request runs:
    in every other case (``Connection: close``, a half-read body, an error, cancellation) it is
    closed (STYLE.md 4.2, 4.3, 4.5). One request per connection at a time; no pipelining (4.4).
 
+The direct path, :meth:`H11Pool.fetch`: the SDK's Transport sends its API calls (whole, not
+streamed, to its base URL) here without building an ``httpx.Request``: the origin and constant
+headers are serialized once (:meth:`H11Pool.prepare`), the request head is written with the
+body in one piece, and the whole response is read and returned as a :class:`Fetched`. The
+common response head (HTTP/1.1, a status from 200, ``Content-Length``) is parsed by
+:func:`tinkex_trio._http1.parse_response_head`; anything else (chunked or close-delimited
+bodies, 1xx, 204/304, HTTP/1.0, malformed heads) is handed with the bytes already received to
+a fresh h11 connection that frames and checks it. Slots, idle connections, the stale-connection
+retry, timeouts and the httpx exception types are the same as for ``handle_async_request``;
+one cancel scope per exchange carries the per-operation deadlines.
+
 Error handling:
 
 - Failures are raised as httpx's own exceptions, chosen in one place (:func:`_map_errors`):

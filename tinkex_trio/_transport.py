@@ -18,6 +18,13 @@ header), and :meth:`Transport.request` applies it. The 402 billing pause is one 
 by every call of the transport (PROTOCOL.md 9.6), and the bare-400 budget (1.6) is the
 transport's too.
 
+The direct path: when the transport is our own :class:`~tinkex_trio._pool.H11Pool` (the
+default), a whole non-GET API call to the base URL with a plain path skips httpx's request
+building and client machinery and goes through :meth:`H11Pool.fetch` (headers, telemetry,
+policies and errors unchanged; the response is still an ``httpx.Response``, its ``request``
+built only when an error message needs it). GETs, streams, query parameters and redirects go
+through ``httpx.AsyncClient``, as does everything with a user-supplied transport.
+
 Credentials: the ``X-API-Key`` value is asked of :class:`tinkex_trio._auth.Credentials`
 (``Transport.auth``) just before each send, so it can be an exchanged JWT that is refreshed
 while the service runs (PROTOCOL.md 1.3); a ``401`` with ``WWW-Authenticate: ...
