@@ -87,7 +87,7 @@ async def slow_samples(n: int, session_wide: bool) -> tuple[int, dict[str, int]]
     return done, counts
 
 
-def side_by_side(ns: list[int], rounds: int, with_official: bool) -> None:
+def side_by_side(ns: list[int], rounds: int, with_official: bool, transports: list[str]) -> None:
     with stub_server() as stub:
         for n in ns:
             clients = [
@@ -95,7 +95,9 @@ def side_by_side(ns: list[int], rounds: int, with_official: bool) -> None:
                 Client("h11 floor", ours("h11", stub.httpx_url, str(n))),
             ]
             if with_official:
-                for label, url in (("pyqwest", stub.pyqwest_url), ("httpx", stub.httpx_url)):
+                urls = {"pyqwest": stub.pyqwest_url, "httpx": stub.httpx_url}
+                for label in transports:
+                    url = urls[label]
                     command = official("fanout", url, str(n))
                     if command is not None:
                         clients.append(Client(f"official {label}", command))
@@ -133,10 +135,16 @@ def main() -> None:
     parser.add_argument("--n", type=int, nargs="*", default=[200, 2000])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--no-official", action="store_true")
+    parser.add_argument(
+        "--official-transports",
+        nargs="*",
+        choices=["pyqwest", "httpx"],
+        default=["pyqwest", "httpx"],
+    )
     parser.add_argument("--slow-n", type=int, default=200)
     args = parser.parse_args()
     if args.n:
-        side_by_side(args.n, args.rounds, not args.no_official)
+        side_by_side(args.n, args.rounds, not args.no_official, args.official_transports)
     if args.slow_n:
         print()
         print(f"slow samples (N={args.slow_n}, 2 s batches, 0.5 s poll window): requests/sample")
