@@ -178,7 +178,12 @@ def encode_forward_backward_request(
         if datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET:
             _encode_spans(datum.model_input_spans, wire.model_input_spans)
             _encode_spans(datum.loss_fn_input_spans, wire.loss_fn_input_spans)
-    body: bytes = request.SerializeToString()
+    # Deterministic: map entries (loss_fn_inputs, loss_fn_config) in key order. The protobuf
+    # runtime (upb) otherwise orders them by a hash seeded per process, so even the official
+    # SDK's body for the same data differs from run to run; this way ours is reproducible and
+    # equals the official body serialized deterministically (tests/conformance). It costs a
+    # sort of a few keys per datum.
+    body: bytes = request.SerializeToString(deterministic=True)
     return body
 
 
@@ -322,17 +327,28 @@ def decode_forward_backward_request(body: bytes) -> ForwardBackwardProto:
 # -------------------------------------------------------------- ForwardBackwardOutput
 
 
+def _trailing_shapes(datum: dict[str, t.TensorData]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, tuple(x.resolved_shape()[1:])) for name, x in datum.items())
+
+
 def encode_forward_backward_output(output: t.ForwardBackwardOutput) -> bytes:
-    """One `ArrayRecord` holding every datum's outputs (PROTOCOL.md 6.4).
+    """The datums' outputs as `ArrayRecord`s (PROTOCOL.md 6.4), usually one.
 
     Each field's per-datum values are concatenated; offsets are byte offsets; the trailing
-    shape is the datum shape after its first axis (taken from the first datum).
+    shape is the datum shape after its first axis. A record has one trailing shape per field,
+    so a datum whose trailing shapes differ from the previous one's (a custom loss's [N, K]
+    logprobs with another K) starts a new record; the client concatenates records in order.
     """
     message = _pb.ForwardBackwardOutput(loss_fn_output_type=output.loss_fn_output_type)
     for key, value in output.metrics.items():
         message.metrics[key] = float(value)
-    outputs = output.loss_fn_outputs
-    if outputs:
+    groups: list[list[dict[str, t.TensorData]]] = []
+    for datum in output.loss_fn_outputs:
+        if groups and _trailing_shapes(groups[-1][0]) == _trailing_shapes(datum):
+            groups[-1].append(datum)
+        else:
+            groups.append([datum])
+    for outputs in groups:
         record = message.loss_fn_outputs.add(num_datums=len(outputs))
         for name in outputs[0]:
             tensors = [datum[name] for datum in outputs]

@@ -39,6 +39,7 @@ from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import SAMPLE_BYTES_PER_TOKEN
 from tinkex_trio._limits import estimate_model_input_bytes
 from tinkex_trio._policy import CALL, SAMPLE, SAMPLE_RETRY
+from tinkex_trio._polling import result_first
 from tinkex_trio._validate import require_server_path, require_str
 from tinkex_trio.errors import APIError, InvalidInputError, ResultTimeoutError, TinkexError
 from tinkex_trio.rest import RestClient
@@ -327,7 +328,7 @@ class SamplingClient:
             result = await ctx.poller.poll(
                 future.request_id,
                 "Sample",
-                functools.partial(_sample_result, ids),
+                result_first(functools.partial(_sample_result, ids)),
                 protobuf=ctx.config.wire_format == "protobuf",
             )
         except TinkexError:

@@ -26,6 +26,8 @@ Layout (one job per module; the public ones have no underscore):
     _routes_futures.py      retrieve_future, retrieve_futures, cancel_future
     _routes_admin.py        audit log, billing usage events, current checkpoint storage
     _age_export.py          age encryption of save_weights_external files (pyrage)
+    _routes_custom_loss.py  create_custom_loss; forward_backward with loss_fn "custom"
+    _custom_graph.py        custom-loss graphs: the allowlists, checks, per-session store
     _submit.py              TrainingSubmitter: dedup, checks and queueing by seq_id
     _checkpoints.py         Checkpoints: files, staging and atomic writes, rows, expiry, copies
     _archive.py             checkpoint tar.gz archives

@@ -19,6 +19,7 @@ import trio
 from tinkex_trio import types as t
 
 from ._checkpoints import Checkpoints
+from ._custom_graph import CustomLossStore
 from ._engine_api import ModelInfo
 from ._futures import FutureRegistry
 from ._http import HTTPError, Response, json_response
@@ -86,6 +87,8 @@ class Backend:
         self.urls = SignedUrls(secret)
         self.stability = StabilityRecordings(trio.current_time)
         """What `record_stability_info` samplers saw, for stable_reinforce (`_stability.py`)."""
+        self.custom_losses = CustomLossStore()
+        """Server-side custom losses by loss_id (PROTOCOL.md 8.8), in memory."""
 
     # ----------------------------------------------------------------- lookups
 

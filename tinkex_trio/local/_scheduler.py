@@ -111,6 +111,7 @@ class EngineRunner:
     create_adapter = _serialised(Engine.create_adapter)
     drop_adapter = _serialised(Engine.drop_adapter)
     forward_backward = _serialised(Engine.forward_backward)
+    forward_backward_custom = _serialised(Engine.forward_backward_custom)
     optim_step = _serialised(Engine.optim_step)
     save_state = _serialised(Engine.save_state)
     load_state = _serialised(Engine.load_state)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Union, cast
 
 import msgspec
 import numpy as np
@@ -86,13 +86,13 @@ class ModelInput(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> Self:
-        if isinstance(tokens, np.ndarray):
-            array = tokens.astype(np.int64, copy=False).ravel()
-            chunk = EncodedTextChunk(tokens=array.tolist())
+        """One text chunk of `tokens`: a list, any iterable of ints, a numpy array or a
+        torch tensor. Converted once, in C (see `_token_list`)."""
+        tokens_list, array = _token_list(tokens)
+        chunk = EncodedTextChunk(tokens=tokens_list)
+        if array is not None:
             chunk._array = array  # type: ignore[attr-defined]  # see EncodedTextChunk
-            return cls(chunks=[chunk])
-        token_list = [int(t) for t in tokens]
-        return cls(chunks=[EncodedTextChunk(tokens=token_list)])
+        return cls(chunks=[chunk])
 
     @classmethod
     def from_text(cls, text: str, tokenizer: _Encoder) -> Self:
@@ -126,6 +126,54 @@ class ModelInput(msgspec.Struct, kw_only=True):
                 )
             out.extend(chunk.tokens)
         return out
+
+
+# ------------------------------------------------------------------ conversions, once, in C
+
+_INT_LIST: Final = list[int]
+_FLOAT_LIST: Final = list[float]
+_EXACT_TYPES: Final[dict[str, Any]] = {"int64": _INT_LIST, "float32": _FLOAT_LIST}
+
+
+def _exact_list(values: object, list_type: Any) -> list[Any] | None:
+    """A copy of `values` if it is a list or tuple of Python numbers of the right kind
+    (ints; or ints and floats for a float list), checked and copied in C by msgspec; None if
+    it holds anything else (numpy scalars, bools, strings, nested lists), so the caller takes
+    the general path. No per-element Python work either way."""
+    if not isinstance(values, list | tuple):
+        return None
+    try:
+        result: list[Any] = msgspec.convert(values, list_type)
+    except msgspec.ValidationError:
+        return None
+    return result
+
+
+def _token_list(
+    tokens: object,
+) -> tuple[list[int], npt.NDArray[np.int64] | None]:
+    """(token list, the numpy array it came from or None) for `ModelInput.from_ints`.
+
+    * a list/tuple of Python ints: checked and copied by msgspec in C (the common case);
+    * a numpy array: one `tolist` in C, and the array is kept for the protobuf encoder;
+    * a torch tensor: its numpy view, then as numpy;
+    * a list of numpy integer scalars or bools: one `numpy.asarray`, then as numpy;
+    * anything else (a generator, numpy scalars, bools): `int()` of each element, as before.
+    """
+    exact = _exact_list(tokens, _INT_LIST)
+    if exact is not None:
+        return exact, None
+    if type(tokens).__module__.startswith("torch"):
+        tokens = tokens.detach().cpu().numpy()  # type: ignore[attr-defined]
+    if isinstance(tokens, list | tuple):
+        as_array = np.asarray(tokens)  # numpy integer scalars, bools: one pass in C
+        if as_array.ndim == 1 and as_array.dtype.kind in "iub":
+            tokens = as_array
+    if isinstance(tokens, np.ndarray):
+        array = tokens.astype(np.int64, copy=False).ravel()
+        values: list[int] = array.tolist()
+        return values, array
+    return [int(t) for t in cast(Iterable[Any], tokens)], None
 
 
 TensorDType = Literal["int64", "float32"]
@@ -178,10 +226,19 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
 
     @classmethod
     def from_list(cls, values: Sequence[int | float], dtype: TensorDType) -> TensorData:
-        array = np.asarray(values, dtype=_NUMPY_DTYPES[dtype])
-        if array.ndim != 1:
-            raise ValueError("TensorData.from_list takes a flat list; use from_numpy for N-d data")
-        return cls(data=array.tolist(), dtype=dtype, shape=[len(array)])
+        """A flat tensor from a list. A list of Python numbers of the dtype's kind is checked
+        and copied in C (`msgspec.convert`) and kept as the JSON data; the protobuf encoder
+        converts it to a buffer once, when it is sent. Anything else (numpy scalars, bools,
+        numbers as strings) goes through `numpy.asarray` once."""
+        values_list = _exact_list(values, _EXACT_TYPES[dtype])
+        if values_list is None:
+            array = np.asarray(values, dtype=_NUMPY_DTYPES[dtype])
+            if array.ndim != 1:
+                raise ValueError(
+                    "TensorData.from_list takes a flat list; use from_numpy for N-d data"
+                )
+            values_list = array.tolist()
+        return cls(data=values_list, dtype=dtype, shape=[len(values_list)])
 
     @classmethod
     def from_torch(cls, tensor: Any) -> TensorData:
@@ -203,7 +260,11 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
     def to_numpy(self, pad_value: float = 0) -> npt.NDArray[Any]:
         """A dense numpy array of this tensor; sparse cells not stored take `pad_value`."""
         np_dtype = _NUMPY_DTYPES[self.dtype]
-        values = np.asarray(self.data, dtype=np_dtype)
+        cached = getattr(self, "_array", None)
+        if isinstance(cached, np.ndarray) and cached.size == len(self.data):
+            values = cached.astype(np_dtype)  # a copy: the caller may write to it
+        else:
+            values = np.asarray(self.data, dtype=np_dtype)
         shape = self.resolved_shape()
         if self.sparse_crow_indices is UNSET:
             return values.reshape(shape)

@@ -92,10 +92,20 @@ class GetInfoResponse(Response, kw_only=True):
     type: Literal["get_info"] = "get_info"
 
 
+class LossConfigValue(Request, kw_only=True):
+    """One `loss_fn_config_v2` value (PROTOCOL.md 6.1): a number or a text (exactly one)."""
+
+    number: float | UnsetType = UNSET
+    text: str | UnsetType = UNSET
+
+
 class ForwardBackwardInput(Request, kw_only=True):
     data: list[Datum]
     loss_fn: str
     loss_fn_config: dict[str, float] | UnsetType = UNSET
+    # The typed config (PROTOCOL.md 6.1): the only place text values such as a custom loss's
+    # `loss_id` (8.8) can go. Our SDK never sends it; the local backend reads it.
+    loss_fn_config_v2: dict[str, LossConfigValue] | UnsetType = UNSET
 
 
 class ForwardRequest(Request, kw_only=True):
