@@ -43,3 +43,20 @@ def stable_reinforce_reference(
     loss = float(np.sum(np.where(sampled, per_token, 0.0)))
     grad = np.where(sampled, -weight * adv + kl_coeff * (r - 1.0), 0.0)
     return loss, grad
+
+
+def policy_gradient_reference(
+    loss_fn: str, lp: Array, q: Array, adv: Array, config: dict[str, float]
+) -> float:
+    """The summed loss of `importance_sampling`, `ppo`, `cispo` or `dro` (PROTOCOL.md 8.2-8.5)."""
+    r = np.exp(lp - q)
+    if loss_fn == "importance_sampling":
+        return -float(np.sum(r * adv))
+    if loss_fn == "dro":
+        return -float(np.sum(lp * adv - 0.5 * config["beta"] * (lp - q) ** 2))
+    clipped = np.clip(r, config["clip_low_threshold"], config["clip_high_threshold"])
+    if loss_fn == "ppo":
+        return -float(np.sum(np.minimum(r * adv, clipped * adv)))
+    if loss_fn == "cispo":
+        return -float(np.sum(clipped * lp * adv))
+    raise ValueError(f"no reference for {loss_fn!r}")

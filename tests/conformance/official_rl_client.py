@@ -1,5 +1,6 @@
-"""RL losses through the official `tinker` SDK (0.38): `gspo` and `stable_reinforce` on real
-sampled sequences, stable_reinforce with provenance from a `record_stability_info` sampler.
+"""RL losses through the official `tinker` SDK (0.38) on real sampled sequences: `gspo` and
+`stable_reinforce` (with provenance from a `record_stability_info` sampler), then
+`importance_sampling`, `ppo`, `cispo` and `dro` on the same sequences.
 
 Run by the conformance tests with the python of the official SDK's venv:
 `python official_rl_client.py BASE_URL API_KEY MODEL`. Prints one JSON object with what the
@@ -19,6 +20,13 @@ from tinker import types
 PROMPT = [1, 17, 23, 42, 5]
 GSPO_CONFIG = {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}
 STABLE_CONFIG = {"kl_coeff": 0.1, "ratio_clip": 1.5}
+# The other RL losses, on the same sampled sequences (PROTOCOL.md 8.2-8.5).
+POLICY_GRADIENT_CONFIGS: dict[str, dict[str, float]] = {
+    "importance_sampling": {},
+    "ppo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "cispo": {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2},
+    "dro": {"beta": 0.05},
+}
 
 
 def ready(obj: Any) -> Any:
@@ -96,6 +104,19 @@ def main() -> None:
 
     stable = training.forward_backward(stable_data, "stable_reinforce", STABLE_CONFIG).result()
     gspo = training.forward_backward(gspo_data, "gspo", GSPO_CONFIG).result()
+    policy_gradient_data = [
+        types.Datum(
+            model_input=d.model_input,
+            loss_fn_inputs={
+                key: d.loss_fn_inputs[key] for key in ("target_tokens", "advantages", "logprobs")
+            },
+        )
+        for d in gspo_data
+    ]
+    others = {
+        loss_fn: training.forward_backward(policy_gradient_data, loss_fn, config or None).result()
+        for loss_fn, config in POLICY_GRADIENT_CONFIGS.items()
+    }
     training.optim_step(types.AdamParams(learning_rate=0.02)).result()
 
     bad = stable_data[0].with_provenance(
@@ -126,6 +147,14 @@ def main() -> None:
                 "stable_logprobs": [o["logprobs"].tolist() for o in stable.loss_fn_outputs],
                 "gspo_loss": gspo.metrics["loss:sum"],
                 "gspo_logprobs": [o["logprobs"].tolist() for o in gspo.loss_fn_outputs],
+                "others": {
+                    loss_fn: {
+                        "config": POLICY_GRADIENT_CONFIGS[loss_fn],
+                        "loss": out.metrics["loss:sum"],
+                        "logprobs": [o["logprobs"].tolist() for o in out.loss_fn_outputs],
+                    }
+                    for loss_fn, out in others.items()
+                },
                 "refusal": refusal,
             }
         )

@@ -281,7 +281,7 @@ async def test_official_sdk_rl_losses_on_sampled_sequences(
     latter with provenance from a `record_stability_info` sampler; losses checked by value
     against the numpy references, from the learner log-probs the server returned and the
     sampler log-probs the client received; a span naming an unknown sequence is refused."""
-    from rl_reference import gspo_reference, stable_reinforce_reference
+    from rl_reference import gspo_reference, policy_gradient_reference, stable_reinforce_reference
 
     python = official_python(PROTOBUF_VERSION)
     with trio.fail_after(JOB_LIMIT):
@@ -317,6 +317,20 @@ async def test_official_sdk_rl_losses_on_sampled_sequences(
     assert max(ratios) > 1.5 and min(ratios) < 0.9, ratios
     assert result["stable_loss"] == pytest.approx(stable_total, rel=1e-4, abs=1e-4)
     assert result["gspo_loss"] == pytest.approx(gspo_total, rel=1e-4, abs=1e-4)
+    # Every other RL LossFnType on the same sequences, against its numpy formula.
+    assert set(result["others"]) == {"importance_sampling", "ppo", "cispo", "dro"}
+    for loss_fn, out in result["others"].items():
+        expected = sum(
+            policy_gradient_reference(
+                loss_fn,
+                np.array(out["logprobs"][k]),
+                np.array(x["logprobs"]),
+                np.array(x["advantages"]),
+                out["config"],
+            )
+            for k, x in enumerate(result["inputs"])
+        )
+        assert out["loss"] == pytest.approx(expected, rel=1e-4, abs=1e-4), loss_fn
     refusal = result["refusal"]
     assert refusal["raised"] == "BadRequestError", refusal
     assert "data[0].model_input_spans[0]" in refusal["message"]
