@@ -47,6 +47,8 @@ import trio
 from ._backend import API, Backend
 from ._engine_api import Engine, EngineUserError
 from ._http import (
+    BodyBudget,
+    Handler,
     HTTPError,
     Receive,
     Request,
@@ -57,7 +59,8 @@ from ._http import (
     StreamResponse,
     error_response,
     handle_lifespan,
-    read_request,
+    read_body,
+    request_head,
     send_response,
 )
 from ._jwt import JwtIssuer
@@ -105,6 +108,7 @@ class BackendApp:
         self.jwt = jwt
         """Issues and checks JWTs when the backend runs in JWT-exchange mode (else None)."""
         self._api_key = backend.api_key.encode()
+        self.body_budget = BodyBudget(backend.settings.max_body_bytes_in_flight)
         self.router = Router()
         for group in (
             ServiceRoutes(backend, jwt=jwt),
@@ -125,19 +129,32 @@ class BackendApp:
             return
         if scope["type"] != "http":
             return
+        settings = self.backend.settings
+        reserved = 0
         try:
-            request = await read_request(scope, receive)
-            response = await self._dispatch(request)
-        except HTTPError as exc:
-            response = error_response(exc)
-        await send_response(send, response)
-
-    async def _dispatch(self, request: Request) -> Response | StreamResponse:
-        try:
-            handler, params = self.router.resolve(request.method, request.path)
-            request.params = params
+            # Route and authenticate from the head alone: a request that will be refused is
+            # refused before a byte of its body is read (hypercorn stops reading the socket
+            # while the app does not take the body, so an unread body costs no memory).
+            request = request_head(scope)
+            handler, request.params = self.router.resolve(request.method, request.path)
             if request.path.startswith(API + "/") and request.path != API + "/healthz":
                 self._authenticate(request)
+            reserved = await read_body(
+                request,
+                receive,
+                max_size=settings.max_request_body,
+                budget=self.body_budget,
+                read_timeout=settings.read_timeout,
+            )
+            response = await self._dispatch(handler, request)
+        except HTTPError as exc:
+            response = error_response(exc)
+        finally:
+            self.body_budget.release(reserved)
+        await send_response(send, response)
+
+    async def _dispatch(self, handler: Handler, request: Request) -> Response | StreamResponse:
+        try:
             return await handler(request)
         except HTTPError as exc:
             return error_response(exc)

@@ -68,7 +68,9 @@ class Backend:
         """Where background work (archive builds, trace exports) runs."""
         self.client_config = settings.client_config()
         self.registry = FutureRegistry(store)
-        self.lanes = TrainingLanes(self.registry, self._persist_seq)
+        self.lanes = TrainingLanes(
+            self.registry, self._persist_seq, gap_timeout=settings.seq_gap_timeout
+        )
         self.batcher = SampleBatcher(runner, self.registry)
         self.checkpoints = Checkpoints(settings.data_dir, store, runner)
         self.urls = SignedUrls(secret)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -110,7 +110,7 @@ class SessionRoutes:
         self.backend.session(session_id)
         reason = "success"
         if request.body.strip():
-            raw = msgspec.json.decode(request.body)
+            raw: object = decode_request(request.body, dict[str, Any])
             if isinstance(raw, dict) and isinstance(raw.get("reason"), dict):
                 reason = str(raw["reason"].get("type", "success"))
         self.backend.store.finish_session(session_id, reason)

@@ -9,7 +9,10 @@
   `seq_id` order (PROTOCOL.md 5.2, 10.6): request 0 is create_model or create-via-load, the
   first one after that is 1, and an out-of-order arrival waits in the lane until the gap is
   filled. A seq_id whose submission was rejected with a 4xx still counts as consumed (5.2), so
-  the lane gets a no-op for it.
+  the lane gets a no-op for it. A gap is waited for at most `gap_timeout` seconds (from when
+  the lane first stalls on it): then every request waiting behind it fails with category
+  `user`, naming the missing seq_ids, and the lane continues after the highest of them, so a
+  seq_id that never reaches the server (5.2: "a permanent gap") cannot hold a model forever.
 * **Sampling.** Requests are collected for a short window (and for as long as the engine is
   busy with something else), then handed to `engine.sample` as one batch. `SampleBatcher.queued`
   counts the requests submitted but not yet handed to the engine: the app answers `asample`
@@ -135,6 +138,8 @@ async def run_job(registry: FutureRegistry, request_id: str, fn: JobFn) -> None:
 class _Lane:
     next_seq: int
     pending: dict[int, tuple[str, JobFn] | None] = field(default_factory=dict)
+    # When the lane first stalled on the current gap (trio time), or None while not stalled.
+    stalled_since: float | None = None
     # Requests without a seq_id (unload_model): run whenever the next seq_id is not ready.
     unsequenced: list[tuple[str, JobFn]] = field(default_factory=list)
     wake: trio.Event = field(default_factory=trio.Event)
@@ -143,9 +148,16 @@ class _Lane:
 class TrainingLanes:
     """Per-model strict seq_id execution. Lanes are tasks in the nursery given to `run`."""
 
-    def __init__(self, registry: FutureRegistry, on_advance: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        registry: FutureRegistry,
+        on_advance: Callable[[str, int], None],
+        *,
+        gap_timeout: float = math.inf,
+    ) -> None:
         self._registry = registry
         self._on_advance = on_advance  # (model_id, next_seq) -> persist
+        self._gap_timeout = gap_timeout
         self._lanes: dict[str, _Lane] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -205,13 +217,52 @@ class TrainingLanes:
                     await run_job(self._registry, request_id, fn)
                     continue
                 lane.wake = trio.Event()
-                await lane.wake.wait()
+                if not lane.pending:
+                    await lane.wake.wait()
+                    continue
+                if lane.stalled_since is None:
+                    lane.stalled_since = trio.current_time()
+                with trio.move_on_at(lane.stalled_since + self._gap_timeout) as waiting:
+                    await lane.wake.wait()
+                if waiting.cancelled_caught:
+                    self._abandon_gap(model_id, lane)
                 continue
+            lane.stalled_since = None
             job = lane.pending.pop(lane.next_seq)
             if job is not None:
                 await run_job(self._registry, job[0], job[1])
             lane.next_seq += 1
             self._on_advance(model_id, lane.next_seq)
+
+    def _abandon_gap(self, model_id: str, lane: _Lane) -> None:
+        """The gap before the lowest waiting seq_id was not filled in time: fail what waits
+        behind it and move the lane past the highest waiting seq_id."""
+        first_waiting = min(lane.pending)
+        missing = (
+            f"seq_id {lane.next_seq}"
+            if first_waiting == lane.next_seq + 1
+            else f"seq_ids {lane.next_seq}..{first_waiting - 1}"
+        )
+        for seq_id, job in sorted(lane.pending.items()):
+            if job is None:
+                continue
+            self._registry.fail(
+                job[0],
+                f"seq_id {seq_id} of {model_id!r} waited {self._gap_timeout:g} s for the "
+                f"missing {missing}, which never arrived, so it was not executed; the model "
+                f"continues at seq_id {max(lane.pending) + 1}: resubmit from there",
+                "user",
+            )
+        logger.warning(
+            "model %s: gave up waiting for %s; failed %d request(s) waiting behind it",
+            model_id,
+            missing,
+            sum(job is not None for job in lane.pending.values()),
+        )
+        lane.next_seq = max(lane.pending) + 1
+        lane.pending.clear()
+        lane.stalled_since = None
+        self._on_advance(model_id, lane.next_seq)
 
 
 @dataclass

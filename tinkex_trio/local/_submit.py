@@ -30,6 +30,7 @@ from tinkex_trio.types import (
     UnsetType,
     decode_request,
 )
+from tinkex_trio.types._bounds import MAX_SEQ_ID
 
 from ._backend import Backend, hash_payload, now
 from ._convert import or_none
@@ -76,13 +77,14 @@ class TrainingSubmitter:
 
     def _consume_from_raw(self, body: bytes) -> None:
         try:
-            raw = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+            raw = decode_request(body, Any)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return
         if not isinstance(raw, dict):
             return
         model_id, seq_id = raw.get("model_id"), raw.get("seq_id")
-        if isinstance(model_id, str) and isinstance(seq_id, int):
+        # Only a seq_id the client could have meant: an out-of-range one consumes nothing.
+        if isinstance(model_id, str) and isinstance(seq_id, int) and 1 <= seq_id <= MAX_SEQ_ID:
             self.consume(model_id, seq_id)
 
     async def submit(

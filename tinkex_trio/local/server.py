@@ -23,7 +23,7 @@ from typing import Any, Unpack
 
 import trio
 
-from tinkex_trio._cli_args import byte_size, positive_int
+from tinkex_trio._cli_args import byte_size, non_negative_int, positive_int
 
 from ._app import load_or_create_api_key, open_backend_app
 from ._engine_api import Engine, ModelDirectoryError
@@ -31,7 +31,13 @@ from ._jwt import DEFAULT_JWT_LIFETIME
 from ._settings import (
     DEFAULT_DATA_DIR,
     DEFAULT_HOST,
+    DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
     DEFAULT_MAX_QUEUED_SAMPLES,
+    DEFAULT_MAX_REQUEST_BODY,
+    DEFAULT_MAX_RESIDENT_ADAPTERS,
+    DEFAULT_READ_TIMEOUT,
+    DEFAULT_SEQ_GAP_TIMEOUT,
+    DEFAULT_SESSION_TIMEOUT,
     LocalBackendOptions,
     LocalBackendSettings,
 )
@@ -40,6 +46,11 @@ from .model_locator import add_model_arguments, locate_models
 logger = logging.getLogger("tinkex_trio.local.server")
 
 DEFAULT_PORT = 8000  # for the CLI; the library functions default to an ephemeral port (0)
+#: Seconds an idle keep-alive connection is kept. The SDK's pool reuses a connection within
+#: milliseconds while it works and checks a stale one before reuse (STYLE.md 4.8), so a short
+#: wait loses nothing, while a long one (hypercorn's old 75 s here) keeps the sockets of
+#: clients that went away.
+KEEP_ALIVE_TIMEOUT = 5
 
 
 @dataclass(frozen=True)
@@ -102,8 +113,11 @@ async def serve_local_backend(
     config.bind = [f"{settings.host}:{settings.port}"]
     config.accesslog = None
     config.errorlog = logging.getLogger("tinkex_trio.local.hypercorn")
-    # Polls are long-held (PROTOCOL.md A.3.7): keep idle keep-alive connections around longer.
-    config.keep_alive_timeout = 75
+    config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
+    # Every socket read (a request head, a piece of a body, an idle keep-alive wait) gives up
+    # after this: a client that sends headers and then nothing no longer holds a connection.
+    # Long polls are unaffected: hypercorn does not read while a response is pending.
+    config.read_timeout = settings.read_timeout  # type: ignore[assignment]
     async with open_backend_app(settings, engine) as app:
         async with trio.open_nursery() as nursery:
             binds: list[str] = await nursery.start(serve, app, config)
@@ -188,6 +202,7 @@ def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
         metavar="SECONDS",
         help=f"lifetime of the tokens issued with --jwt (default {DEFAULT_JWT_LIFETIME:g})",
     )
+    _add_service_arguments(parser)
     args = parser.parse_args(argv)
     if not args.jwt_lifetime > 0:
         parser.error("--jwt-lifetime must be positive")
@@ -210,9 +225,69 @@ def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
             max_queued_samples=args.max_queued_samples,
             jwt_auth=args.jwt,
             jwt_lifetime=args.jwt_lifetime,
+            session_timeout=args.session_timeout or None,
+            seq_gap_timeout=args.seq_gap_timeout,
+            max_resident_adapters=args.max_resident_adapters or None,
+            max_request_body=args.max_request_body,
+            max_body_bytes_in_flight=args.max_body_bytes_in_flight,
+            read_timeout=args.read_timeout,
         )
     except ValueError as exc:
         parser.error(str(exc))
+
+
+def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a long-running, shared server: expiry, memory and input bounds."""
+    group = parser.add_argument_group("long-running service")
+    group.add_argument(
+        "--session-timeout",
+        type=float,
+        default=DEFAULT_SESSION_TIMEOUT,
+        metavar="SECONDS",
+        help="finish a session as expired after this long without a heartbeat, releasing its "
+        f"adapters (its runs stay and revive from checkpoints; 0: never; default "
+        f"{DEFAULT_SESSION_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--seq-gap-timeout",
+        type=float,
+        default=DEFAULT_SEQ_GAP_TIMEOUT,
+        metavar="SECONDS",
+        help="fail training requests that waited this long for a missing earlier seq_id "
+        f"(default {DEFAULT_SEQ_GAP_TIMEOUT:g})",
+    )
+    group.add_argument(
+        "--max-resident-adapters",
+        type=non_negative_int,
+        default=DEFAULT_MAX_RESIDENT_ADAPTERS,
+        metavar="N",
+        help="keep at most N live training adapters in memory; idle ones beyond it are "
+        f"offloaded to disk and reloaded on next use (0: no limit; default "
+        f"{DEFAULT_MAX_RESIDENT_ADAPTERS})",
+    )
+    group.add_argument(
+        "--max-request-body",
+        type=byte_size,
+        default=DEFAULT_MAX_REQUEST_BODY,
+        metavar="SIZE",
+        help=f"answer 413 to larger request bodies (default {DEFAULT_MAX_REQUEST_BODY >> 20}M)",
+    )
+    group.add_argument(
+        "--max-body-bytes-in-flight",
+        type=byte_size,
+        default=DEFAULT_MAX_BODY_BYTES_IN_FLIGHT,
+        metavar="SIZE",
+        help="answer 503 (retry later) while request bodies being read together would exceed "
+        f"SIZE (default {DEFAULT_MAX_BODY_BYTES_IN_FLIGHT >> 20}M)",
+    )
+    group.add_argument(
+        "--read-timeout",
+        type=float,
+        default=DEFAULT_READ_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a connection that takes longer than this to send a request head, or "
+        f"stalls inside a body (default {DEFAULT_READ_TIMEOUT:g})",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
