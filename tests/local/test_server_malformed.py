@@ -382,6 +382,13 @@ async def test_malformed_request_sweep(tmp_path: Path, autojump_clock: object) -
             with trio.fail_after(REQUEST_DEADLINE):
                 alive = await h.post("session_heartbeat", {"session_id": world.session})
             assert alive.status_code == 200, (case.label, alive.text)
+        # A 200 MB body, with and without the key: refused (413 / 401), the server unharmed.
+        huge = b"[" + b"1," * (100 * 1024 * 1024) + b"1]"
+        for headers in (None, {"X-API-Key": "tml-wrong"}):
+            r = await h.client.post("/api/v1/create_session", content=huge, headers=headers)
+            assert r.status_code == (413 if headers is None else 401), r.text
+        del huge
+        assert (await h.post("session_heartbeat", {"session_id": world.session})).is_success
         # Every accepted request finishes: nothing waits forever for a seq_id gap.
         with trio.fail_after(GAP_TIMEOUT + 2 * POLL):
             for request_id in futures:
