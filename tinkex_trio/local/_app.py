@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -45,6 +44,7 @@ import msgspec
 import trio
 
 from ._backend import API, Backend
+from ._durable import remove_leftovers, write_file_atomically
 from ._engine_api import Engine, EngineUserError
 from ._http import (
     BodyBudget,
@@ -82,11 +82,8 @@ API_KEY_PREFIX = "tml-"
 def _read_or_create(path: Path, make: Callable[[], str]) -> str:
     if path.is_file():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
     value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    write_file_atomically(path, (value + "\n").encode(), mode=0o600)
     return value
 
 
@@ -186,6 +183,23 @@ class BackendApp:
         raise HTTPError(401, "invalid API key for this local backend")
 
 
+def _remove_leftovers(data_dir: Path) -> None:
+    """Delete what writes interrupted by a crash left behind (`_durable.py`), and say so."""
+    removed = remove_leftovers(data_dir)
+    for leftover in removed:
+        logger.warning(
+            "removed %s (%d bytes): an interrupted write from an earlier run",
+            leftover.path,
+            leftover.size,
+        )
+    if removed:
+        logger.warning(
+            "start-up removed %d leftover(s) of interrupted writes, %d bytes in all",
+            len(removed),
+            sum(leftover.size for leftover in removed),
+        )
+
+
 @asynccontextmanager
 async def open_backend_app(
     settings: LocalBackendSettings, engine: Engine, *, engine_in_thread: bool = True
@@ -199,6 +213,7 @@ async def open_backend_app(
     """
     data_dir = settings.data_dir
     data_dir.mkdir(parents=True, exist_ok=True)
+    _remove_leftovers(data_dir)
     api_key = settings.api_key if settings.api_key is not None else load_or_create_api_key(data_dir)
     secret = load_or_create_secret(data_dir)
     jwt = JwtIssuer(secret, lifetime=settings.jwt_lifetime) if settings.jwt_auth else None

@@ -109,6 +109,15 @@ class EngineRunner:
             await trio.lowlevel.checkpoint()
             return fn(*args)
 
+    async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
+        """Blocking work that is not the engine's (file flushes): in a worker thread of its
+        own, so it neither blocks the event loop nor waits for the engine; inline when the
+        engine runs inline (virtual-time tests, where autojump cannot see threads)."""
+        if self._in_thread:
+            return await trio.to_thread.run_sync(fn, *args)
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
     # The engine's methods, each run as one serialised call (the Engine protocol's signatures).
     models = _serialised(Engine.models)
     create_adapter = _serialised(Engine.create_adapter)
