@@ -44,7 +44,7 @@ import msgspec
 import trio
 
 from ._backend import API, Backend
-from ._durable import remove_leftovers, write_file_atomically
+from ._durable import check_data_dir, remove_leftovers, write_file_atomically
 from ._engine_api import Engine, EngineUserError
 from ._http import (
     BodyBudget,
@@ -207,12 +207,14 @@ async def open_backend_app(
     """Open the store, start the background tasks, yield the ASGI app; stop them on exit.
 
     `settings` says everything but the engine (`LocalBackendSettings`; `host` and `port` are
-    the server's business, not the app's). `engine_in_thread=False` runs engine calls inline on
+    the server's business, not the app's). An unusable data directory raises
+    `DataDirectoryError` (or `StoreOpenError` for its database) before anything starts.
+    `engine_in_thread=False` runs engine calls inline on
     the trio thread (virtual-time tests with a fake engine); the default runs them in one
     worker thread.
     """
     data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+    check_data_dir(data_dir)
     _remove_leftovers(data_dir)
     api_key = settings.api_key if settings.api_key is not None else load_or_create_api_key(data_dir)
     secret = load_or_create_secret(data_dir)

@@ -25,7 +25,9 @@ from typing import Final
 
 __all__ = [
     "STAGING_DIR",
+    "DataDirectoryError",
     "Leftover",
+    "check_data_dir",
     "fsync_directory",
     "fsync_tree",
     "remove_leftovers",
@@ -141,3 +143,45 @@ def remove_leftovers(data_dir: Path) -> list[Leftover]:
             entry.unlink(missing_ok=True)
         removed.append(Leftover(entry, size))
     return removed
+
+
+class DataDirectoryError(ValueError):
+    """The data directory cannot be used: not a directory, not creatable, or not writable.
+
+    The message is one line naming the path, the cause and the fix; `tinkex-trio serve`
+    prints it and exits with status 2.
+    """
+
+
+_FIX: Final = "pass --data-dir (data_dir=) a writable directory"
+
+
+def check_data_dir(data_dir: Path) -> None:
+    """Make sure `data_dir` exists (creating it) and that files can be created in it.
+
+    Checked by trying, not by permission bits: root ignores those, while a read-only mount or
+    an immutable directory refuses even root.
+
+    Raises:
+        DataDirectoryError: with the path, the cause and the fix.
+    """
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataDirectoryError(
+            f"data directory {data_dir} is not a directory; {_FIX}, or move the file away"
+        )
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataDirectoryError(
+            f"cannot create data directory {data_dir} ({exc.strerror or exc}); {_FIX}"
+        ) from None
+    probe = data_dir / f".write-probe.tmp-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.close(fd)
+        probe.unlink()
+    except OSError as exc:
+        raise DataDirectoryError(
+            f"data directory {data_dir} is not writable ({exc.strerror or exc}); make it "
+            f"writable, or {_FIX}"
+        ) from None

@@ -26,6 +26,7 @@ import trio
 from tinkex_trio._cli_args import byte_size, non_negative_int, positive_int
 
 from ._app import load_or_create_api_key, open_backend_app
+from ._durable import DataDirectoryError, check_data_dir
 from ._engine_api import Engine, ModelDirectoryError
 from ._jwt import DEFAULT_JWT_LIFETIME
 from ._settings import (
@@ -41,6 +42,7 @@ from ._settings import (
     LocalBackendOptions,
     LocalBackendSettings,
 )
+from ._store import StoreOpenError
 from .model_locator import add_model_arguments, locate_models
 
 logger = logging.getLogger("tinkex_trio.local.server")
@@ -135,8 +137,12 @@ async def open_local_backend(
 
     Takes the options of `serve_local_backend`. The server is listening (and the store open)
     when the block starts; leaving the block stops it and leaves nothing running.
+
+    Raises:
+        DataDirectoryError: the data directory is not a directory or not writable.
     """
     settings = LocalBackendSettings.build(settings, **options)
+    check_data_dir(settings.data_dir)  # raised here, unwrapped, before any task starts
     if settings.api_key is None:
         settings = replace(settings, api_key=load_or_create_api_key(settings.data_dir))
     key = settings.api_key
@@ -212,6 +218,7 @@ def _settings_from_argv(argv: Sequence[str] | None) -> LocalBackendSettings:
         raise  # one line and exit 2 (`main`), not a usage message
     except ValueError as exc:
         parser.error(str(exc))
+    check_data_dir(args.data_dir)  # one line and exit 2 (`main`), before anything is written
     api_key = args.api_key if args.api_key is not None else load_or_create_api_key(args.data_dir)
     try:
         return LocalBackendSettings(
@@ -298,7 +305,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Built before serving so a model it cannot serve faithfully (or that does not fit the
         # memory allowed) stops start-up with one line.
         engine = _default_engine(settings)
-    except ModelDirectoryError as exc:
+    except (ModelDirectoryError, DataDirectoryError) as exc:
         print(f"tinkex-trio serve: {exc}", file=sys.stderr, flush=True)
         return 2
 
@@ -314,10 +321,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         trio.run(run)
     except KeyboardInterrupt:
         pass
+    except (DataDirectoryError, StoreOpenError) as exc:
+        print(f"tinkex-trio serve: {exc}", file=sys.stderr, flush=True)
+        return 2
     except BaseExceptionGroup as group:
         # Ctrl-C arrives wrapped by the nurseries it crossed; anything else is a real error.
         _interrupts, rest = group.split(KeyboardInterrupt)
+        unusable = rest.subgroup((DataDirectoryError, StoreOpenError)) if rest else None
+        if unusable is not None and unusable.exceptions and rest is not None:
+            first = _first_leaf(unusable)
+            print(f"tinkex-trio serve: {first}", file=sys.stderr, flush=True)
+            return 2
         if rest is not None:
             raise
     print("tinkex-trio local backend stopped", flush=True)
     return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first = group.exceptions[0]
+    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first
