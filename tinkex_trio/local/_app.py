@@ -36,6 +36,7 @@ from __future__ import annotations
 import hmac
 import logging
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -44,7 +45,13 @@ import msgspec
 import trio
 
 from ._backend import API, Backend
-from ._durable import check_data_dir, remove_leftovers, write_file_atomically
+from ._durable import (
+    Leftover,
+    check_data_dir,
+    leftover_size,
+    remove_leftovers,
+    write_file_atomically,
+)
 from ._engine_api import Engine, EngineUserError
 from ._http import (
     BodyBudget,
@@ -64,6 +71,7 @@ from ._http import (
     send_response,
 )
 from ._jwt import JwtIssuer
+from ._residency import OFFLOAD_DIR, Residency
 from ._routes_checkpoints import CheckpointRoutes
 from ._routes_futures import FutureRoutes
 from ._routes_models import ModelRoutes
@@ -184,8 +192,14 @@ class BackendApp:
 
 
 def _remove_leftovers(data_dir: Path) -> None:
-    """Delete what writes interrupted by a crash left behind (`_durable.py`), and say so."""
+    """Delete what writes interrupted by a crash left behind (`_durable.py`), and adapters
+    offloaded by an earlier run (`_residency.py`: their runs are corrupted now), and say so."""
     removed = remove_leftovers(data_dir)
+    offload_dir = data_dir / OFFLOAD_DIR
+    if offload_dir.is_dir():
+        for entry in sorted(offload_dir.iterdir()):
+            removed.append(Leftover(entry, leftover_size(entry)))
+        shutil.rmtree(offload_dir)
     for leftover in removed:
         logger.warning(
             "removed %s (%d bytes): an interrupted write from an earlier run",
@@ -221,12 +235,18 @@ async def open_backend_app(
     jwt = JwtIssuer(secret, lifetime=settings.jwt_lifetime) if settings.jwt_auth else None
     store = Store.open(data_dir / "state.sqlite3")
     try:
-        runner = EngineRunner(engine, in_thread=engine_in_thread)
+        offload_dir = data_dir / OFFLOAD_DIR
+        runner = EngineRunner(
+            engine,
+            in_thread=engine_in_thread,
+            residency=Residency(offload_dir, settings.max_resident_adapters),
+        )
         models = await runner.models()
         async with trio.open_nursery() as nursery:
             backend = Backend(settings, api_key, secret, store, runner, models, nursery)
             await nursery.start(backend.lanes.run)
             await nursery.start(backend.batcher.run)
+            await nursery.start(backend.expiry.run)
             nursery.start_soon(backend.checkpoints.reap_forever)
             try:
                 yield BackendApp(backend, jwt=jwt)

@@ -30,6 +30,7 @@ __all__ = [
     "check_data_dir",
     "fsync_directory",
     "fsync_tree",
+    "leftover_size",
     "remove_leftovers",
     "staging_name",
     "write_file_atomically",
@@ -38,7 +39,7 @@ __all__ = [
 #: The directory of in-progress multi-file writes (checkpoints, offloaded adapters).
 STAGING_DIR: Final = "staging"
 #: The directories that may hold single staged files or directories next to their final name.
-_SCANNED: Final = ("archives", "traces", "checkpoints", "ephemeral", "offload")
+_SCANNED: Final = ("archives", "traces", "checkpoints", "ephemeral")
 #: How deep below those directories staged names can sit (checkpoints/<run>/<segment>/<name>).
 _MAX_DEPTH: Final = 3
 #: A staged single file or directory: hidden, so no name a user can choose matches it (checkpoint
@@ -95,7 +96,8 @@ class Leftover:
     size: int
 
 
-def _size(path: Path) -> int:
+def leftover_size(path: Path) -> int:
+    """Bytes under `path` (a file, or every file below a directory)."""
     if path.is_symlink() or path.is_file():
         return path.lstat().st_size
     total = 0
@@ -136,7 +138,7 @@ def remove_leftovers(data_dir: Path) -> list[Leftover]:
     """
     removed: list[Leftover] = []
     for entry in _staged_entries(data_dir):
-        size = _size(entry)
+        size = leftover_size(entry)
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry, ignore_errors=True)
         else:

@@ -29,17 +29,30 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Concatenate, ParamSpec, TypeVar
 
 import trio
 
 from tinkex_trio import types as t
 
-from ._engine_api import Engine, EngineUserError, SampleRequest, SampleResult
+from ._engine_api import (
+    AdamStep,
+    DatumArrays,
+    Engine,
+    EngineUserError,
+    ForwardBackwardResult,
+    LoraSpec,
+    LossName,
+    SampleRequest,
+    SampleResult,
+)
 from ._futures import FutureRegistry
+from ._residency import Residency
 from ._store import Category
 
 logger = logging.getLogger("tinkex_trio.local.scheduler")
@@ -83,10 +96,17 @@ class EngineRunner:
     contract holds by construction.
     """
 
-    def __init__(self, engine: Engine, *, in_thread: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, *, in_thread: bool = True, residency: Residency | None = None
+    ) -> None:
         self._engine = engine
         self._in_thread = in_thread
         self._limiter = trio.CapacityLimiter(1)
+        self.residency = residency if residency is not None else Residency(Path("offload"), None)
+        """Which training adapters are in memory (`_residency.py`); offloads go through here."""
+        # Held across "make the adapter resident" and the call that uses it, so no other
+        # call offloads it in between. Sampling does not take it (it uses no training adapter).
+        self._adapters = trio.Lock()
 
     @property
     def busy(self) -> bool:
@@ -120,13 +140,115 @@ class EngineRunner:
 
     # The engine's methods, each run as one serialised call (the Engine protocol's signatures).
     models = _serialised(Engine.models)
-    create_adapter = _serialised(Engine.create_adapter)
-    drop_adapter = _serialised(Engine.drop_adapter)
-    forward_backward = _serialised(Engine.forward_backward)
-    optim_step = _serialised(Engine.optim_step)
-    save_state = _serialised(Engine.save_state)
-    load_state = _serialised(Engine.load_state)
     sample = _serialised(Engine.sample)
+
+    # The methods that name a training adapter also keep `residency` true: the adapter is made
+    # resident first (reloaded if it was offloaded, others offloaded to make room).
+
+    async def create_adapter(self, adapter_id: str, base_model: str, lora: LoraSpec) -> None:
+        async with self._adapters:
+            await self._make_room(adapter_id)
+            await self._call(self._engine.create_adapter, adapter_id, base_model, lora)
+            self.residency.used(adapter_id, base_model)
+            self.residency.gradients(adapter_id, False)
+
+    async def load_state(
+        self, adapter_id: str, base_model: str, directory: Path, *, with_optimizer: bool
+    ) -> LoraSpec:
+        async with self._adapters:
+            await self._make_room(adapter_id)
+            spec = await self._call(
+                functools.partial(
+                    self._engine.load_state,
+                    adapter_id,
+                    base_model,
+                    directory,
+                    with_optimizer=with_optimizer,
+                )
+            )
+            await self.run_blocking(shutil.rmtree, self.residency.directory_of(adapter_id), True)
+            self.residency.used(adapter_id, base_model)
+            self.residency.gradients(adapter_id, False)
+            return spec
+
+    async def drop_adapter(self, adapter_id: str) -> None:
+        """Release everything the engine holds for the adapter, in memory or offloaded."""
+        async with self._adapters:
+            await self._call(self._engine.drop_adapter, adapter_id)
+            self.residency.forget(adapter_id)
+            await self.run_blocking(shutil.rmtree, self.residency.directory_of(adapter_id), True)
+
+    async def forward_backward(
+        self,
+        adapter_id: str,
+        data: Sequence[DatumArrays],
+        loss_fn: LossName,
+        loss_fn_config: dict[str, float],
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            if not forward_only:
+                # Set before the call: a failure half-way may leave gradients behind too.
+                self.residency.gradients(adapter_id, True)
+            return await self._call(
+                self._engine.forward_backward,
+                adapter_id,
+                data,
+                loss_fn,
+                loss_fn_config,
+                forward_only,
+            )
+
+    async def optim_step(self, adapter_id: str, params: AdamStep) -> dict[str, float]:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            metrics = await self._call(self._engine.optim_step, adapter_id, params)
+            self.residency.gradients(adapter_id, False)
+            return metrics
+
+    async def save_state(self, adapter_id: str, directory: Path, *, with_optimizer: bool) -> int:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            return await self._call(
+                functools.partial(
+                    self._engine.save_state, adapter_id, directory, with_optimizer=with_optimizer
+                )
+            )
+
+    async def _resident(self, adapter_id: str) -> None:
+        """Reload the adapter if it was offloaded (making room first); mark it used."""
+        base_model = self.residency.is_offloaded(adapter_id)
+        if base_model is None:
+            self.residency.touch(adapter_id)
+            return
+        await self._make_room(adapter_id)
+        directory = self.residency.directory_of(adapter_id)
+        await self._call(
+            functools.partial(
+                self._engine.load_state, adapter_id, base_model, directory, with_optimizer=True
+            )
+        )
+        self.residency.reloaded(adapter_id)
+        await self.run_blocking(shutil.rmtree, directory, True)
+        logger.info("reloaded training adapter %s from %s", adapter_id, directory)
+
+    async def _make_room(self, keep: str) -> None:
+        """Offload least recently used idle adapters until `keep` fits the budget."""
+        for victim in self.residency.victims(keep):
+            directory = self.residency.directory_of(victim)
+            await self.run_blocking(_empty_directory, directory)
+            await self._call(
+                functools.partial(self._engine.save_state, victim, directory, with_optimizer=True)
+            )
+            await self._call(self._engine.drop_adapter, victim)
+            self.residency.offloaded(victim)
+            logger.info("offloaded idle training adapter %s to %s", victim, directory)
+
+
+def _empty_directory(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
 
 
 async def run_job(registry: FutureRegistry, request_id: str, fn: JobFn) -> None:
@@ -151,6 +273,8 @@ class _Lane:
     stalled_since: float | None = None
     # Requests without a seq_id (unload_model): run whenever the next seq_id is not ready.
     unsequenced: list[tuple[str, JobFn]] = field(default_factory=list)
+    # The lane's last job (`close_lane`): after it the lane ends.
+    closing: Callable[[], Awaitable[None]] | None = None
     wake: trio.Event = field(default_factory=trio.Event)
 
 
@@ -218,6 +342,30 @@ class TrainingLanes:
         lane.pending[seq_id] = None
         lane.wake.set()
 
+    def close_lane(self, model_id: str, last: Callable[[], Awaitable[None]]) -> None:
+        """Run `last` once the lane has nothing ready to run, then end the lane: requests
+        still waiting behind a seq_id gap then fail (the model is being released)."""
+        lane = self._lanes.get(model_id)
+        if lane is None:
+            raise KeyError(model_id)
+        lane.closing = last
+        lane.wake.set()
+
+    async def _close(self, model_id: str, lane: _Lane, last: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await last()
+        except Exception:
+            logger.exception("releasing model %s failed", model_id)
+        for job in lane.pending.values():
+            if job is not None:
+                self._registry.fail(
+                    job[0],
+                    f"model {model_id!r} was released (its session finished) before this "
+                    "request could run",
+                    "user",
+                )
+        del self._lanes[model_id]
+
     async def _drive(self, model_id: str, lane: _Lane) -> None:
         while True:
             if lane.next_seq not in lane.pending:
@@ -225,6 +373,9 @@ class TrainingLanes:
                     request_id, fn = lane.unsequenced.pop(0)
                     await run_job(self._registry, request_id, fn)
                     continue
+                if lane.closing is not None:
+                    await self._close(model_id, lane, lane.closing)
+                    return
                 lane.wake = trio.Event()
                 if not lane.pending:
                     await lane.wake.wait()

@@ -295,6 +295,13 @@ class Store:
             (reason, session_id),
         )
 
+    def open_sessions(self) -> list[str]:
+        """Ids of the sessions not finished yet."""
+        rows = self._conn.execute(
+            "SELECT session_id FROM sessions WHERE finished_reason IS NULL"
+        ).fetchall()
+        return [r[0] for r in rows]
+
     def set_session_project(self, session_id: str, project_id: str) -> None:
         self._conn.execute(
             "UPDATE sessions SET project_id=? WHERE session_id=?", (project_id, session_id)

@@ -103,6 +103,7 @@ class TrainingSubmitter:
         seq_id = None if isinstance(body, UnloadModelRequest) else or_none(body.seq_id)
         backend = self._backend
         model = backend.model(model_id)
+        backend.session_seen(model.session_id)
         backend.ensure_lane(model)
         payload_hash = hash_payload(body)
         if seq_id is not None:
@@ -125,7 +126,7 @@ class TrainingSubmitter:
             if seq_id is not None and seq_id < 1:
                 raise HTTPError(400, f"seq_id must be >= 1 (got {seq_id}); 0 is create_model")
             if model.unloaded:
-                raise HTTPError(400, f"model {model_id!r} was unloaded; create a new one")
+                raise HTTPError(400, self._unloaded_message(model))
             if model.corrupted and not allow_corrupted:
                 raise HTTPError(
                     400,
@@ -150,6 +151,16 @@ class TrainingSubmitter:
         await trio.lowlevel.checkpoint()
         return backend.future_response(request_id, model_id)
 
+    def _unloaded_message(self, model: ModelRow) -> str:
+        session = self._backend.store.get_session(model.session_id)
+        if session is not None and session.finished_reason is not None:
+            return (
+                f"model {model.model_id!r} was released when its session finished "
+                f"({session.finished_reason}); create a training client from one of its "
+                "checkpoints to continue"
+            )
+        return f"model {model.model_id!r} was unloaded; create a new one"
+
     def submit_creation(
         self,
         body: CreateModelRequest | LoadWeightsRequest,
@@ -172,6 +183,7 @@ class TrainingSubmitter:
         adapter in the engine, so later requests must not run against it.
         """
         backend = self._backend
+        backend.session_seen(session_id)
         payload_hash = hash_payload(body)
         earlier = backend.duplicate(
             model_id=model_id, sampler_id=None, seq_id=0, payload_hash=payload_hash
