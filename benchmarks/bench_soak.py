@@ -11,9 +11,9 @@ Starts the real server command in a child process on a fresh data directory, the
    session is finished). Every 4th cycle is cancelled midway (after submitting its training
    step); every 5th is a client that vanishes: it creates a session and a model over raw HTTP
    and never heartbeats or finishes, so only `--session-timeout` releases it.
-   After each cycle: the server's RSS and open descriptors.
-3. After the last client: waits for the vanished sessions to expire and 10 s more, then
-   prints the descriptors against the baseline taken before the first client.
+   After each cycle and `--settle` seconds: the server's RSS and open descriptors.
+3. 10 s after the last client: the descriptors against the baseline taken before the first
+   client; then, once the vanished sessions expired, the RSS.
 
 Nothing is asserted; the numbers are the result (issue 11: RSS growth from cycle 10 to 40
 under 30 MB, descriptors back within 5 of the baseline 10 s after the last client leaves).
@@ -147,7 +147,7 @@ async def vanish(url: str) -> str:
     return "vanished"
 
 
-async def soak(url: str, pid: int, cycles: int, session_timeout: float) -> None:
+async def soak(url: str, pid: int, cycles: int, session_timeout: float, settle: float) -> None:
     baseline_fds = open_fds(pid)
     print(f"baseline: RSS {rss_mib(pid):.0f} MiB, {baseline_fds} open descriptors")
     await unauthenticated_uploads(url, pid)
@@ -156,30 +156,41 @@ async def soak(url: str, pid: int, cycles: int, session_timeout: float) -> None:
     print(f"{'cycle':>5} {'kind':<17} {'RSS MiB':>8} {'fds':>5} {'s':>6}")
     for index in range(1, cycles + 1):
         kind = await vanish(url) if index % 5 == 0 else await cycle(url, index)
+        # Let the server finish what the client left (a cancelled step, the release of the
+        # session's adapters), so the sample is what it keeps, not what is in flight.
+        await trio.sleep(settle)
         rss.append(rss_mib(pid))
         elapsed = time.perf_counter() - started
         print(f"{index:>5} {kind:<17} {rss[-1]:>8.1f} {open_fds(pid):>5} {elapsed:>6.1f}")
     if len(rss) >= 40:
-        print(f"RSS growth cycle 10 -> 40: {rss[39] - rss[9]:+.1f} MiB")
-    wait = session_timeout + 10.0
-    print(f"last client left; waiting {wait:g} s (session timeout + 10 s)")
-    await trio.sleep(wait)
+        early, late = rss[5:15], rss[30:40]
+        print(
+            f"RSS growth cycle 10 -> 40: {rss[39] - rss[9]:+.1f} MiB; mean of cycles 6-15 "
+            f"{sum(early) / 10:.1f} MiB, of cycles 31-40 {sum(late) / 10:.1f} MiB "
+            f"({(sum(late) - sum(early)) / 10:+.1f}); peak {max(rss):.1f} MiB"
+        )
+    await trio.sleep(10.0)
     fds = open_fds(pid)
     print(
-        f"after the wait: RSS {rss_mib(pid):.1f} MiB, {fds} open descriptors "
-        f"({fds - baseline_fds:+d} vs the baseline of {baseline_fds})"
+        f"10 s after the last client left: {fds} open descriptors "
+        f"({fds - baseline_fds:+d} vs the baseline of {baseline_fds}), RSS {rss_mib(pid):.1f} MiB"
     )
+    await trio.sleep(max(0.0, session_timeout - 10.0) + 2.0)
+    print(f"after the vanished sessions expired: RSS {rss_mib(pid):.1f} MiB")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cycles", type=int, default=40)
     parser.add_argument("--session-timeout", type=float, default=5.0)
+    parser.add_argument(
+        "--settle", type=float, default=1.0, help="seconds between a cycle and its sample"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         process, url = start_server(Path(tmp) / "data", args.session_timeout)
         try:
-            trio.run(soak, url, process.pid, args.cycles, args.session_timeout)
+            trio.run(soak, url, process.pid, args.cycles, args.session_timeout, args.settle)
         finally:
             process.terminate()
             process.wait(timeout=30)

@@ -6,12 +6,18 @@ In-process (httpx.ASGITransport, FakeEngine inline): virtual time, exact deadlin
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 from server_testing import Harness, fb_body, open_harness
+
+from tinkex_trio import AdamParams, Datum, ModelInput, open_service
+from tinkex_trio.local import open_local_backend
+from tinkex_trio.local.testing import FAKE_MODEL_NAME, FakeEngine
 
 TIMEOUT = 60.0
 
@@ -143,3 +149,68 @@ async def test_offloaded_adapters_of_an_earlier_run_are_removed_at_start_up(
     stale.write_bytes(b"\0" * 10)
     async with open_harness(tmp_path):
         assert not (tmp_path / "offload").exists()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    """Poll a condition of the engine, which a real-socket test cannot be told about."""
+    while True:
+        if condition():
+            return
+        await trio.sleep(0.05)
+
+
+async def test_over_http_with_the_sdk(tmp_path: Path) -> None:
+    """Real sockets: two training clients alternate over a budget of one resident adapter
+    and train on where they stopped; leaving `open_service` releases both; a client that
+    vanishes without heart-beating is expired and released. Outcomes only."""
+    engine = FakeEngine()
+    async with open_local_backend(
+        data_dir=tmp_path / "a", engine=engine, max_resident_adapters=1
+    ) as backend:
+        async with open_service(base_url=backend.base_url, api_key=backend.api_key) as service:
+            clients = [
+                await service.create_lora_training_client(FAKE_MODEL_NAME, rank=4) for _ in range(2)
+            ]
+            datum = Datum(
+                model_input=ModelInput.from_ints([1, 2, 3]),
+                loss_fn_inputs={"target_tokens": [2, 3, 4]},
+            )
+            for _ in range(2):
+                for client in clients:
+                    await (await client.forward_backward([datum], "cross_entropy"))
+                    await (await client.optim_step(AdamParams(learning_rate=0.1)))
+                    assert len(engine.adapters) == 1
+            out = await (await clients[0].forward([datum], "cross_entropy"))
+            # Two steps each survived the offloads (FakeEngine: logprob[0] = -1 / (1 + steps)).
+            assert out.loss_fn_outputs[0]["logprobs"].to_numpy()[0] == pytest.approx(-1 / 3)
+            assert engine.calls.count(("load_state", clients[0].model_id)) >= 2
+        with trio.fail_after(10):
+            await _until(lambda: not engine.adapters)
+    async with open_local_backend(
+        data_dir=tmp_path / "b", engine=engine, session_timeout=1.0
+    ) as backend:
+        async with httpx.AsyncClient(
+            base_url=backend.base_url, headers={"X-API-Key": backend.api_key}
+        ) as http:
+            sid = (await http.post("/api/v1/create_session", json={"sdk_version": "t"})).json()[
+                "session_id"
+            ]
+            await http.post(
+                "/api/v1/create_model",
+                json={"session_id": sid, "model_seq_id": 0, "base_model": FAKE_MODEL_NAME},
+            )
+            with trio.fail_after(20):
+                await _until(lambda: bool(engine.adapters))
+                await _until(lambda: not engine.adapters)
+            r = await http.post("/api/v1/session_heartbeat", json={"session_id": sid})
+            assert r.status_code == 410
+
+
+def test_trim_heap_reaches_the_c_allocator() -> None:
+    """On glibc (the platform the soak numbers come from) the trim is really called."""
+    import platform
+
+    from tinkex_trio.local._memory_trim import trim_heap
+
+    assert platform.libc_ver()[0] == "glibc"
+    assert trim_heap() is True

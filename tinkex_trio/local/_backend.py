@@ -24,6 +24,7 @@ from ._engine_api import ModelInfo
 from ._expiry import SessionExpiry
 from ._futures import FutureRegistry
 from ._http import HTTPError, Response, json_response
+from ._memory_trim import trim_heap
 from ._scheduler import EngineRunner, SampleBatcher, TrainingLanes
 from ._settings import LocalBackendSettings
 from ._signed_urls import SignedUrls
@@ -119,6 +120,7 @@ class Backend:
 
     async def _drop(self, model_id: str) -> None:
         await self.runner.drop_adapter(model_id)
+        await self.runner.run_blocking(trim_heap)
 
     # ----------------------------------------------------------------- lookups
 
