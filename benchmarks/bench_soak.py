@@ -6,13 +6,15 @@ Starts the real server command in a child process on a fresh data directory, the
 
 1. Unauthenticated uploads: 4 concurrent 250 MB request bodies with a wrong key; prints the
    server's RSS before and after (the body is never read: the key is checked from the head).
-2. Cycles: each opens a service, creates a LoRA training client, runs one forward_backward
+2. Sample bursts: two bursts of 400 concurrent samples, then the server's descriptors each
+   second after the client left.
+3. Cycles: each opens a service, creates a LoRA training client, runs one forward_backward
    and optim_step, saves weights for a sampler, samples a few sequences, and leaves (the
    session is finished). Every 4th cycle is cancelled midway (after submitting its training
    step); every 5th is a client that vanishes: it creates a session and a model over raw HTTP
    and never heartbeats or finishes, so only `--session-timeout` releases it.
    After each cycle and `--settle` seconds: the server's RSS and open descriptors.
-3. 10 s after the last client: the descriptors against the baseline taken before the first
+4. 10 s after the last client: the descriptors against the baseline taken before the first
    client; then, once the vanished sessions expired, the RSS.
 
 Nothing is asserted; the numbers are the result (issue 11: RSS growth from cycle 10 to 40
@@ -135,6 +137,27 @@ async def cycle(url: str, index: int) -> str:
     return "completed"
 
 
+async def sample_bursts(url: str, pid: int, bursts: int = 2, size: int = 400) -> None:
+    """`bursts` times `size` concurrent samples from one service, then the client leaves;
+    the server's descriptors each second after (idle keep-alive connections are closed by
+    the server after its keep-alive timeout)."""
+    for _ in range(bursts):
+        async with open_service(base_url=url, api_key=API_KEY) as service:
+            sampler = await service.create_sampling_client(base_model=TINY)
+            params = SamplingParams(max_tokens=4, temperature=1.0)
+            async with trio.open_nursery() as nursery:
+                for _ in range(size):
+                    nursery.start_soon(sampler.sample, ModelInput.from_ints([1, 2, 3]), 1, params)
+    timeline = [open_fds(pid)]
+    for _ in range(10):
+        await trio.sleep(1.0)
+        timeline.append(open_fds(pid))
+    print(
+        f"{bursts} bursts of {size} concurrent samples: server descriptors at the client's "
+        f"exit and each second after: {timeline}"
+    )
+
+
 async def vanish(url: str) -> str:
     async with httpx.AsyncClient(base_url=url, headers={"X-API-Key": API_KEY}) as client:
         session = (
@@ -151,6 +174,7 @@ async def soak(url: str, pid: int, cycles: int, session_timeout: float, settle: 
     baseline_fds = open_fds(pid)
     print(f"baseline: RSS {rss_mib(pid):.0f} MiB, {baseline_fds} open descriptors")
     await unauthenticated_uploads(url, pid)
+    await sample_bursts(url, pid)
     rss: list[float] = []
     started = time.perf_counter()
     print(f"{'cycle':>5} {'kind':<17} {'RSS MiB':>8} {'fds':>5} {'s':>6}")

@@ -54,6 +54,7 @@ async def test_finish_releases_adapters_and_runs_revive(
         r = await h.post("forward_backward", fb_body(mids[0], 4))
         assert r.status_code == 400
         assert "released when its session finished (success)" in r.json()["detail"]
+        assert h.backend.lanes.has_lane(mids[0]) is False  # a refused request opens no lane
         # The runs stay listed; one revives from its checkpoint in a new session.
         assert (await h.get(f"training_runs/{mids[0]}")).status_code == 200
         new_sid = await h.session()

@@ -71,7 +71,7 @@ class TrainingSubmitter:
     def consume(self, model_id: str, seq_id: int) -> None:
         """Count a refused request's seq_id as used (PROTOCOL.md 5.2)."""
         model = self._backend.store.get_model(model_id)
-        if model is not None:
+        if model is not None and not model.unloaded:  # an unloaded model runs nothing more
             self._backend.ensure_lane(model)
             self._backend.lanes.consume(model_id, seq_id)
 
@@ -103,8 +103,6 @@ class TrainingSubmitter:
         seq_id = None if isinstance(body, UnloadModelRequest) else or_none(body.seq_id)
         backend = self._backend
         model = backend.model(model_id)
-        backend.session_seen(model.session_id)
-        backend.ensure_lane(model)
         payload_hash = hash_payload(body)
         if seq_id is not None:
             earlier = backend.duplicate(
@@ -113,6 +111,11 @@ class TrainingSubmitter:
             if earlier is not None:
                 await trio.lowlevel.checkpoint()
                 return backend.future_response(earlier, model_id)
+        if model.unloaded:
+            # Checked before its lane is (re)opened: a released model keeps no lane.
+            raise HTTPError(400, self._unloaded_message(model))
+        backend.session_seen(model.session_id)
+        backend.ensure_lane(model)
         try:
             if seq_id is not None and (
                 seq_id < backend.lanes.next_seq(model_id)
@@ -125,8 +128,6 @@ class TrainingSubmitter:
                 )
             if seq_id is not None and seq_id < 1:
                 raise HTTPError(400, f"seq_id must be >= 1 (got {seq_id}); 0 is create_model")
-            if model.unloaded:
-                raise HTTPError(400, self._unloaded_message(model))
             if model.corrupted and not allow_corrupted:
                 raise HTTPError(
                     400,
