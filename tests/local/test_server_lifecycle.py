@@ -188,7 +188,7 @@ async def test_over_http_with_the_sdk(tmp_path: Path) -> None:
         with trio.fail_after(10):
             await _until(lambda: not engine.adapters)
     async with open_local_backend(
-        data_dir=tmp_path / "b", engine=engine, session_timeout=1.0
+        data_dir=tmp_path / "b", engine=engine, session_timeout=3.0
     ) as backend:
         async with httpx.AsyncClient(
             base_url=backend.base_url, headers={"X-API-Key": backend.api_key}
@@ -196,12 +196,15 @@ async def test_over_http_with_the_sdk(tmp_path: Path) -> None:
             sid = (await http.post("/api/v1/create_session", json={"sdk_version": "t"})).json()[
                 "session_id"
             ]
-            await http.post(
+            sub = await http.post(
                 "/api/v1/create_model",
                 json={"session_id": sid, "model_seq_id": 0, "base_model": FAKE_MODEL_NAME},
             )
+            polled = await http.post(
+                "/api/v1/retrieve_future", json={"request_id": sub.json()["request_id"]}
+            )
+            assert "model_id" in polled.json(), polled.text  # the adapter was created
             with trio.fail_after(20):
-                await _until(lambda: bool(engine.adapters))
                 await _until(lambda: not engine.adapters)
             r = await http.post("/api/v1/session_heartbeat", json={"session_id": sid})
             assert r.status_code == 410
