@@ -163,19 +163,25 @@ def _connect(port: int) -> socket.socket:
 
 
 async def test_real_socket_half_open_and_unauthenticated_uploads(tmp_path: Path) -> None:
-    """Over hypercorn: a connection that sends headers and no body is dropped after
+    """Over hypercorn: a connection that sends nothing or half a head is closed (after the
+    5 s keep-alive timer), one that sends a head and no body is answered 408 after
     `read_timeout`; an unauthenticated upload is answered 401 (or cut) without being read;
     the server serves normally afterwards."""
     async with open_local_backend(
         data_dir=tmp_path, engine=FakeEngine(), read_timeout=1.0
     ) as backend:
         port = int(backend.base_url.rsplit(":", 1)[1])
-        half_open = [_connect(port) for _ in range(20)]
-        for sock in half_open:
-            sock.sendall(
-                b"POST /api/v1/create_session HTTP/1.1\r\nhost: x\r\n"
-                + f"x-api-key: {backend.api_key}\r\ncontent-length: 100\r\n\r\n".encode()
-            )
+        half_open = [_connect(port) for _ in range(30)]
+        for index, sock in enumerate(half_open):
+            if index % 3 == 0:  # a head that never ends
+                sock.sendall(b"POST /api/v1/create_session HTTP/1.1\r\nhost: x\r\nx-api")
+            elif index % 3 == 1:  # connected, nothing sent
+                pass
+            else:  # a whole head, no body
+                sock.sendall(
+                    b"POST /api/v1/create_session HTTP/1.1\r\nhost: x\r\n"
+                    + f"x-api-key: {backend.api_key}\r\ncontent-length: 100\r\n\r\n".encode()
+                )
         with trio.fail_after(20):
             for sock in half_open:
                 while True:

@@ -156,8 +156,9 @@ class LocalBackendSettings:
     * `max_request_body`: largest request body in bytes (413 beyond it);
       `max_body_bytes_in_flight`: body bytes all requests together may hold while being read
       (503 with `retry-after` beyond it).
-    * `read_timeout`: seconds a client may take to send a request head, or stall inside a
-      body, before the request is dropped.
+    * `read_timeout`: seconds a client may stall inside a request body (or between socket
+      reads) before the request is answered 408 and dropped; a request head must arrive
+      within the server's keep-alive timeout (5 s) in any case.
 
     Raises:
         ValueError: an option is out of range, or `client_flags` names a flag that

@@ -51,7 +51,9 @@ DEFAULT_PORT = 8000  # for the CLI; the library functions default to an ephemera
 #: Seconds an idle keep-alive connection is kept. The SDK's pool reuses a connection within
 #: milliseconds while it works and checks a stale one before reuse (STYLE.md 4.8), so a short
 #: wait loses nothing, while a long one (hypercorn's old 75 s here) keeps the sockets of
-#: clients that went away.
+#: clients that went away. Hypercorn runs this timer until a whole request head is parsed, so
+#: it is also the time a client has to send a head: a connection that sends nothing, or half
+#: a head, is closed after it.
 KEEP_ALIVE_TIMEOUT = 5
 
 
@@ -116,9 +118,9 @@ async def serve_local_backend(
     config.accesslog = None
     config.errorlog = logging.getLogger("tinkex_trio.local.hypercorn")
     config.keep_alive_timeout = KEEP_ALIVE_TIMEOUT
-    # Every socket read (a request head, a piece of a body, an idle keep-alive wait) gives up
-    # after this: a client that sends headers and then nothing no longer holds a connection.
-    # Long polls are unaffected: hypercorn does not read while a response is pending.
+    # Every socket read gives up after this (the app's own 408 for a stalled body comes at the
+    # same time). Long polls are unaffected: hypercorn does not read while a response is
+    # pending, which also means a client closing during a long poll is noticed when it answers.
     config.read_timeout = settings.read_timeout  # type: ignore[assignment]
     async with open_backend_app(settings, engine) as app:
         async with trio.open_nursery() as nursery:
@@ -292,8 +294,8 @@ def _add_service_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=DEFAULT_READ_TIMEOUT,
         metavar="SECONDS",
-        help="drop a connection that takes longer than this to send a request head, or "
-        f"stalls inside a body (default {DEFAULT_READ_TIMEOUT:g})",
+        help="answer 408 and drop a request whose body stalls this long (a request head must "
+        f"arrive within {KEEP_ALIVE_TIMEOUT} s in any case; default {DEFAULT_READ_TIMEOUT:g})",
     )
 
 
