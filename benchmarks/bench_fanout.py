@@ -1,11 +1,18 @@
-"""N concurrent `sample` calls against an instant server on 127.0.0.1.
+"""N concurrent `sample` calls: tinkex_trio, its floor and the official SDK, side by side.
 
-The server (the test suite's in-memory fake Tinker behind the scriptable HTTP/1.1 server) runs
-in a child process so that the client's CPU time is measured alone. Prints, per N: wall time,
-calls/s, HTTP requests per call and client CPU seconds per call.
+Against one instant stub server (`_stub_server.py`, pinned to core 0), each client a fresh
+process pinned to core 1, rounds interleaved (`_side_by_side.py`), medians reported:
 
-    .venv/bin/python benchmarks/bench_fanout.py            # N = 200, 1000, 2000
-    .venv/bin/python benchmarks/bench_fanout.py --n 500 --repeat 3
+* ``tinkex_trio``: `SamplingClient.sample` (submit + one result poll per call);
+* ``h11 floor``: the same two requests per call with bare h11 on trio, nothing else;
+* ``official pyqwest`` / ``official httpx``: the official `tinker` 0.38 SDK's
+  `sample_async` with its Rust transport and with httpx (the stub's `client/config` picks).
+
+Prints, per N: calls/s and client CPU ms per call (median), the noise (max/min over rounds),
+and our ratios to the official SDK's faster transport and to the floor.
+
+    .venv/bin/python benchmarks/bench_fanout.py                  # N = 200, 2000; 5 rounds
+    .venv/bin/python benchmarks/bench_fanout.py --n 2000 --rounds 7 --no-official
 
 A second table (PROTOCOL.md 4.8) counts HTTP requests per completed sample when samples take
 longer than the server's long-poll window: the local backend in-process (FakeEngine, each
@@ -16,53 +23,17 @@ the session-wide `retrieve_futures` poller (`--slow-n 0` skips it).
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import sys
-import time
 from pathlib import Path
 
 import trio
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from _side_by_side import Client, interleave, official, ours, stub_server
 
 from tinkex_trio import Config, ModelInput, open_service
-
-
-def _serve(port_queue: multiprocessing.Queue[int]) -> None:
-    from fake_tinker import FakeTinker
-    from fault_server import serve_fault_server
-
-    fake = FakeTinker()
-
-    async def main() -> None:
-        async with trio.open_nursery() as nursery:
-            server = await nursery.start(
-                lambda task_status: serve_fault_server(
-                    handler=fake.fault_handler, task_status=task_status
-                )
-            )
-            port_queue.put(server.port)
-
-    trio.run(main)
-
-
-async def run_once(base_url: str, n: int) -> tuple[float, float, int]:
-    config = Config(api_key="tml-test-key", base_url=base_url, telemetry=False)
-    requests = 0
-
-    def count(event: object) -> None:
-        nonlocal requests
-        if type(event).__name__ == "RequestStarted":
-            requests += 1
-
-    async with open_service(config) as service:
-        sampler = await service.create_sampling_client(base_model="fake/model")
-        service.telemetry.add_handler(count)
-        cpu0, wall0 = time.process_time(), time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for i in range(n):
-                nursery.start_soon(sampler.sample, ModelInput.from_ints([i]))
-        return time.perf_counter() - wall0, time.process_time() - cpu0, requests
 
 
 async def slow_samples(n: int, session_wide: bool) -> tuple[int, dict[str, int]]:
@@ -116,28 +87,64 @@ async def slow_samples(n: int, session_wide: bool) -> tuple[int, dict[str, int]]
     return done, counts
 
 
+def side_by_side(ns: list[int], rounds: int, with_official: bool, transports: list[str]) -> None:
+    with stub_server() as stub:
+        for n in ns:
+            clients = [
+                Client("tinkex_trio", ours("fanout", stub.httpx_url, str(n))),
+                Client("h11 floor", ours("h11", stub.httpx_url, str(n))),
+            ]
+            if with_official:
+                urls = {"pyqwest": stub.pyqwest_url, "httpx": stub.httpx_url}
+                for label in transports:
+                    url = urls[label]
+                    command = official("fanout", url, str(n))
+                    if command is not None:
+                        clients.append(Client(f"official {label}", command))
+            interleave(clients, rounds)
+            print(f"N = {n}, {rounds} interleaved rounds, medians")
+            print(f"{'client':<18} {'calls/s':>9} {'CPU ms/call':>12} {'noise':>7}")
+            rate = {c.label: n / c.median("wall") for c in clients}
+            cpu = {c.label: 1000 * c.median("cpu") / n for c in clients}
+            for c in clients:
+                print(
+                    f"{c.label:<18} {rate[c.label]:>9.0f} {cpu[c.label]:>12.2f} "
+                    f"{c.spread('wall'):>6.1f}x"
+                )
+            ref = max(
+                (c for c in clients if c.label.startswith("official")),
+                default=None,
+                key=lambda c: rate[c.label],
+            )
+            ours_rate, ours_cpu = rate["tinkex_trio"], cpu["tinkex_trio"]
+            line = (
+                f"tinkex_trio / h11 floor: calls/s {ours_rate / rate['h11 floor']:.2f}x, "
+                f"CPU {ours_cpu / cpu['h11 floor']:.2f}x"
+            )
+            if ref is not None:
+                line += (
+                    f"; / {ref.label}: calls/s {ours_rate / rate[ref.label]:.1f}x, "
+                    f"CPU {ours_cpu / cpu[ref.label]:.2f}x"
+                )
+            print(line)
+            print()
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--n", type=int, nargs="*", default=[200, 1000, 2000])
-    parser.add_argument("--repeat", type=int, default=1)
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="*", default=[200, 2000])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--no-official", action="store_true")
+    parser.add_argument(
+        "--official-transports",
+        nargs="*",
+        choices=["pyqwest", "httpx"],
+        default=["pyqwest", "httpx"],
+    )
     parser.add_argument("--slow-n", type=int, default=200)
     args = parser.parse_args()
-    queue: multiprocessing.Queue[int] = multiprocessing.Queue()
-    server = multiprocessing.Process(target=_serve, args=(queue,), daemon=True)
-    server.start()
-    try:
-        port = queue.get(timeout=30)
-        base_url = f"http://127.0.0.1:{port}"
-        print(f"{'N':>6} {'wall s':>8} {'calls/s':>9} {'req/call':>9} {'CPU ms/call':>12}")
-        for n in args.n:
-            for _ in range(args.repeat):
-                wall, cpu, requests = trio.run(run_once, base_url, n)
-                print(
-                    f"{n:>6} {wall:>8.2f} {n / wall:>9.0f} {requests / n:>9.2f} "
-                    f"{1000 * cpu / n:>12.2f}"
-                )
-    finally:
-        server.terminate()
+    if args.n:
+        side_by_side(args.n, args.rounds, not args.no_official, args.official_transports)
     if args.slow_n:
         print()
         print(f"slow samples (N={args.slow_n}, 2 s batches, 0.5 s poll window): requests/sample")

@@ -10,6 +10,9 @@ Faults: `fake.faults[path]` is a list of statuses (or None for "answer normally"
 per request to that path; `fake.poll_try_again` makes each future answer `try_again` that many
 times before its result.
 
+`fake.telemetry_batches` holds the bodies of `telemetry` posts (`fake.telemetry_route = False`:
+the route answers 404, as a server without it).
+
 `fake.dynamic_config` (None: the route answers 404, as a server without it) is the body of
 `client/dynamic_config`; `fake.cancelled` lists the request ids of `cancel_future` calls
 (unknown ids answer 404, like the local backend).
@@ -64,6 +67,9 @@ class FakeTinker:
         self.jwt_lifetime: float | None = None
         self.issued_jwts: list[str] = []
         self.valid_jwts: set[str] = set()
+        # `telemetry` batches received; with `telemetry_route` False the route answers 404.
+        self.telemetry_route = True
+        self.telemetry_batches: list[dict[str, Any]] = []
 
     # -- adapters ------------------------------------------------------------------------------
 
@@ -124,6 +130,9 @@ class FakeTinker:
             return self._json(200, {"jwt": self.issue_jwt()})
         if route == "client/dynamic_config" and self.dynamic_config is not None:
             return self._json(200, self.dynamic_config)
+        if route == "telemetry" and self.telemetry_route:
+            self.telemetry_batches.append(body)
+            return self._json(200, {"status": "accepted"})
         if route == "cancel_future":
             request_id = body["request_id"]
             if request_id not in self._results:

@@ -338,3 +338,50 @@ async def test_a_broken_session_wide_poll_falls_back_to_per_sample_polls(
     assert [first.sequences[0].tokens, second.sequences[0].tokens] == [[5], [6]]
     assert len(polls) == 1  # broken for good after the 404
     assert fake.paths().count("retrieve_future") == 2
+
+
+async def test_rate_limiter_wakes_one_waiter_per_released_slot_in_arrival_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A released slot goes to the first waiter, and only that waiter runs: no stampede of
+    every waiter re-checking the limit (issue 12: one waiter woken instead of all)."""
+    limiter = RateLimiter()
+    releases = [trio.Event() for _ in range(MAX_CONCURRENT_SUBMITS)]
+    order: list[int] = []
+    waiter_steps: list[str] = []
+
+    class CountSteps(trio.abc.Instrument):
+        def before_task_step(self, task: trio.lowlevel.Task) -> None:
+            if task.name.startswith("waiter-"):
+                waiter_steps.append(task.name)
+
+    async def holder(i: int) -> None:
+        async with limiter.dispatch(1):
+            await releases[i].wait()
+
+    async def waiter(i: int) -> None:
+        async with limiter.dispatch(1):
+            order.append(i)
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        for i in range(MAX_CONCURRENT_SUBMITS):
+            nursery.start_soon(holder, i)
+        await trio.testing.wait_all_tasks_blocked()
+        for i in range(5):
+            nursery.start_soon(waiter, i, name=f"waiter-{i}")
+            await trio.testing.wait_all_tasks_blocked()
+        assert limiter.statistics().in_flight == MAX_CONCURRENT_SUBMITS and order == []
+        trio.lowlevel.add_instrument(instrument := CountSteps())
+        try:
+            for k in range(3):
+                waiter_steps.clear()
+                releases[k].set()
+                await trio.testing.wait_all_tasks_blocked()
+                assert set(waiter_steps) == {f"waiter-{k}"}  # the others never ran
+                assert order == list(range(k + 1))
+                assert limiter.statistics().in_flight == MAX_CONCURRENT_SUBMITS
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+        nursery.cancel_scope.cancel()
+    assert limiter.statistics().in_flight == 0

@@ -72,6 +72,7 @@ def test_sample_request_golden() -> None:
         "seq_id": 17,
         "prompt_logprobs": False,
         "topk_prompt_logprobs": 0,
+        "record_stability_info": False,
         "type": "sample",
     }
 

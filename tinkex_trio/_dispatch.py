@@ -9,8 +9,6 @@ flight and each counts for more bytes, so the queue drains gently instead of sta
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Final, final
 
 import msgspec
@@ -63,7 +61,9 @@ class RateLimiter:
         self._cooldown_until = -float("inf")
         self._in_flight = 0
         self._rate_limited_total = 0
-        self._changed = trio.Condition()
+        # Tasks waiting for a submission slot, in arrival order; a released slot is handed to
+        # the first of them (one wake-up per release, never a stampede of all waiters).
+        self._waiters = trio.lowlevel.ParkingLot()
         self._bytes = ByteBudget(byte_budget)
 
     def _backing_off(self, now: float) -> bool:
@@ -83,28 +83,55 @@ class RateLimiter:
                 return
             await trio.sleep(left)
 
-    @asynccontextmanager
-    async def dispatch(self, estimated_bytes: int) -> AsyncIterator[None]:
-        """Hold one submission slot (and its bytes) for the duration of a submit."""
-        await self.wait_window()
-        async with self._changed:
-            while self._in_flight >= self._limit(now := trio.current_time()):
-                # The limit rises when the cool-down ends: wake up then, too.
-                wake_at = self._cooldown_until if self._backing_off(now) else math.inf
-                with trio.move_on_at(wake_at):
-                    await self._changed.wait()
-            self._in_flight += 1
-        weight = estimated_bytes
-        if self._backing_off(trio.current_time()):
-            weight *= BACKOFF_BYTES_MULTIPLIER
+    def dispatch(self, estimated_bytes: int) -> _Dispatch:
+        """Hold one submission slot (and its bytes) for the duration of a submit.
+
+        Fast path: no window open, a slot free, nobody waiting and room in the byte budget: the
+        slot and the bytes are taken without a checkpoint (the submit that follows is one).
+        Otherwise wait for the window, then for a slot (first come, first served), then for
+        the bytes.
+        """
+        return _Dispatch(self, estimated_bytes)
+
+    def _take_nowait(self, estimated_bytes: int) -> bool:
+        now = trio.current_time()
+        if (
+            now < self._backoff_until
+            or self._backing_off(now)
+            or self._waiters
+            or self._in_flight >= MAX_CONCURRENT_SUBMITS
+        ):
+            return False
         try:
-            async with self._bytes.reserve(weight):
-                yield
-        finally:
+            self._bytes.acquire_nowait(estimated_bytes)
+        except trio.WouldBlock:
+            return False
+        self._in_flight += 1
+        return True
+
+    async def _take_slot(self) -> None:
+        await self.wait_window()
+        now = trio.current_time()
+        if not self._waiters and self._in_flight < self._limit(now):
+            self._in_flight += 1
+            return
+        while True:
+            # The limit rises when the cool-down ends: wake up then, too.
+            wake_at = self._cooldown_until if self._backing_off(now) else math.inf
+            with trio.move_on_at(wake_at) as scope:
+                await self._waiters.park()
+            if not scope.cancelled_caught:
+                return  # `_release_slot` handed its slot over: `_in_flight` still counts it
+            now = trio.current_time()
+            if self._in_flight < self._limit(now):
+                self._in_flight += 1
+                return
+
+    def _release_slot(self) -> None:
+        if self._waiters and self._in_flight - 1 < self._limit(trio.current_time()):
+            self._waiters.unpark()  # the slot passes to the first waiter
+        else:
             self._in_flight -= 1
-            with trio.CancelScope(shield=True):
-                async with self._changed:
-                    self._changed.notify_all()
 
     def on_rate_limited(self, estimated_bytes: int = 0) -> None:
         """A 429 (or a 402 billing pause): open the window for every caller."""
@@ -134,3 +161,36 @@ class RateLimiter:
         s = self.statistics()
         state = f"backing off {s.seconds_left:.2f}s" if s.backing_off else "open"
         return f"<RateLimiter {state}, {s.in_flight}/{s.limit} in flight>"
+
+
+@final
+class _Dispatch:
+    """`RateLimiter.dispatch`'s context manager: a class, not a generator, because it runs
+    around every sample submission."""
+
+    __slots__ = ("_estimated", "_limiter", "_weight")
+
+    def __init__(self, limiter: RateLimiter, estimated_bytes: int) -> None:
+        self._limiter = limiter
+        self._estimated = estimated_bytes
+        self._weight = estimated_bytes
+
+    async def __aenter__(self) -> None:
+        limiter = self._limiter
+        if limiter._take_nowait(self._estimated):
+            return
+        await limiter._take_slot()
+        weight = self._estimated
+        if limiter._backing_off(trio.current_time()):
+            weight *= BACKOFF_BYTES_MULTIPLIER
+        try:
+            await limiter._bytes.acquire(weight)
+        except BaseException:
+            limiter._release_slot()
+            raise
+        self._weight = weight
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        # Synchronous release: completes even under cancellation, no shield needed.
+        self._limiter._bytes.release(self._weight)
+        self._limiter._release_slot()

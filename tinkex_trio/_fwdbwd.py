@@ -18,6 +18,7 @@ import httpx
 from tinkex_trio import _protobuf, types as t
 from tinkex_trio._limits import estimate_model_input_bytes
 from tinkex_trio._metrics import reduce_metrics
+from tinkex_trio._polling import result_first
 
 FORWARD_PATH: Final = "/api/v1/forward"
 FORWARD_BACKWARD_PATH: Final = "/api/v1/forward_backward"
@@ -102,11 +103,15 @@ def encode_protobuf(chunk: FwdBwdChunk) -> bytes:
     )
 
 
-def decode_result(response: httpx.Response) -> t.ForwardBackwardOutput:
+def _decode_result(response: httpx.Response) -> t.ForwardBackwardOutput:
     """A forward/forward_backward result in either form (PROTOCOL.md 4.2 rule 1, 6.4)."""
     if _protobuf.PROTOBUF_CONTENT_TYPE in response.headers.get("content-type", ""):
         return _protobuf.decode_forward_backward_output(response.content)
     return t.decode(response.content, t.ForwardBackwardOutput)
+
+
+# Three required fields, none of them an envelope's: a large body is decoded once.
+decode_result: Final = result_first(_decode_result)
 
 
 def merge_outputs(outputs: Sequence[t.ForwardBackwardOutput]) -> t.ForwardBackwardOutput:

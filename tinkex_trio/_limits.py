@@ -60,11 +60,18 @@ class ByteBudget:
                 self._waiting -= 1
         self._in_use += nbytes
 
+    def acquire_nowait(self, nbytes: int) -> None:
+        """Reserve `nbytes` at once if there is room and nobody waits; else `trio.WouldBlock`."""
+        if self._waiting or self._in_use >= self._capacity:
+            raise trio.WouldBlock
+        self._in_use += nbytes
+
     def release(self, nbytes: int) -> None:
-        """Give back what `acquire` reserved and wake the waiters."""
+        """Give back what `acquire` reserved and wake the waiters (if any)."""
         self._in_use -= nbytes
-        released, self._released = self._released, trio.Event()
-        released.set()
+        if self._waiting:
+            released, self._released = self._released, trio.Event()
+            released.set()
 
     @asynccontextmanager
     async def reserve(self, nbytes: int) -> AsyncIterator[None]:

@@ -37,6 +37,7 @@ kind                     used for              retries (rows, tried in order)   
                                                RateLimiter window and the same
                                                body is resubmitted (9.5); the
                                                rest is layer D's (below)
+``telemetry``            telemetry batches     layer A                           -        -         5 s      json
 ``one_attempt``          the CLI's preflight   none                              -        -         config   json
 =======================  ====================  ================================  =======  ========  =======  ========
 
@@ -116,6 +117,7 @@ ACK_ONLY_TIMEOUT: Final = 5.0
 HEARTBEAT_TIMEOUT: Final = 10.0
 DYNAMIC_CONFIG_TIMEOUT: Final = 10.0
 CANCEL_FUTURE_TIMEOUT: Final = 30.0
+TELEMETRY_TIMEOUT: Final = 5.0
 
 LAYER_B_BUDGET: Final = 300.0
 """PROTOCOL.md 9.3: layer B retries for up to 5 minutes from the first attempt."""
@@ -371,6 +373,7 @@ SESSION_FINISH: Final = CallPolicy(
 )
 CANCEL: Final = CallPolicy("cancel", (LAYER_B,), billing_pause=True, timeout=CANCEL_FUTURE_TIMEOUT)
 SAMPLE: Final = CallPolicy("sample", billing_pause=True, throttle=True)
+TELEMETRY: Final = CallPolicy("telemetry", (LAYER_A,), timeout=TELEMETRY_TIMEOUT)
 ONE_ATTEMPT: Final = CallPolicy("one_attempt")
 
 POLICIES: Final[Mapping[str, CallPolicy]] = {
@@ -392,6 +395,7 @@ POLICIES: Final[Mapping[str, CallPolicy]] = {
         SESSION_FINISH,
         CANCEL,
         SAMPLE,
+        TELEMETRY,
         ONE_ATTEMPT,
     )
 }

@@ -55,6 +55,21 @@ _PROTOBUF: Final = "application/x-protobuf"
 
 ResultDecoder = Callable[[httpx.Response], _T]
 
+RESULT_FIRST_BYTES: Final = 64 * 1024
+"""A 2xx poll body at least this large is decoded as the result straight away (one parse,
+not an envelope parse and then a result parse): envelopes (try_again, complete_metadata,
+error) are a few hundred bytes. If that decode fails, the body is classified as usual."""
+
+_RESULT_FIRST: Final = "_tinkex_result_first"
+
+
+def result_first(decode: ResultDecoder[_T]) -> ResultDecoder[_T]:
+    """Mark `decode` as safe to try before the envelope on a large body: its type has required
+    fields no envelope carries (`ForwardBackwardOutput`, `SampleResponse`), so an envelope can
+    never decode as its result."""
+    setattr(decode, _RESULT_FIRST, True)
+    return decode
+
 
 def json_decoder(type_: type[_T]) -> ResultDecoder[_T]:
     """A result decoder for a JSON result of `type_`."""
@@ -174,6 +189,13 @@ class _Poll:
             )
             if _PROTOBUF in response.headers.get("content-type", ""):
                 return _decode(decode, response, request_id)
+            if len(response.content) >= RESULT_FIRST_BYTES and getattr(
+                decode, _RESULT_FIRST, False
+            ):
+                try:
+                    return decode(response)
+                except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                    pass  # not the result: an envelope after all, classified below
             envelope = _envelope(response, request_id)
             if envelope.type == "try_again":
                 self._report(envelope.queue_state, envelope.queue_state_reason)

@@ -20,6 +20,17 @@ How a request runs:
    in every other case (``Connection: close``, a half-read body, an error, cancellation) it is
    closed (STYLE.md 4.2, 4.3, 4.5). One request per connection at a time; no pipelining (4.4).
 
+The direct path, :meth:`H11Pool.fetch`: the SDK's Transport sends its API calls (whole, not
+streamed, to its base URL) here without building an ``httpx.Request``: the origin and constant
+headers are serialized once (:meth:`H11Pool.prepare`), the request head is written with the
+body in one piece, and the whole response is read and returned as a :class:`Fetched`. The
+common response head (HTTP/1.1, a status from 200, ``Content-Length``) is parsed by
+:func:`tinkex_trio._http1.parse_response_head`; anything else (chunked or close-delimited
+bodies, 1xx, 204/304, HTTP/1.0, malformed heads) is handed with the bytes already received to
+a fresh h11 connection that frames and checks it. Slots, idle connections, the stale-connection
+retry, timeouts and the httpx exception types are the same as for ``handle_async_request``;
+one cancel scope per exchange carries the per-operation deadlines.
+
 Error handling:
 
 - Failures are raised as httpx's own exceptions, chosen in one place (:func:`_map_errors`):
@@ -49,16 +60,18 @@ from __future__ import annotations
 import math
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Final, Literal, NoReturn, cast, final
+from typing import Final, Literal, NamedTuple, NoReturn, cast, final
 
 import h11
 import httpx
 import msgspec
 import trio
 
-__all__ = ["H11Pool", "PoolStatistics"]
+from tinkex_trio._http1 import parse_response_head
+
+__all__ = ["DirectTarget", "Fetched", "H11Pool", "PoolStatistics"]
 
 DEFAULT_MAX_CONNECTIONS: Final = 1000
 """Requests in flight at once (= connections in use). PROTOCOL.md 1.6: the official SDK's limit."""
@@ -79,6 +92,9 @@ _COALESCE_LIMIT: Final = 64 * 1024
 """Bodies up to this size are joined to the head and sent in one write."""
 
 _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+_TOKEN_CHARS: Final = (
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 
 _Origin = tuple[str, str, int]
@@ -146,6 +162,30 @@ class PoolStatistics(msgspec.Struct, frozen=True, kw_only=True):
     """Requests sent on a connection that had served an earlier response."""
     stale_retries: int
     """Requests re-sent on a fresh connection after a reused one turned out dead."""
+
+
+@final
+class DirectTarget:
+    """An origin and the request headers every request to it carries, serialized once
+    (:meth:`H11Pool.prepare`); what :meth:`H11Pool.fetch` sends to."""
+
+    __slots__ = ("fixed", "fixed_pairs", "origin")
+
+    def __init__(
+        self, origin: _Origin, fixed: bytes, fixed_pairs: list[tuple[bytes, bytes]]
+    ) -> None:
+        self.origin = origin
+        self.fixed = fixed
+        self.fixed_pairs = fixed_pairs
+
+
+class Fetched(NamedTuple):
+    """A whole response read by :meth:`H11Pool.fetch`."""
+
+    status: int
+    reason: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
 
 
 class _Connection:
@@ -326,6 +366,173 @@ class H11Pool(httpx.AsyncBaseTransport):
             extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason},
         )
 
+    # -- the direct path -----------------------------------------------------------------------
+
+    @staticmethod
+    def prepare(url: httpx.URL, headers: Sequence[tuple[str, str]]) -> DirectTarget:
+        """The origin of ``url`` and its constant headers (``Host`` first, then ``headers``),
+        serialized once for :meth:`fetch`.
+
+        Raises:
+            httpx.UnsupportedProtocol: a scheme other than http/https.
+            ValueError: a header name that is not a token, or a value with CR, LF or NUL.
+        """
+        scheme = url.scheme
+        if scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"H11Pool speaks http and https, not {scheme!r}")
+        origin = (scheme, url.host, url.port or _DEFAULT_PORTS[scheme])
+        pairs = [(b"Host", url.netloc)]
+        for name, value in headers:
+            raw_name, raw_value = name.encode("ascii"), value.encode("latin-1")
+            if (
+                not raw_name
+                or raw_name.translate(None, _TOKEN_CHARS)
+                or any(c in raw_value for c in (b"\r", b"\n", b"\0"))
+            ):
+                raise ValueError(f"header {name!r} cannot be sent (bad name or control character)")
+            pairs.append((raw_name, raw_value))
+        fixed = b"".join(b"%s: %s\r\n" % pair for pair in pairs)
+        return DirectTarget(origin, fixed, pairs)
+
+    async def fetch(
+        self,
+        target: DirectTarget,
+        method: str,
+        path: str,
+        headers: Sequence[tuple[str, str]],
+        body: bytes | None,
+        *,
+        connect_timeout: float | None,
+        read_timeout: float | None,
+        write_timeout: float | None,
+        pool_timeout: float | None,
+    ) -> Fetched:
+        """Send one request and read its whole response: the SDK's hot path, without httpx.
+
+        ``path`` is the request target as sent (already percent-encoded, no spaces);
+        ``headers`` come after ``target``'s fixed ones; a body gets ``Content-Length``. The
+        request head is written in one piece; the response head is read by
+        :func:`tinkex_trio._http1.parse_response_head` and, when it is not the common shape,
+        by h11 (chunked bodies, close-delimited bodies, HTTP/1.0, 1xx).
+
+        Connections, slots, timeouts, the one retry of a stale reused connection and the
+        errors raised are those of :meth:`handle_async_request` (the module docstring).
+
+        Raises:
+            httpx.LocalProtocolError: a header holds CR, LF or NUL, or a method or path that
+                cannot be sent.
+            RuntimeError: the pool is closed.
+        """
+        if self._closed:
+            raise RuntimeError("H11Pool is closed; create a new transport")
+        block = "".join([f"{name}: {value}\r\n" for name, value in headers])
+        if (
+            block.count("\n") != len(headers)
+            or block.count("\r") != len(headers)
+            or "\0" in block
+            or " " in path
+            or "\r" in path
+            or "\n" in path
+        ):
+            raise httpx.LocalProtocolError("a request header or the path holds a control character")
+        try:
+            head = b"".join(
+                (
+                    f"{method} {path} HTTP/1.1\r\n".encode("ascii"),
+                    target.fixed,
+                    block.encode("latin-1"),
+                    b"" if body is None else b"Content-Length: %d\r\n" % len(body),
+                    b"\r\n",
+                )
+            )
+        except UnicodeEncodeError as exc:
+            raise httpx.LocalProtocolError(f"cannot encode the request head: {exc}") from None
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            try:
+                with _deadline(pool_timeout):
+                    await self._slots.acquire()
+            except trio.TooSlowError:
+                raise httpx.PoolTimeout(
+                    f"no connection slot free within {pool_timeout} s "
+                    f"({self._max_connections} in use)"
+                ) from None
+
+        def h11_request() -> h11.Request:
+            pairs = [*target.fixed_pairs, *((n.encode(), v.encode("latin-1")) for n, v in headers)]
+            if body is not None:
+                pairs.append((b"Content-Length", b"%d" % len(body)))
+            return h11.Request(method=method, target=path, headers=pairs)
+
+        conn: _Connection | None = None
+        try:
+            retried = False
+            while True:
+                conn = None if retried else self._checkout(target.origin)
+                if conn is None:
+                    conn = await self._connect(target.origin, connect_timeout)
+                self._active.add(conn)
+                reused = conn.responses > 0
+                self._sent += 1
+                self._reused += reused
+                try:
+                    fetched, reusable = await self._exchange_direct(
+                        conn, head, body, h11_request, read_timeout, write_timeout
+                    )
+                except _StaleConnection as exc:
+                    self._discard(conn)
+                    conn = None
+                    if reused and not retried:
+                        retried = True
+                        self._stale_retries += 1
+                        continue
+                    raise exc.error(str(exc)) from exc
+                break
+        except BaseException:
+            if conn is not None:
+                self._discard(conn)
+            self._slots.release()
+            raise
+        if reusable:
+            self._return_idle(conn)
+        else:
+            self._discard(conn)
+        self._slots.release()
+        return fetched
+
+    async def _exchange_direct(
+        self,
+        conn: _Connection,
+        head: bytes,
+        body: bytes | None,
+        h11_request: Callable[[], h11.Request],
+        read_timeout: float | None,
+        write_timeout: float | None,
+    ) -> tuple[Fetched, bool]:
+        """Write the request, read the whole response: (response, whether conn is reusable).
+
+        One cancel scope carries the per-operation deadlines (moved before each write and
+        read), and one ``try`` maps failures to httpx's types, as :func:`_map_errors` does:
+        cheaper than a ``fail_after`` and a context manager per socket operation.
+        """
+        exchange = _DirectExchange(conn, read_timeout)
+        result: tuple[Fetched, bool] | None = None
+        try:
+            with exchange.scope:
+                result = await exchange.run(head, body, h11_request, write_timeout)
+        except h11.RemoteProtocolError as exc:
+            raise httpx.RemoteProtocolError(str(exc)) from exc
+        except h11.LocalProtocolError as exc:
+            raise httpx.LocalProtocolError(str(exc)) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        if result is None:  # the scope's deadline passed
+            if exchange.writing:
+                raise httpx.WriteTimeout("write timed out")
+            raise httpx.ReadTimeout("read timed out")
+        return result
+
     # -- internals -----------------------------------------------------------------------------
 
     @staticmethod
@@ -366,6 +573,14 @@ class H11Pool(httpx.AsyncBaseTransport):
             conn.close()
             return
         h.start_next_cycle()
+        self._return_idle(conn)
+
+    def _return_idle(self, conn: _Connection) -> None:
+        """Put a connection whose exchange ended cleanly back in the idle pool (or close it)."""
+        self._active.discard(conn)
+        if self._closed:
+            conn.close()
+            return
         conn.responses += 1
         conn.got_response_bytes = False
         now = trio.current_time()
@@ -528,6 +743,133 @@ class _ResponseStream(httpx.AsyncByteStream):
 
     async def aclose(self) -> None:
         self._release(False)
+
+
+@final
+class _DirectExchange:
+    """One request and response on the direct path (:meth:`H11Pool.fetch`)."""
+
+    __slots__ = ("conn", "read_timeout", "scope", "write_error", "writing")
+
+    def __init__(self, conn: _Connection, read_timeout: float | None) -> None:
+        self.conn = conn
+        self.read_timeout = (
+            None if read_timeout is None or math.isinf(read_timeout) else read_timeout
+        )
+        self.scope = trio.CancelScope()
+        self.writing = True
+        self.write_error: BaseException | None = None
+
+    async def run(
+        self,
+        head: bytes,
+        body: bytes | None,
+        h11_request: Callable[[], h11.Request],
+        write_timeout: float | None,
+    ) -> tuple[Fetched, bool]:
+        stream = self.conn.stream
+        if write_timeout is not None and not math.isinf(write_timeout):
+            self.scope.deadline = trio.current_time() + write_timeout
+        try:
+            if body and len(body) > _COALESCE_LIMIT:  # skip the copy that joining makes
+                await stream.send_all(head)
+                await stream.send_all(body)
+            else:
+                await stream.send_all(head + body if body else head)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # STYLE.md 4.10: the server may have answered early with a complete error; read.
+            self.write_error = exc
+        self.writing = False
+
+        buffer = bytearray()
+        while True:
+            data = await self.receive()
+            if not data:
+                raise h11.RemoteProtocolError("peer closed connection in the response head")
+            buffer += data
+            end = buffer.find(b"\r\n\r\n")
+            if end >= 0:
+                break
+            if b"\n\n" in buffer or len(buffer) > MAX_HEADER_BYTES:
+                end = -1  # bare LF line ends (h11 reads them) or too large (h11 says so)
+                break
+        parsed = None if end < 0 else parse_response_head(bytes(buffer[:end]))
+        if parsed is None:
+            return await self.h11_rest(h11_request(), body, bytes(buffer))
+        del buffer[: end + 4]
+        need = parsed.content_length
+        while len(buffer) < need:
+            data = await self.receive()
+            if not data:
+                raise h11.RemoteProtocolError(
+                    f"peer closed connection without sending complete message body: "
+                    f"received {len(buffer)} bytes, expected {need}"
+                )
+            buffer += data
+        # Bytes past the body were never asked for: do not reuse a connection that has them.
+        reusable = parsed.keep_alive and self.write_error is None and len(buffer) == need
+        body_bytes = bytes(buffer) if len(buffer) == need else bytes(buffer[:need])
+        return Fetched(parsed.status, parsed.reason, parsed.headers, body_bytes), reusable
+
+    async def receive(self) -> bytes:
+        """One read of the response; a connection that dies before any response byte raises
+        `_StaleConnection` (the pool may retry a reused one)."""
+        conn = self.conn
+        if self.read_timeout is not None:
+            self.scope.deadline = trio.current_time() + self.read_timeout
+        try:
+            data = cast(bytes, await conn.stream.receive_some(READ_SIZE))
+        except (trio.BrokenResourceError, OSError) as exc:
+            if not conn.got_response_bytes:
+                raise _StaleConnection(
+                    f"connection lost before any response byte ({exc!r})", httpx.ReadError
+                ) from exc
+            raise
+        if not data and not conn.got_response_bytes:
+            error = self.write_error
+            detail = f" (after a write error: {error})" if error is not None else ""
+            raise _StaleConnection(
+                f"Server disconnected without sending a response.{detail}",
+                httpx.RemoteProtocolError,
+            )
+        conn.got_response_bytes = True
+        return data
+
+    async def h11_rest(
+        self, request: h11.Request, body: bytes | None, received: bytes
+    ) -> tuple[Fetched, bool]:
+        """Read the rest of an unusual response with h11, from the bytes already received.
+
+        A fresh h11 connection is told what was sent (the bytes it produces are dropped: they
+        went out already), so it frames the response exactly as it would have.
+        """
+        h = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEADER_BYTES)
+        h.send(request)
+        if body:
+            h.send(h11.Data(data=body))
+        h.send(h11.EndOfMessage())
+        if self.write_error is not None:
+            h.send_failed()
+        h.receive_data(received)
+        response: h11.Response | None = None
+        chunks: list[bytes] = []
+        while True:
+            event = h.next_event()
+            if event is h11.NEED_DATA:
+                h.receive_data(await self.receive())  # b"" marks EOF; h11 decides
+            elif isinstance(event, h11.Response):
+                response = event
+            elif isinstance(event, h11.Data):
+                chunks.append(bytes(event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            elif not isinstance(event, h11.InformationalResponse):
+                _unexpected(event)
+        assert response is not None  # h11 yields Data / EndOfMessage only after a Response
+        reusable = h.our_state is h11.DONE and h.their_state is h11.DONE
+        headers = [(bytes(name), bytes(value)) for name, value in response.headers.raw_items()]
+        fetched = Fetched(response.status_code, bytes(response.reason), headers, b"".join(chunks))
+        return fetched, reusable
 
 
 def _unexpected(event: object) -> NoReturn:

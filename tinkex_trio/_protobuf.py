@@ -175,8 +175,50 @@ def encode_forward_backward_request(
                 csr.crow_indices = np.asarray(tensor.sparse_crow_indices, _LE_INT64).tobytes()
                 cols = tensor.sparse_col_indices
                 csr.col_indices = np.asarray([] if cols is t.UNSET else cols, _LE_INT64).tobytes()
-    body: bytes = request.SerializeToString()
+        if datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET:
+            _encode_spans(datum.model_input_spans, wire.model_input_spans)
+            _encode_spans(datum.loss_fn_input_spans, wire.loss_fn_input_spans)
+    # Deterministic: map entries (loss_fn_inputs, loss_fn_config) in key order. The protobuf
+    # runtime (upb) otherwise orders them by a hash seeded per process, so even the official
+    # SDK's body for the same data differs from run to run; this way ours is reproducible and
+    # equals the official body serialized deterministically (tests/conformance). It costs a
+    # sort of a few keys per datum.
+    body: bytes = request.SerializeToString(deterministic=True)
     return body
+
+
+def _encode_spans(spans: Sequence[t.ProvenanceSpan], target: Any) -> None:
+    """Provenance spans as `ProvenanceSpan` messages (PROTOCOL.md 6.1-6.2)."""
+    for span in spans:
+        wire = target.add()
+        arm = (
+            wire.sampled_tokens if isinstance(span, t.SampledProvenanceSpan) else wire.prompt_tokens
+        )
+        arm.sequence_id = span.sequence_id
+        arm.offset = span.offset
+        arm.length = span.length
+
+
+def _decode_spans(spans: Any, where: str) -> list[t.ProvenanceSpan]:
+    out: list[t.ProvenanceSpan] = []
+    for j, wire in enumerate(spans):
+        kind = wire.WhichOneof("span")
+        if kind == "prompt_tokens":
+            cls: type[t.PromptProvenanceSpan] | type[t.SampledProvenanceSpan] = (
+                t.PromptProvenanceSpan
+            )
+        elif kind == "sampled_tokens":
+            cls = t.SampledProvenanceSpan
+        else:
+            raise ValueError(
+                f"{where}[{j}]: a ProvenanceSpan must set prompt_tokens or sampled_tokens"
+            )
+        arm = getattr(wire, kind)
+        try:
+            out.append(cls(sequence_id=arm.sequence_id, offset=arm.offset, length=arm.length))
+        except ValueError as exc:
+            raise ValueError(f"{where}[{j}]: {exc}") from None
+    return out
 
 
 @dataclass(frozen=True)
@@ -261,7 +303,17 @@ def decode_forward_backward_request(body: bytes) -> ForwardBackwardProto:
                 if shape and math.prod(shape) != values.size:
                     raise ValueError(f"{where}: shape {shape} does not hold {values.size} values")
                 inputs[key] = _tensor_data(values, dtype, shape or [values.size])
-        data.append(t.Datum(model_input=t.ModelInput(chunks=chunks), loss_fn_inputs=inputs))
+        datum = t.Datum(model_input=t.ModelInput(chunks=chunks), loss_fn_inputs=inputs)
+        # Proto3 repeated fields cannot tell "absent" from "empty": spans are present when
+        # either list has an entry (the SDK writes both or neither, 6.2).
+        if wire.model_input_spans or wire.loss_fn_input_spans:
+            datum.model_input_spans = _decode_spans(
+                wire.model_input_spans, f"data[{i}].model_input_spans"
+            )
+            datum.loss_fn_input_spans = _decode_spans(
+                wire.loss_fn_input_spans, f"data[{i}].loss_fn_input_spans"
+            )
+        data.append(datum)
     return ForwardBackwardProto(
         model_id=request.model_id,
         seq_id=request.seq_id or None,
@@ -275,17 +327,28 @@ def decode_forward_backward_request(body: bytes) -> ForwardBackwardProto:
 # -------------------------------------------------------------- ForwardBackwardOutput
 
 
+def _trailing_shapes(datum: dict[str, t.TensorData]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, tuple(x.resolved_shape()[1:])) for name, x in datum.items())
+
+
 def encode_forward_backward_output(output: t.ForwardBackwardOutput) -> bytes:
-    """One `ArrayRecord` holding every datum's outputs (PROTOCOL.md 6.4).
+    """The datums' outputs as `ArrayRecord`s (PROTOCOL.md 6.4), usually one.
 
     Each field's per-datum values are concatenated; offsets are byte offsets; the trailing
-    shape is the datum shape after its first axis (taken from the first datum).
+    shape is the datum shape after its first axis. A record has one trailing shape per field,
+    so a datum whose trailing shapes differ from the previous one's (a custom loss's [N, K]
+    logprobs with another K) starts a new record; the client concatenates records in order.
     """
     message = _pb.ForwardBackwardOutput(loss_fn_output_type=output.loss_fn_output_type)
     for key, value in output.metrics.items():
         message.metrics[key] = float(value)
-    outputs = output.loss_fn_outputs
-    if outputs:
+    groups: list[list[dict[str, t.TensorData]]] = []
+    for datum in output.loss_fn_outputs:
+        if groups and _trailing_shapes(groups[-1][0]) == _trailing_shapes(datum):
+            groups[-1].append(datum)
+        else:
+            groups.append([datum])
+    for outputs in groups:
         record = message.loss_fn_outputs.add(num_datums=len(outputs))
         for name in outputs[0]:
             tensors = [datum[name] for datum in outputs]

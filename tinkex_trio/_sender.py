@@ -183,7 +183,11 @@ class OrderedSender:
         transport = self._ctx.transport
         if not protobuf:
             path, content = _fwdbwd.encode_json(chunk)
-            sub.protobuf_result = False
+            # The result is asked for as protobuf all the same: measured (benchmarks/
+            # bench_encode.py), a ForwardBackwardOutput of real logprobs decodes 2-3x faster
+            # from its packed arrays than from JSON. A server that only speaks JSON answers
+            # JSON, and the decoder reads either by Content-Type (PROTOCOL.md 4.2 rule 1, 4.5).
+            sub.protobuf_result = True
             return await transport.request("POST", path, content=content, policy=sub.policy)
         content = _fwdbwd.encode_protobuf(chunk)
         headers: dict[str, str] = {}

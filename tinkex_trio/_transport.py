@@ -18,6 +18,13 @@ header), and :meth:`Transport.request` applies it. The 402 billing pause is one 
 by every call of the transport (PROTOCOL.md 9.6), and the bare-400 budget (1.6) is the
 transport's too.
 
+The direct path: when the transport is our own :class:`~tinkex_trio._pool.H11Pool` (the
+default), a whole non-GET API call to the base URL with a plain path skips httpx's request
+building and client machinery and goes through :meth:`H11Pool.fetch` (headers, telemetry,
+policies and errors unchanged; the response is still an ``httpx.Response``, its ``request``
+built only when an error message needs it). GETs, streams, query parameters and redirects go
+through ``httpx.AsyncClient``, as does everything with a user-supplied transport.
+
 Credentials: the ``X-API-Key`` value is asked of :class:`tinkex_trio._auth.Credentials`
 (``Transport.auth``) just before each send, so it can be an exchanged JWT that is refreshed
 while the service runs (PROTOCOL.md 1.3); a ``401`` with ``WWW-Authenticate: ...
@@ -31,10 +38,12 @@ strips only ``Authorization`` on a cross-origin redirect).
 from __future__ import annotations
 
 import email.utils
+import itertools
 import logging
+import os
 import random as _random
+import re
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Final, TypeVar, final
@@ -45,6 +54,7 @@ import trio
 from tinkex_trio import _policy
 from tinkex_trio._auth import TOKEN_PATH, Credentials
 from tinkex_trio._policy import CALL, CONNECTION, DOWNLOAD, CallPolicy, Retry, RetryState, Throttle
+from tinkex_trio._pool import DirectTarget, Fetched, H11Pool
 from tinkex_trio._version import __version__
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
@@ -72,7 +82,15 @@ USER_AGENT: Final = f"tinkex-trio/{__version__}"
 """Sent as ``User-Agent`` (PROTOCOL.md 1.4 lists the official SDK's; we name ourselves)."""
 
 IDEMPOTENCY_KEY_PREFIX: Final = "tinkex-trio-retry-"
-"""``X-Idempotency-Key`` on non-GET requests: prefix + uuid4, one per request (PROTOCOL.md 1.4)."""
+"""``X-Idempotency-Key`` on non-GET requests, one per request (PROTOCOL.md 1.4): the prefix, 16
+random hex digits drawn once per Transport (as unlikely to collide as a uuid4's 122 bits are
+for the keys a server keeps), and a counter. A uuid4 per call was measurable at thousands of
+calls a second; a counter is free."""
+
+_REDIRECTS: Final = frozenset({301, 302, 303, 307, 308})
+# A path the direct path may send as is: already percent-encoded, no query, no dot segments
+# (httpx would normalize those); anything else goes through httpx, which encodes it.
+_plain_path: Final = re.compile(r"/[A-Za-z0-9\-_~/%!$&'()*+,;=:@]*").fullmatch
 
 # Headers that carry credentials; never sent to an origin other than base_url's.
 _SECRET_HEADERS: Final = ("x-api-key", "cf-access-client-id", "cf-access-client-secret")
@@ -133,8 +151,42 @@ def _map_transport_error(exc: httpx.RequestError) -> APIConnectionError:
     return APIConnectionError(f"Connection error: {detail}", request=request)
 
 
-def _new_idempotency_key() -> str:
-    return IDEMPOTENCY_KEY_PREFIX + uuid.uuid4().hex
+class _DirectResponse(httpx.Response):
+    """A response read by the pool's direct path; its ``request`` is built only if asked for
+    (error messages, ``raise_for_status``): building one costs more than the whole exchange."""
+
+    _make_request: Callable[[], httpx.Request]
+
+    @classmethod
+    def _read(cls, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> _DirectResponse:
+        """A response whose (uncompressed) body is already read: the state
+        ``httpx.Response(status, headers=..., content=body)`` ends in, without running the
+        stream machinery (a tenth of the client's CPU per sample call).
+        tests/test_direct_path.py checks it against httpx's own construction."""
+        self = cls.__new__(cls)
+        self.status_code = status
+        self.headers = httpx.Headers(headers)
+        self._request = None
+        self.next_request = None
+        self.extensions = {}
+        self.history = []
+        self.default_encoding = "utf-8"
+        self.stream = httpx.ByteStream(body)
+        self._content = body
+        self._num_bytes_downloaded = len(body)
+        self.is_stream_consumed = True
+        self.is_closed = True
+        return self
+
+    @property
+    def request(self) -> httpx.Request:
+        if self._request is None:
+            self._request = self._make_request()
+        return self._request
+
+    @request.setter
+    def request(self, value: httpx.Request) -> None:
+        self._request = value
 
 
 class _NoCookies(httpx.Cookies):
@@ -178,8 +230,6 @@ class Transport:
         rng: _random.Random | None = None,
     ) -> None:
         if transport is None:
-            from tinkex_trio._pool import H11Pool
-
             transport = H11Pool()
         self._config = config
         self._base_url = config.base_url
@@ -216,6 +266,21 @@ class Transport:
         # sample call in benchmarks/bench_fanout.py. `_cookies` is what the client reads.
         if isinstance(getattr(self._client, "_cookies", None), httpx.Cookies):
             self._client._cookies = _NoCookies()
+        self._key_prefix = IDEMPOTENCY_KEY_PREFIX + os.urandom(8).hex() + "-"
+        self._key_counter = itertools.count()
+        # The direct path (our own pool): API calls to base_url skip httpx's request building
+        # and client machinery; the URL and the constant headers (the client's, as httpx would
+        # send them, but Accept, which each call sets) are prepared here, once.
+        self._pool = transport if isinstance(transport, H11Pool) else None
+        self._direct: DirectTarget | None = None
+        self._direct_prefix = ""
+        self._fixed_names: frozenset[str] = frozenset()
+        if self._pool is not None:
+            base = httpx.URL(config.base_url)
+            fixed = [(k, v) for k, v in self._client.headers.items() if k.lower() != "accept"]
+            self._direct = self._pool.prepare(base, fixed)
+            self._direct_prefix = base.raw_path.decode("ascii").rstrip("/")
+            self._fixed_names = frozenset(k.lower() for k, _ in fixed)
 
     # -- properties ------------------------------------------------------------------------------
 
@@ -315,7 +380,7 @@ class Transport:
             headers and any(name.lower() == "x-idempotency-key" for name in headers)
         )
         if keyed:
-            base["X-Idempotency-Key"] = _new_idempotency_key()
+            base["X-Idempotency-Key"] = self._new_idempotency_key()
         if headers:
             base.update(headers)
         http_timeout = self._http_timeout(read_timeout)
@@ -325,26 +390,61 @@ class Transport:
         replayed = False
         started = trio.current_time()
         paused = 0.0
+        # The direct path: our pool, a whole (not streamed) non-GET API call to base_url with
+        # a plain path and no header of the client's own overridden. GETs (REST reads, archive
+        # URLs, downloads) and everything else go through httpx, which follows redirects.
+        direct = (
+            self._direct is not None
+            and not stream
+            and params is None
+            and method != "GET"
+            and method != "HEAD"
+            and _plain_path(path) is not None
+            and "/." not in path
+            and not (headers and any(name.lower() in self._fixed_names for name in headers))
+        )
+        caller_key = bool(headers) and any(name.lower() == "x-api-key" for name in base)
         while True:
             self._check_open()
-            request = client.build_request(
-                method,
-                url,
-                content=content,
-                params=params,
-                headers={**base, "x-stainless-retry-count": str(attempt)},
-                timeout=http_timeout,
-            )
             key: str | None = None
-            # A caller-supplied X-API-Key (the JWT exchange) is sent as is; credentials go only
-            # to the base URL's origin.
-            if "x-api-key" not in request.headers and _origin(request.url) == self._base_origin:
-                key = await self.auth.header_value()
-                if key is not None:
-                    request.headers["X-API-Key"] = key
-            exchanged = await self._exchange(
-                request, method, path, attempt, stream, follow_redirects, throttle, weight
-            )
+            request: httpx.Request | None = None
+            exchanged: httpx.Response | httpx.TransportError | None = None
+            if direct:
+                # Credentials: the direct path only ever talks to base_url's origin.
+                if not caller_key:
+                    key = await self.auth.header_value()
+                exchanged = await self._exchange_direct(
+                    method, url, path, base, attempt, key, content, read_timeout, throttle, weight
+                )
+                if (
+                    follow_redirects
+                    and isinstance(exchanged, httpx.Response)
+                    and exchanged.status_code in _REDIRECTS
+                    and "location" in exchanged.headers
+                ):
+                    # Not an API answer: send this request again through httpx, which follows
+                    # redirects as it always has (the server did not act on a redirected call).
+                    direct = False
+                    exchanged = None
+            if exchanged is None:
+                request = client.build_request(
+                    method,
+                    url,
+                    content=content,
+                    params=params,
+                    headers={**base, "x-stainless-retry-count": str(attempt)},
+                    timeout=http_timeout,
+                )
+                key = None
+                # A caller-supplied X-API-Key (the JWT exchange) is sent as is; credentials go
+                # only to the base URL's origin.
+                if "x-api-key" not in request.headers and _origin(request.url) == self._base_origin:
+                    key = await self.auth.header_value()
+                    if key is not None:
+                        request.headers["X-API-Key"] = key
+                exchanged = await self._exchange(
+                    request, method, path, attempt, stream, follow_redirects, throttle, weight
+                )
             response: httpx.Response | None
             failure: httpx.TransportError | None
             if isinstance(exchanged, httpx.TransportError):
@@ -414,7 +514,7 @@ class Transport:
                     else:
                         attempt = 0
                         if keyed:
-                            base["X-Idempotency-Key"] = _new_idempotency_key()
+                            base["X-Idempotency-Key"] = self._new_idempotency_key()
                     continue
             if response is not None and (
                 (outcome == 429 and policy.throttle and throttle is not None)
@@ -431,7 +531,7 @@ class Transport:
                     _policy.rebuilt(policy, counts, outcome)
                 attempt = 0
                 if keyed:
-                    base["X-Idempotency-Key"] = _new_idempotency_key()
+                    base["X-Idempotency-Key"] = self._new_idempotency_key()
                 continue
             if failure is not None:
                 raise _map_transport_error(failure) from failure
@@ -440,12 +540,130 @@ class Transport:
                 await response.aclose()
                 raise APIConnectionError(
                     "Connection error: HTTP 400 with an empty body (connection reset)",
-                    request=request,
+                    request=response.request,
                 )
             if raise_for_status:
                 await response.aclose()
                 raise status_error_for(response)
             return response
+
+    def _new_idempotency_key(self) -> str:
+        return f"{self._key_prefix}{next(self._key_counter):x}"
+
+    async def _exchange_direct(
+        self,
+        method: str,
+        url: str,
+        path: str,
+        base: dict[str, str],
+        attempt: int,
+        key: str | None,
+        content: bytes | None,
+        read_timeout: float,
+        throttle: Throttle | None,
+        weight: int,
+    ) -> httpx.Response | httpx.TransportError:
+        """:meth:`_exchange` through the pool's direct path (:meth:`H11Pool.fetch`): the same
+        headers, telemetry, errors and throttle, without building an ``httpx.Request``."""
+        pool, target = self._pool, self._direct
+        assert pool is not None and target is not None
+        pairs = [*base.items(), ("x-stainless-retry-count", str(attempt))]
+        if key is not None:
+            pairs.append(("X-API-Key", key))
+        body = content
+        if body is None and method in ("POST", "PUT", "PATCH"):
+            body = b""  # as httpx: Content-Length: 0 (STYLE.md 4.13)
+        telemetry = self.telemetry
+        if telemetry.active:
+            telemetry.emit(RequestStarted(method=method, path=path, attempt=attempt))
+        sent_at = trio.current_time()
+        target_path = self._direct_prefix + path
+        connect = self._config.connect_timeout
+        try:
+            if throttle is None:
+                fetched = await pool.fetch(
+                    target,
+                    method,
+                    target_path,
+                    pairs,
+                    body,
+                    connect_timeout=connect,
+                    read_timeout=read_timeout,
+                    write_timeout=read_timeout,
+                    pool_timeout=read_timeout,
+                )
+            else:
+                async with throttle.dispatch(weight):
+                    fetched = await pool.fetch(
+                        target,
+                        method,
+                        target_path,
+                        pairs,
+                        body,
+                        connect_timeout=connect,
+                        read_timeout=read_timeout,
+                        write_timeout=read_timeout,
+                        pool_timeout=read_timeout,
+                    )
+        except httpx.TransportError as exc:
+            if telemetry.active:
+                telemetry.emit(
+                    RequestFailed(
+                        method=method,
+                        path=path,
+                        error_type=type(exc).__name__,
+                        attempt=attempt,
+                        duration=trio.current_time() - sent_at,
+                    )
+                )
+            if not _is_retryable_transport_error(exc):
+                raise _map_transport_error(exc) from exc
+            return exc
+        response = self._direct_response(fetched, method, url, pairs, content)
+        if telemetry.active:
+            telemetry.emit(
+                RequestFinished(
+                    method=method,
+                    path=path,
+                    status=fetched.status,
+                    attempt=attempt,
+                    duration=trio.current_time() - sent_at,
+                )
+            )
+        self._log_deprecation(response)
+        return response
+
+    def _direct_response(
+        self,
+        fetched: Fetched,
+        method: str,
+        url: str,
+        pairs: list[tuple[str, str]],
+        content: bytes | None,
+    ) -> httpx.Response:
+        extensions = {"http_version": b"HTTP/1.1", "reason_phrase": fetched.reason}
+        if any(name.lower() == b"content-encoding" for name, _ in fetched.headers):
+            try:  # httpx decodes a compressed body (gzip, deflate, zstd, br) in its __init__
+                response = _DirectResponse(
+                    fetched.status,
+                    headers=fetched.headers,
+                    content=fetched.body,
+                    extensions=extensions,
+                )
+            except httpx.DecodingError as exc:
+                raise _map_transport_error(exc) from exc
+        else:
+            response = _DirectResponse._read(fetched.status, fetched.headers, fetched.body)
+            response.extensions = extensions
+        client = self._client
+
+        def make_request() -> httpx.Request:
+            # What was sent, as an httpx.Request for error messages; the key is left out.
+            shown = {k: v for k, v in pairs if k.lower() != "x-api-key"}
+            return client.build_request(method, url, content=content, headers=shown)
+
+        response._make_request = make_request
+        return response
 
     async def _exchange(
         self,

@@ -56,6 +56,14 @@ def require_training_data(data: Sequence[t.Datum], loss_fn: str) -> None:
                     f"data[{i}].loss_fn_inputs lacks {key!r}, which loss_fn {loss_fn!r} needs "
                     f"(it needs {list(required)})"
                 )
+            want = t.LOSS_INPUT_DTYPES.get(key)
+            got = datum.loss_fn_inputs[key].dtype
+            if want is not None and got != want:
+                raise InvalidInputError(
+                    f"data[{i}].loss_fn_inputs[{key!r}] has dtype {got}, but loss_fn {loss_fn!r} "
+                    f"needs {want}; convert it (e.g. numpy .astype({want}))"
+                )
+        _require_provenance(datum, i, length, loss_fn)
         for key, tensor in datum.loss_fn_inputs.items():
             shape = tensor.resolved_shape()
             if not shape or shape[0] != length:
@@ -68,6 +76,30 @@ def require_training_data(data: Sequence[t.Datum], loss_fn: str) -> None:
                     f"data[{i}].loss_fn_inputs[{key!r}] holds {len(tensor.data)} values but its "
                     f"shape {shape} needs {math.prod(shape)}"
                 )
+
+
+def _require_provenance(datum: t.Datum, index: int, length: int, loss_fn: str) -> None:
+    """Spans present when the loss needs them, and tiling their fields (PROTOCOL.md 7.3)."""
+    if not datum.has_provenance:
+        if loss_fn in t.LOSS_FNS_NEEDING_PROVENANCE:
+            raise InvalidInputError(
+                f"data[{index}] has no provenance spans, which loss_fn {loss_fn!r} needs: sample "
+                "with a client created with record_stability_info=True, then attach the "
+                "sequences with Datum.with_provenance(model_input=[...], loss_fn_inputs=[...])"
+            )
+        return
+    assert datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET
+    targets = datum.loss_fn_inputs.get("target_tokens")
+    try:
+        t.check_span_tiling(f"data[{index}].model_input_spans", datum.model_input_spans, length)
+        if targets is not None:
+            t.check_span_tiling(
+                f"data[{index}].loss_fn_input_spans",
+                datum.loss_fn_input_spans,
+                targets.resolved_shape()[0],
+            )
+    except ValueError as exc:
+        raise InvalidInputError(str(exc)) from None
 
 
 def require_loss_config(config: dict[str, float] | None) -> dict[str, float] | None:

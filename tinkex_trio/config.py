@@ -124,7 +124,8 @@ class Config:
     - ``timeout`` / ``connect_timeout``: seconds per request / per connection attempt (1.5).
     - ``max_retries``: layer-A retries per call; 0 turns them off (9.3).
     - ``project_id``, ``tags``, ``user_metadata``: sent in ``create_session`` (3.1).
-    - ``telemetry``: whether the SDK reports telemetry to the server.
+    - ``telemetry``: whether the SDK reports session start and a failing block's exception to
+      the server's telemetry endpoint (3.1; `tinkex_trio._server_telemetry`).
     - ``log_level``: ``"debug"``/``"info"``/... from ``TINKER_LOG``, or None (logging untouched).
     - ``extra_headers``: added to every request (after the SDK's own headers).
     - ``cf_access_client_id`` / ``cf_access_client_secret``: Cloudflare Access headers (1.1).

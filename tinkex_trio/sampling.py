@@ -39,6 +39,7 @@ from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import SAMPLE_BYTES_PER_TOKEN
 from tinkex_trio._limits import estimate_model_input_bytes
 from tinkex_trio._policy import CALL, SAMPLE, SAMPLE_RETRY
+from tinkex_trio._polling import result_first
 from tinkex_trio._validate import require_str, require_tinker_path
 from tinkex_trio.errors import APIError, InvalidInputError, ResultTimeoutError, TinkexError
 from tinkex_trio.rest import RestClient
@@ -65,13 +66,17 @@ class SamplingClient:
     """Samples from a base model or saved sampler weights; safe to share between tasks.
 
     Get one from `ServiceClient.create_sampling_client` or
-    `TrainingClient.save_weights_and_get_sampling_client`.
+    `TrainingClient.save_weights_and_get_sampling_client`. With `record_stability_info=True`
+    every request asks the server to record what it sampled (tokens and the sampler's
+    log-probs, per `SampledSequence.sequence_id`), which `stable_reinforce` training reads
+    through the datums' provenance spans (PROTOCOL.md 8.7).
     """
 
     _ctx: ServiceContext
     sampling_session_id: str
     model_path: str | None
     _base_model: str | None
+    record_stability_info: bool
     _seq_ids: itertools.count[int]
     _limit: trio.CapacityLimiter
     _completed: int
@@ -89,12 +94,14 @@ class SamplingClient:
         *,
         base_model: str | None,
         model_path: str | None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         self = object.__new__(cls)
         self._ctx = ctx
         self.sampling_session_id = sampling_session_id
         self._base_model = base_model
         self.model_path = model_path
+        self.record_stability_info = record_stability_info
         self._seq_ids = itertools.count()
         self._limit = trio.CapacityLimiter(ctx.client_config.sample_max_concurrent_requests)
         self._completed = 0
@@ -104,13 +111,19 @@ class SamplingClient:
 
     @classmethod
     async def _open(
-        cls, ctx: ServiceContext, *, base_model: str | None, model_path: str | None
+        cls,
+        ctx: ServiceContext,
+        *,
+        base_model: str | None,
+        model_path: str | None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A new sampling session for a base model or sampler weights, and its client.
 
         What `ServiceClient.create_sampling_client` does; a `TrainingClient` uses it too, with
         the service context only.
         """
+        _require_bool("record_stability_info", record_stability_info)
         if (base_model is None) == (model_path is None):
             raise InvalidInputError(
                 "create_sampling_client needs exactly one of base_model= or model_path="
@@ -130,7 +143,11 @@ class SamplingClient:
         )
         created = t.decode(response.content, t.CreateSamplingSessionResponse)
         return await cls._for_session(
-            ctx, created.sampling_session_id, base_model=base_model, model_path=model_path
+            ctx,
+            created.sampling_session_id,
+            base_model=base_model,
+            model_path=model_path,
+            record_stability_info=record_stability_info,
         )
 
     @classmethod
@@ -141,14 +158,22 @@ class SamplingClient:
         *,
         base_model: str | None = None,
         model_path: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A client for an existing sampling session (asks the server for its base model if
         not given: `GET samplers/{id}`)."""
+        _require_bool("record_stability_info", record_stability_info)
         if base_model is None:
             sampler = await RestClient(ctx.transport).get_sampler(sampling_session_id)
             base_model = sampler.base_model
             model_path = sampler.model_path
-        return cls._create(ctx, sampling_session_id, base_model=base_model, model_path=model_path)
+        return cls._create(
+            ctx,
+            sampling_session_id,
+            base_model=base_model,
+            model_path=model_path,
+            record_stability_info=record_stability_info,
+        )
 
     def get_base_model(self) -> str:
         return self._base_model or ""
@@ -194,6 +219,7 @@ class SamplingClient:
             sampling_session_id=self.sampling_session_id,
             prompt_logprobs=include_prompt_logprobs,
             topk_prompt_logprobs=topk_prompt_logprobs,
+            record_stability_info=self.record_stability_info,
         )
         return await self._with_timeout(request, timeout)
 
@@ -210,6 +236,7 @@ class SamplingClient:
             sampling_params=params,
             sampling_session_id=self.sampling_session_id,
             prompt_logprobs=True,
+            record_stability_info=self.record_stability_info,
         )
         response = await self._with_timeout(request, timeout)
         if response.prompt_logprobs is None:
@@ -301,7 +328,7 @@ class SamplingClient:
             result = await ctx.poller.poll(
                 future.request_id,
                 "Sample",
-                functools.partial(_sample_result, ids),
+                result_first(functools.partial(_sample_result, ids)),
                 protobuf=ctx.config.wire_format == "protobuf",
             )
         except TinkexError:
@@ -325,6 +352,11 @@ def _decode_submit(response: httpx.Response) -> t.UntypedAPIFuture:
         return t.decode(response.content, t.UntypedAPIFuture)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise APIError(f"invalid asample submit response: {exc}", request=response.request) from exc
+
+
+def _require_bool(name: str, value: object) -> None:
+    if value is not True and value is not False:
+        raise InvalidInputError(f"{name} must be a bool, got {value!r}")
 
 
 def _validate_sample_args(

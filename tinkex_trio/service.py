@@ -35,6 +35,7 @@ from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, DynamicConfig, SampleCanc
 from tinkex_trio._limits import ByteBudget
 from tinkex_trio._policy import CALL, HEARTBEAT, SESSION_FINISH, SUBMIT
 from tinkex_trio._polling import FuturePoller, json_decoder
+from tinkex_trio._server_telemetry import FINAL_FLUSH_TIMEOUT, ServerTelemetry
 from tinkex_trio._transport import Transport
 from tinkex_trio._validate import require_str, require_tinker_path
 from tinkex_trio._version import __version__
@@ -199,11 +200,24 @@ class ServiceClient:
         return TrainingClient._create(self._ctx, info, next_request_id=next_request_id)
 
     async def create_sampling_client(
-        self, *, base_model: str | None = None, model_path: str | None = None
+        self,
+        *,
+        base_model: str | None = None,
+        model_path: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
-        """A sampling client for a base model or for sampler weights at `model_path`."""
+        """A sampling client for a base model or for sampler weights at `model_path`.
+
+        `record_stability_info=True`: the server records every sequence this client samples,
+        for `stable_reinforce` (see `SamplingClient`).
+        """
         self._ctx.check_open("ServiceClient")
-        return await SamplingClient._open(self._ctx, base_model=base_model, model_path=model_path)
+        return await SamplingClient._open(
+            self._ctx,
+            base_model=base_model,
+            model_path=model_path,
+            record_stability_info=record_stability_info,
+        )
 
     async def sampling_client_for(
         self,
@@ -211,11 +225,16 @@ class ServiceClient:
         *,
         base_model: str | None = None,
         model_path: str | None = None,
+        record_stability_info: bool = False,
     ) -> SamplingClient:
         """A client for an existing sampling session (learns its base model if not given)."""
         self._ctx.check_open("ServiceClient")
         return await SamplingClient._for_session(
-            self._ctx, sampling_session_id, base_model=base_model, model_path=model_path
+            self._ctx,
+            sampling_session_id,
+            base_model=base_model,
+            model_path=model_path,
+            record_stability_info=record_stability_info,
         )
 
     def create_rest_client(self) -> RestClient:
@@ -269,6 +288,7 @@ async def _heartbeat(
     transport: Transport,
     telemetry: Telemetry,
     session_id: str,
+    report: ServerTelemetry | None = None,
     *,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
@@ -307,6 +327,8 @@ async def _heartbeat(
                     )
                     if telemetry.active:
                         telemetry.emit(SessionEvent(kind="heartbeat_failed", session_id=session_id))
+                    if report is not None:
+                        report.heartbeat_failing(trio.current_time() - last_ok)
             else:
                 last_ok = trio.current_time()
                 warned = False
@@ -426,7 +448,11 @@ async def open_service(
                     dynamic_config=dynamic_config,
                     sample_canceller=SampleCanceller(http, dynamic_config),
                 )
-                await nursery.start(_heartbeat, http, telemetry, session_id)
+                report = ServerTelemetry(http, session_id) if config.telemetry else None
+                if report is not None:
+                    report.session_start()
+                    await nursery.start(report.run)
+                await nursery.start(_heartbeat, http, telemetry, session_id, report)
                 if http.auth.jwt_enabled:
                     await nursery.start(http.auth.refresh_forever)
                 if dynamic_config.supported:
@@ -453,6 +479,11 @@ async def open_service(
                         await ctx.sample_canceller.flush()
                     with trio.CancelScope(shield=True), trio.move_on_after(SESSION_FINISH_TIMEOUT):
                         await _finish_session(http, session_id, reason, detail)
+                    if report is not None:
+                        if isinstance(user_error, Exception):
+                            report.session_failed(user_error)
+                        with trio.CancelScope(shield=True), trio.move_on_after(FINAL_FLUSH_TIMEOUT):
+                            await report.flush()
                     if telemetry.active:
                         telemetry.emit(SessionEvent(kind="finished", session_id=session_id))
         except BaseExceptionGroup as group:

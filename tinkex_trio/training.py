@@ -284,9 +284,19 @@ class TrainingClient:
             ttl_seconds,
         )
 
-    async def save_weights_and_get_sampling_client(self) -> SamplingClient:
-        """Snapshot the current weights into a new sampling session and return its client."""
+    async def save_weights_and_get_sampling_client(
+        self, *, record_stability_info: bool = False
+    ) -> SamplingClient:
+        """Snapshot the current weights into a new sampling session and return its client.
+
+        `record_stability_info=True`: the server records every sequence the client samples,
+        for `stable_reinforce` (see `SamplingClient`).
+        """
         self._check_usable()
+        if record_stability_info is not True and record_stability_info is not False:
+            raise InvalidInputError(
+                f"record_stability_info must be a bool, got {record_stability_info!r}"
+            )
         sampling_session_seq_id = next(self._ctx.sampling_session_seq_ids)
         future = self._queue_request(
             "/api/v1/save_weights_for_sampler",
@@ -305,13 +315,23 @@ class TrainingClient:
                 "the server's save_weights_for_sampler result has no sampling_session_id"
             )
         return await SamplingClient._for_session(
-            self._ctx, saved.sampling_session_id, base_model=self.base_model or None
+            self._ctx,
+            saved.sampling_session_id,
+            base_model=self.base_model or None,
+            record_stability_info=record_stability_info,
         )
 
-    async def create_sampling_client(self, model_path: str) -> SamplingClient:
+    async def create_sampling_client(
+        self, model_path: str, *, record_stability_info: bool = False
+    ) -> SamplingClient:
         """A sampling client for sampler weights saved earlier (`tinker://.../sampler_weights/...`)."""
         self._ctx.check_open("TrainingClient")
-        return await SamplingClient._open(self._ctx, base_model=None, model_path=model_path)
+        return await SamplingClient._open(
+            self._ctx,
+            base_model=None,
+            model_path=model_path,
+            record_stability_info=record_stability_info,
+        )
 
     def statistics(self) -> TrainingClientStatistics:
         sender = self._sender

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import trio
+from custom_loss_graphs import neg_ll, upload_body
 from server_testing import POLL, Harness, datum, open_harness
 
 from tinkex_trio.local._routes_futures import MAX_RETRIEVE_FUTURES_TIMEOUT
@@ -237,6 +238,9 @@ def _post_templates(w: World) -> dict[str, Any]:
             "timeout": 0.5,
         },
         "cancel_future": {"request_id": w.request_id},
+        "create_custom_loss": upload_body(
+            w.session, neg_ll, {"logprobs": 1, "weights": 1}, seq_id=3
+        ),
         "sessions/search": {
             "project_ids": ["p"],
             "user_metadata": {"k": "v"},

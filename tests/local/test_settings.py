@@ -49,6 +49,10 @@ def test_client_config_is_built_from_the_settings() -> None:
     assert answer.pjwt_auth_enabled is True and answer.proto_compress_fwdbwd is True
     assert answer.sample_use_retrieve_futures is True and answer.use_pyqwest_transport is False
     assert LocalBackendSettings().client_config().pjwt_auth_enabled is False
+    # Server-side custom losses are served (PROTOCOL.md 8.8), unless a flag turns them off.
+    assert answer.custom_loss_server_side is True
+    off = LocalBackendSettings(client_flags={"custom_loss_server_side": False})
+    assert off.client_config().custom_loss_server_side is False
 
 
 @pytest.mark.parametrize(

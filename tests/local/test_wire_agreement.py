@@ -17,11 +17,13 @@ from typing import Any
 
 import httpx
 import trio
+from custom_loss_graphs import neg_ll, upload_body
 from server_testing import API_KEY, Harness, fb_body, open_harness
 
 from tinkex_trio import types as t
 from tinkex_trio.local._engine_api import EngineUserError
 from tinkex_trio.local.testing import FAKE_MODEL_NAME
+from tinkex_trio.types._custom_loss import CreateCustomLossResponse
 
 #: The answer type of each route handler (by name) whose answer is not a future's result.
 ANSWER_TYPES: dict[str, type[t.Response]] = {
@@ -66,6 +68,7 @@ ANSWER_TYPES: dict[str, type[t.Response]] = {
     "asample": t.UntypedAPIFuture,
     "retrieve_futures": t.RetrieveFuturesResponse,
     "cancel_future": t.EmptyResponse,
+    "create_custom_loss": t.UntypedAPIFuture,
 }
 #: The result type of each kind of future (its request type, PROTOCOL.md 4.2 and A.3.8).
 RESULT_TYPES: dict[str, type[t.Response]] = {
@@ -79,6 +82,7 @@ RESULT_TYPES: dict[str, type[t.Response]] = {
     "LoadWeights": t.LoadWeightsResponse,
     "UnloadModel": t.UnloadModelResponse,
     "Sample": t.SampleResponse,
+    "CreateCustomLoss": CreateCustomLossResponse,
 }
 #: Routes whose answer is a file, not a wire object.
 FILE_ROUTES = frozenset({"download", "external_file", "trace_file"})
@@ -177,6 +181,15 @@ async def _drive_every_endpoint(h: Harness) -> None:
         pending = await h.ok("forward_backward", fb_body(mid, 10))
         assert (await h.poll(pending["request_id"])).json()["type"] == "try_again"
     await _result(h, pending["request_id"])
+    # A server-side custom loss (PROTOCOL.md 8.8): its future, then a forward_backward with it.
+    ranks = {"logprobs": 1, "weights": 1}
+    custom_loss = await _submit(h, "create_custom_loss", upload_body(sid, neg_ll, ranks))
+    custom = fb_body(mid, 11)
+    custom["forward_backward_input"] |= {
+        "loss_fn": "custom",
+        "loss_fn_config_v2": {"loss_id": {"text": custom_loss["loss_id"]}},
+    }
+    await _submit(h, "forward_backward", custom)
 
     # Sampling, session-wide completion polling and cancel.
     sampler = await h.ok(

@@ -24,6 +24,8 @@ Layout (one job per module; the public ones have no underscore):
                             archives, external-weights URLs, copy_weights
     _routes_sampling.py     sampling sessions, samplers, asample
     _routes_futures.py      retrieve_future, retrieve_futures, cancel_future
+    _routes_custom_loss.py  create_custom_loss; forward_backward with loss_fn "custom"
+    _custom_graph.py        custom-loss graphs: the allowlists, checks, per-session store
     _submit.py              TrainingSubmitter: dedup, checks and queueing by seq_id
     _checkpoints.py         Checkpoints: files, staging and atomic writes, rows, expiry, copies
     _archive.py             checkpoint tar.gz archives
@@ -35,6 +37,9 @@ Layout (one job per module; the public ones have no underscore):
                             sampling batcher
     _store.py               the SQLite store
     _convert.py             wire types to engine types, with the input checks
+    _stability.py           what record_stability_info samplers saw, per sequence id
+                            (per session, a day after last use, memory-capped)
+    _provenance.py          a datum's provenance spans checked against those recordings
     _engine_api.py          the Engine protocol and its plain types (the engine seam)
     _http.py                the small ASGI layer: requests, router, JSON and file answers
 

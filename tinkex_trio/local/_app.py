@@ -2,7 +2,7 @@
 
 The endpoints live by resource in `_routes_service.py` (bootstrap, auth, telemetry),
 `_routes_sessions.py`, `_routes_models.py` (training runs), `_routes_checkpoints.py`,
-`_routes_sampling.py` and `_routes_futures.py`; their shared state in `_backend.py`. This
+`_routes_sampling.py`, `_routes_futures.py` and `_routes_custom_loss.py`; their shared state in `_backend.py`. This
 module wires them into one ASGI callable: routing, authentication and the mapping of
 exceptions to error responses.
 
@@ -73,6 +73,7 @@ from ._http import (
 from ._jwt import JwtIssuer
 from ._residency import OFFLOAD_DIR, Residency
 from ._routes_checkpoints import CheckpointRoutes
+from ._routes_custom_loss import CustomLossRoutes
 from ._routes_futures import FutureRoutes
 from ._routes_models import ModelRoutes
 from ._routes_sampling import SamplingRoutes
@@ -122,6 +123,7 @@ class BackendApp:
             CheckpointRoutes(backend),
             SamplingRoutes(backend),
             FutureRoutes(backend),
+            CustomLossRoutes(backend),
         ):
             for method, pattern, handler in group.routes():
                 self.router.add(method, pattern, handler)

@@ -20,6 +20,7 @@ import trio
 from tinkex_trio import types as t
 
 from ._checkpoints import Checkpoints
+from ._custom_graph import CustomLossStore
 from ._engine_api import ModelInfo
 from ._expiry import SessionExpiry
 from ._futures import FutureRegistry
@@ -28,6 +29,7 @@ from ._memory_trim import trim_heap
 from ._scheduler import EngineRunner, SampleBatcher, TrainingLanes
 from ._settings import LocalBackendSettings
 from ._signed_urls import SignedUrls
+from ._stability import StabilityRecordings
 from ._store import ModelRow, SessionRow, Store
 
 API = "/api/v1"
@@ -79,6 +81,10 @@ class Backend:
         self.batcher = SampleBatcher(runner, self.registry)
         self.checkpoints = Checkpoints(settings.data_dir, store, runner)
         self.urls = SignedUrls(secret)
+        self.stability = StabilityRecordings(trio.current_time)
+        """What `record_stability_info` samplers saw, for stable_reinforce (`_stability.py`)."""
+        self.custom_losses = CustomLossStore()
+        """Server-side custom losses by loss_id (PROTOCOL.md 8.8), in memory."""
         self.expiry = SessionExpiry(settings.session_timeout, self._expire_session)
         """Open sessions' deadlines; its task runs in the app's nursery (`open_backend_app`)."""
         for session_id in store.open_sessions():

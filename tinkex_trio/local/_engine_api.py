@@ -14,13 +14,26 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-LossName = Literal["cross_entropy", "importance_sampling", "ppo", "cispo", "dro"]
-LOSS_NAMES: tuple[LossName, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
+if TYPE_CHECKING:
+    from ._custom_graph import CustomLoss
+
+LossName = Literal[
+    "cross_entropy", "importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce"
+]
+LOSS_NAMES: tuple[LossName, ...] = (
+    "cross_entropy",
+    "importance_sampling",
+    "ppo",
+    "cispo",
+    "dro",
+    "gspo",
+    "stable_reinforce",
+)
 
 
 class EngineUserError(ValueError):
@@ -70,6 +83,9 @@ class DatumArrays:
     loss_fn_inputs: dict[
         str, npt.NDArray[np.generic]
     ]  # target_tokens int64 [N], weights f32 [N], ...
+    # The sampler's own log-prob of each target token, from the server's stability recording
+    # (stable_reinforce, PROTOCOL.md 8.7); NaN where no sampled token backs the position.
+    recorded_logprobs: npt.NDArray[np.float32] | None = None
 
 
 @dataclass
@@ -137,6 +153,22 @@ class Engine(Protocol):
         loss_fn_config: dict[str, float],
         forward_only: bool,
     ) -> ForwardBackwardResult: ...
+
+    def forward_backward_custom(
+        self,
+        adapter_id: str,
+        data: Sequence[DatumArrays],
+        loss: CustomLoss,
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        """Run a stored custom loss (PROTOCOL.md 8.8) per datum and sum it.
+
+        `data` was checked against the loss's declared ranks by the server: `target_tokens`
+        is [N] or [N, K] (the rank of the loss's `logprobs`), each named input has its rank
+        (a rank-0 input is a 0-d array). Logprobs come back with `target_tokens`' shape;
+        metrics are `loss:sum` and the loss's `custom/<name>:sum|mean` (mean = sum / datums).
+        """
+        ...
 
     def optim_step(self, adapter_id: str, params: AdamStep) -> dict[str, float]: ...
 

@@ -4,7 +4,8 @@ load_weights, unload_model (PROTOCOL.md 3.2, A.1), and the training-run listing 
 Every request with a `seq_id` goes through `TrainingSubmitter` (`_submit.py`) into its model's
 lane; saves are checkpoint routes (`_routes_checkpoints.py`). forward_backward accepts the JSON
 body of A.1 and the protobuf body of 6.2 (zstd or not); forward is its own JSON endpoint, or
-protobuf forward_backward with `forward_only`.
+protobuf forward_backward with `forward_only`. `loss_fn: "custom"` (a stored server-side
+custom loss) is handed to `_routes_custom_loss.custom_job`.
 """
 
 from __future__ import annotations
@@ -38,13 +39,17 @@ from tinkex_trio.types import (
     UnloadModelResponse,
     decode_request,
 )
+from tinkex_trio.types._training import LossConfigValue
 
 from . import _convert
 from ._backend import API, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend
 from ._checkpoints import Checkpoints, utc_datetime
 from ._convert import or_none
+from ._custom_graph import CUSTOM_LOSS_FN
 from ._engine_api import EngineUserError
 from ._http import Handler, HTTPError, Request, Response, int_query, json_response
+from ._provenance import recorded_logprobs
+from ._routes_custom_loss import custom_job, numeric_loss_config
 from ._scheduler import JobFn
 from ._store import ModelRow
 from ._submit import TrainingSubmitter
@@ -168,8 +173,10 @@ class ModelRoutes:
     def _protobuf_body(self, request: Request) -> ForwardRequest | ForwardBackwardRequest:
         """A protobuf forward_backward body (PROTOCOL.md 6.2-6.3) as our JSON-form request.
 
-        `forward_only` picks the forward form. Config values must be numbers (our losses take
-        no text options). On a bad body the seq_id is consumed if it could be read.
+        `forward_only` picks the forward form. Config values must be numbers (the built-in
+        losses take no text options), except for `loss_fn: "custom"`, whose text `loss_id`
+        goes to `loss_fn_config_v2` (PROTOCOL.md 8.8). On a bad body the seq_id is consumed if
+        it could be read.
         """
         body = request.body
         encoding = (request.header("content-encoding") or "").strip().lower()
@@ -182,14 +189,21 @@ class ModelRoutes:
         except ValueError as exc:
             raise HTTPError(400, f"invalid protobuf forward_backward body: {exc}") from None
         config: dict[str, float] = {}
+        texts: dict[str, LossConfigValue] = {}
         for key, value in decoded.loss_fn_config.items():
-            if isinstance(value, str):
+            if isinstance(value, str) and decoded.loss_fn == CUSTOM_LOSS_FN:
+                texts[key] = LossConfigValue(text=value)  # the custom loss's loss_id (8.8)
+            elif isinstance(value, str):
                 if decoded.seq_id is not None:
                     self.submitter.consume(decoded.model_id, decoded.seq_id)
                 raise HTTPError(400, f"loss_fn_config[{key!r}] must be a number, got {value!r}")
-            config[key] = value
+            else:
+                config[key] = value
         fb_input = ForwardBackwardInput(
-            data=decoded.data, loss_fn=decoded.loss_fn, loss_fn_config=config or UNSET
+            data=decoded.data,
+            loss_fn=decoded.loss_fn,
+            loss_fn_config=config or UNSET,
+            loss_fn_config_v2=texts or UNSET,
         )
         seq_id = UNSET if decoded.seq_id is None else decoded.seq_id
         if decoded.forward_only:
@@ -212,9 +226,21 @@ class ModelRoutes:
             info = self.backend.model_info(model.base_model)
             if not fb_input.data:
                 raise EngineUserError("data is empty; send at least one datum")
+            if fb_input.loss_fn == CUSTOM_LOSS_FN:
+                return custom_job(self.backend, model, info, fb_input, forward_only)
             loss = _convert.loss_name(fb_input.loss_fn)
-            config = _convert.loss_config(fb_input.loss_fn_config)
+            config = numeric_loss_config(fb_input)
             arrays = [_convert.datum_arrays(d, i, info) for i, d in enumerate(fb_input.data)]
+            for index, (datum, converted) in enumerate(zip(fb_input.data, arrays, strict=True)):
+                converted.recorded_logprobs = recorded_logprobs(
+                    datum, index, converted, self.backend.stability, model.session_id
+                )
+                if loss == "stable_reinforce" and converted.recorded_logprobs is None:
+                    raise EngineUserError(
+                        f"data[{index}] has no provenance spans, which stable_reinforce needs: "
+                        "sample with record_stability_info=True and attach the sequences with "
+                        "Datum.with_provenance(model_input=..., loss_fn_inputs=...)"
+                    )
 
             async def job() -> ForwardBackwardOutput:
                 result = await runner.forward_backward(

@@ -136,10 +136,12 @@ class SamplingRoutes:
         body = decode_request(request.body, SampleRequest)
         sampler_id = or_none(body.sampling_session_id)
         adapter_dir: Path | None = None
+        owner: str | None = None  # the session that owns this request's stability recordings
         if sampler_id is not None:
             row = self.backend.store.get_sampling_session(sampler_id)
             if row is None:
                 raise HTTPError(404, f"unknown sampling_session_id {sampler_id!r}")
+            owner = row.session_id
             base_model = row.base_model
             adapter_dir = Path(row.adapter_dir) if row.adapter_dir else None
             self.backend.session_seen(row.session_id)
@@ -151,6 +153,12 @@ class SamplingRoutes:
             base_model = body.base_model
         else:
             raise HTTPError(400, "asample needs sampling_session_id, model_path or base_model")
+        if body.record_stability_info and owner is None:
+            raise HTTPError(
+                400,
+                "record_stability_info needs a sampling_session_id: recordings belong to the "
+                "session of a sampling session (create one with create_sampling_session)",
+            )
         info = self.backend.model_info(base_model)
         payload_hash = hash_payload(body)
         seq_id = or_none(body.seq_id)
@@ -173,8 +181,19 @@ class SamplingRoutes:
         sequence_ids = _sequence_ids(request_id, body.num_samples)
         want_prompt_logprobs = body.prompt_logprobs
         topk = body.topk_prompt_logprobs
+        recordings = self.backend.stability
+        record_for = owner if body.record_stability_info else None
 
         def finish(result: SampleResult) -> SampleResponse:
+            if record_for is not None:
+                recordings.record(
+                    record_for,
+                    engine_request.prompt,
+                    [
+                        (sid, s.tokens, s.logprobs)
+                        for s, sid in zip(result.sequences, sequence_ids, strict=True)
+                    ],
+                )
             return SampleResponse(
                 sequences=[
                     SampledSequence(

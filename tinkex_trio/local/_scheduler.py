@@ -34,7 +34,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import trio
 
@@ -53,6 +53,9 @@ from ._engine_api import (
 )
 from ._futures import FutureRegistry
 from ._residency import Residency
+
+if TYPE_CHECKING:
+    from ._custom_graph import CustomLoss
 from ._store import Category
 
 logger = logging.getLogger("tinkex_trio.local.scheduler")
@@ -198,6 +201,21 @@ class EngineRunner:
                 loss_fn,
                 loss_fn_config,
                 forward_only,
+            )
+
+    async def forward_backward_custom(
+        self,
+        adapter_id: str,
+        data: Sequence[DatumArrays],
+        loss: CustomLoss,
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            if not forward_only:
+                self.residency.gradients(adapter_id, True)
+            return await self._call(
+                self._engine.forward_backward_custom, adapter_id, data, loss, forward_only
             )
 
     async def optim_step(self, adapter_id: str, params: AdamStep) -> dict[str, float]:

@@ -66,10 +66,15 @@ DEFAULT_MAX_QUEUED_SAMPLES: Final = 256
 DEFAULT_METADATA_ONLY_THRESHOLD: Final = 4 * 1024 * 1024
 #: The `client/config` flags (PROTOCOL.md 2.1) where the local backend differs from an official
 #: server's defaults, unless `client_flags` overrides them: the official SDK's httpx transport
-#: (pyqwest buys nothing on loopback) and session-wide completion polling (4.8), which this
-#: backend serves. `pjwt_auth_enabled` follows `jwt_auth`.
+#: (pyqwest buys nothing on loopback), session-wide completion polling (4.8), and server-side
+#: custom losses (8.8), both of which this backend serves. `pjwt_auth_enabled` follows
+#: `jwt_auth`.
 DEFAULT_CLIENT_FLAGS: Final[Mapping[str, Any]] = MappingProxyType(
-    {"use_pyqwest_transport": False, "sample_use_retrieve_futures": True}
+    {
+        "use_pyqwest_transport": False,
+        "sample_use_retrieve_futures": True,
+        "custom_loss_server_side": True,
+    }
 )
 
 #: PROTOCOL.md 9.7: the SDK heartbeats every 10 s and warns after 120 s without success. Five

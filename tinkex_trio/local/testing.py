@@ -17,6 +17,9 @@ What it computes (a function of the inputs only, so tests can assert exact value
 
 * forward/forward_backward: the logprob of position i is `-1 / (1 + steps + i)`, where `steps`
   counts the adapter's optim_steps; `loss:sum` is minus the weighted sum of those logprobs.
+* forward_backward_custom: the same logprobs (for [N, K] targets, position i, candidate k
+  gets `-1 / (1 + steps + i + k)`) fed to the stored custom loss, run by the real graph
+  interpreter (this method alone needs torch).
 * optim_step: counts a step; its metrics are `{"learning_rate:mean": <the step's lr>}`.
 * sample: sample j of prompt p is the tokens `p[-1] + j + 1, p[-1] + j + 2, ...`
   (`max_tokens` of them, modulo the vocabulary), each with logprob -0.5, stop reason
@@ -46,7 +49,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, final
+from typing import TYPE_CHECKING, Literal, final
 
 import numpy as np
 
@@ -62,6 +65,9 @@ from ._engine_api import (
     SampleRequest,
     SampleResult,
 )
+
+if TYPE_CHECKING:
+    from ._custom_graph import CustomLoss
 
 __all__ = [
     "FAKE_CONTEXT",
@@ -83,6 +89,7 @@ EngineMethod = Literal[
     "create_adapter",
     "drop_adapter",
     "forward_backward",
+    "forward_backward_custom",
     "optim_step",
     "save_state",
     "load_state",
@@ -175,6 +182,38 @@ class FakeEngine:
             loss += float(-(lp * w).sum())
             logprobs.append(lp)
         return ForwardBackwardResult(logprobs=logprobs, metrics={"loss:sum": loss})
+
+    def forward_backward_custom(
+        self,
+        adapter_id: str,
+        data: Sequence[DatumArrays],
+        loss: CustomLoss,
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        # The graph interpreter is torch; only this method of the fake engine needs it.
+        import torch
+
+        from .engine._custom_training import reduce_metrics
+        from .engine._graph_loss import run_graph
+
+        self._enter("forward_backward_custom", adapter_id)
+        steps = int(self._adapter(adapter_id)["steps"])  # type: ignore[call-overload]
+        logprobs = []
+        total = 0.0
+        sums = dict.fromkeys(loss.metric_keys, 0.0)
+        for datum in data:
+            targets = np.asarray(datum.loss_fn_inputs["target_tokens"])
+            grid = np.indices(targets.shape).sum(axis=0)  # i (rank 1) or i + k (rank 2)
+            lp = (-1.0 / (1.0 + steps + grid)).astype(np.float32)
+            inputs = [torch.from_numpy(np.array(datum.loss_fn_inputs[n])) for n in loss.input_names]
+            value, metrics = run_graph(loss, [torch.from_numpy(lp), *inputs])
+            total += float(value)
+            for key, metric in metrics.items():
+                sums[key] += float(metric)
+            logprobs.append(lp)
+        return ForwardBackwardResult(
+            logprobs=logprobs, metrics=reduce_metrics(loss, total, sums, len(data))
+        )
 
     def optim_step(self, adapter_id: str, params: AdamStep) -> dict[str, float]:
         self._enter("optim_step", adapter_id)

@@ -36,8 +36,12 @@ from tinkex_trio.types._inputs import (
     ImageChunk as ImageChunk,
     ModelInput as ModelInput,
     ModelInputChunk as ModelInputChunk,
+    PromptProvenanceSpan as PromptProvenanceSpan,
+    ProvenanceSpan as ProvenanceSpan,
+    SampledProvenanceSpan as SampledProvenanceSpan,
     TensorData as TensorData,
     TensorDType as TensorDType,
+    check_span_tiling as check_span_tiling,
     to_tensor_data as to_tensor_data,
 )
 from tinkex_trio.types._paths import (
@@ -125,6 +129,7 @@ from tinkex_trio.types._session import (
 from tinkex_trio.types._training import (
     JSON_LOSS_FNS as JSON_LOSS_FNS,
     LOSS_FN_REQUIRED_INPUTS as LOSS_FN_REQUIRED_INPUTS,
+    LOSS_FNS_NEEDING_PROVENANCE as LOSS_FNS_NEEDING_PROVENANCE,
     AdamParams as AdamParams,
     CreateModelRequest as CreateModelRequest,
     CreateModelResponse as CreateModelResponse,
@@ -153,6 +158,7 @@ from tinkex_trio.types._training import (
 
 __all__ = [
     "JSON_LOSS_FNS",
+    "LOSS_FNS_NEEDING_PROVENANCE",
     "LOSS_FN_REQUIRED_INPUTS",
     "LOSS_INPUT_DTYPES",
     "SESSION_SEARCH_DEFAULT_LIMIT",
@@ -219,6 +225,8 @@ __all__ = [
     "OptimStepResponse",
     "ParsedTinkerPath",
     "PollEnvelope",
+    "PromptProvenanceSpan",
+    "ProvenanceSpan",
     "QueueState",
     "QueueStateBody",
     "Request",
@@ -230,6 +238,7 @@ __all__ = [
     "RetrieveFuturesTarget",
     "SampleRequest",
     "SampleResponse",
+    "SampledProvenanceSpan",
     "SampledSequence",
     "SamplingParams",
     "SaveWeightsExternalRequest",
@@ -279,6 +288,7 @@ __all__ = [
     "WeightsInfoRequest",
     "WeightsInfoResponse",
     "WhoAmIResponse",
+    "check_span_tiling",
     "decode",
     "decode_request",
     "encode",

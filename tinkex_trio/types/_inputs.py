@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Union, cast
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, Union, cast
 
 import msgspec
 import numpy as np
@@ -86,13 +86,13 @@ class ModelInput(msgspec.Struct, kw_only=True):
 
     @classmethod
     def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> Self:
-        if isinstance(tokens, np.ndarray):
-            array = tokens.astype(np.int64, copy=False).ravel()
-            chunk = EncodedTextChunk(tokens=array.tolist())
+        """One text chunk of `tokens`: a list, any iterable of ints, a numpy array or a
+        torch tensor. Converted once, in C (see `_token_list`)."""
+        tokens_list, array = _token_list(tokens)
+        chunk = EncodedTextChunk(tokens=tokens_list)
+        if array is not None:
             chunk._array = array  # type: ignore[attr-defined]  # see EncodedTextChunk
-            return cls(chunks=[chunk])
-        token_list = [int(t) for t in tokens]
-        return cls(chunks=[EncodedTextChunk(tokens=token_list)])
+        return cls(chunks=[chunk])
 
     @classmethod
     def from_text(cls, text: str, tokenizer: _Encoder) -> Self:
@@ -126,6 +126,54 @@ class ModelInput(msgspec.Struct, kw_only=True):
                 )
             out.extend(chunk.tokens)
         return out
+
+
+# ------------------------------------------------------------------ conversions, once, in C
+
+_INT_LIST: Final = list[int]
+_FLOAT_LIST: Final = list[float]
+_EXACT_TYPES: Final[dict[str, Any]] = {"int64": _INT_LIST, "float32": _FLOAT_LIST}
+
+
+def _exact_list(values: object, list_type: Any) -> list[Any] | None:
+    """A copy of `values` if it is a list or tuple of Python numbers of the right kind
+    (ints; or ints and floats for a float list), checked and copied in C by msgspec; None if
+    it holds anything else (numpy scalars, bools, strings, nested lists), so the caller takes
+    the general path. No per-element Python work either way."""
+    if not isinstance(values, list | tuple):
+        return None
+    try:
+        result: list[Any] = msgspec.convert(values, list_type)
+    except msgspec.ValidationError:
+        return None
+    return result
+
+
+def _token_list(
+    tokens: object,
+) -> tuple[list[int], npt.NDArray[np.int64] | None]:
+    """(token list, the numpy array it came from or None) for `ModelInput.from_ints`.
+
+    * a list/tuple of Python ints: checked and copied by msgspec in C (the common case);
+    * a numpy array: one `tolist` in C, and the array is kept for the protobuf encoder;
+    * a torch tensor: its numpy view, then as numpy;
+    * a list of numpy integer scalars or bools: one `numpy.asarray`, then as numpy;
+    * anything else (a generator, numpy scalars, bools): `int()` of each element, as before.
+    """
+    exact = _exact_list(tokens, _INT_LIST)
+    if exact is not None:
+        return exact, None
+    if type(tokens).__module__.startswith("torch"):
+        tokens = tokens.detach().cpu().numpy()  # type: ignore[attr-defined]
+    if isinstance(tokens, list | tuple):
+        as_array = np.asarray(tokens)  # numpy integer scalars, bools: one pass in C
+        if as_array.ndim == 1 and as_array.dtype.kind in "iub":
+            tokens = as_array
+    if isinstance(tokens, np.ndarray):
+        array = tokens.astype(np.int64, copy=False).ravel()
+        values: list[int] = array.tolist()
+        return values, array
+    return [int(t) for t in cast(Iterable[Any], tokens)], None
 
 
 TensorDType = Literal["int64", "float32"]
@@ -178,10 +226,19 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
 
     @classmethod
     def from_list(cls, values: Sequence[int | float], dtype: TensorDType) -> TensorData:
-        array = np.asarray(values, dtype=_NUMPY_DTYPES[dtype])
-        if array.ndim != 1:
-            raise ValueError("TensorData.from_list takes a flat list; use from_numpy for N-d data")
-        return cls(data=array.tolist(), dtype=dtype, shape=[len(array)])
+        """A flat tensor from a list. A list of Python numbers of the dtype's kind is checked
+        and copied in C (`msgspec.convert`) and kept as the JSON data; the protobuf encoder
+        converts it to a buffer once, when it is sent. Anything else (numpy scalars, bools,
+        numbers as strings) goes through `numpy.asarray` once."""
+        values_list = _exact_list(values, _EXACT_TYPES[dtype])
+        if values_list is None:
+            array = np.asarray(values, dtype=_NUMPY_DTYPES[dtype])
+            if array.ndim != 1:
+                raise ValueError(
+                    "TensorData.from_list takes a flat list; use from_numpy for N-d data"
+                )
+            values_list = array.tolist()
+        return cls(data=values_list, dtype=dtype, shape=[len(values_list)])
 
     @classmethod
     def from_torch(cls, tensor: Any) -> TensorData:
@@ -203,7 +260,11 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
     def to_numpy(self, pad_value: float = 0) -> npt.NDArray[Any]:
         """A dense numpy array of this tensor; sparse cells not stored take `pad_value`."""
         np_dtype = _NUMPY_DTYPES[self.dtype]
-        values = np.asarray(self.data, dtype=np_dtype)
+        cached = getattr(self, "_array", None)
+        if isinstance(cached, np.ndarray) and cached.size == len(self.data):
+            values = cached.astype(np_dtype)  # a copy: the caller may write to it
+        else:
+            values = np.asarray(self.data, dtype=np_dtype)
         shape = self.resolved_shape()
         if self.sparse_crow_indices is UNSET:
             return values.reshape(shape)
@@ -249,17 +310,111 @@ def to_tensor_data(key: str, value: Any) -> TensorData:
     )
 
 
+class _ProvenanceSpan(msgspec.Struct, kw_only=True, frozen=True, tag_field="type"):
+    """A run of a datum's tokens that reproduces tokens of a sampled sequence's request.
+
+    `sequence_id` is a `SampledSequence.sequence_id`; `offset` the run's start within that
+    sequence's prompt (prompt span) or sampled tokens (sampled span); `length` its token count.
+    Runs tile the field they annotate, in order (PROTOCOL.md 7.3).
+    """
+
+    sequence_id: str
+    offset: int = 0
+    length: int
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        if not isinstance(self.sequence_id, str) or not self.sequence_id:
+            raise ValueError(
+                f"{kind}.sequence_id must be a non-empty string (a SampledSequence.sequence_id)"
+            )
+        if isinstance(self.offset, bool) or not isinstance(self.offset, int) or self.offset < 0:
+            raise ValueError(f"{kind}.offset must be an int >= 0, got {self.offset!r}")
+        if isinstance(self.length, bool) or not isinstance(self.length, int) or self.length < 0:
+            raise ValueError(f"{kind}.length must be an int >= 0, got {self.length!r}")
+
+
+class PromptProvenanceSpan(_ProvenanceSpan, frozen=True, tag="prompt_tokens"):
+    """Tokens that were positions `[offset, offset + length)` of the named sequence's prompt."""
+
+
+class SampledProvenanceSpan(_ProvenanceSpan, frozen=True, tag="sampled_tokens"):
+    """Tokens that were positions `[offset, offset + length)` of the named sequence's sampled
+    tokens (two sequences back to back are two spans)."""
+
+
+ProvenanceSpan = PromptProvenanceSpan | SampledProvenanceSpan
+
+
+def check_span_tiling(field: str, spans: Sequence[ProvenanceSpan], expected: int) -> None:
+    """`spans` must be provenance spans whose lengths sum to `expected`; ValueError naming
+    `field` otherwise."""
+    if isinstance(spans, str | bytes) or not isinstance(spans, Sequence):
+        raise ValueError(f"{field} must be a list of PromptProvenanceSpan/SampledProvenanceSpan")
+    for j, span in enumerate(spans):
+        if not isinstance(span, PromptProvenanceSpan | SampledProvenanceSpan):
+            raise ValueError(
+                f"{field}[{j}] is a {type(span).__name__}; use PromptProvenanceSpan or "
+                "SampledProvenanceSpan"
+            )
+    total = sum(span.length for span in spans)
+    if total != expected:
+        raise ValueError(
+            f"{field} cover {total} positions but the field has {expected}; the spans' lengths "
+            "must sum to it exactly (they tile it in order)"
+        )
+
+
 class Datum(msgspec.Struct, kw_only=True):
     """One training example: the model input and its per-token loss inputs.
 
     `loss_fn_inputs` values may be given as lists, numpy arrays, torch tensors or TensorData;
     they are converted on construction (PROTOCOL.md 7.2 dtype-by-key rules).
+
+    Provenance (PROTOCOL.md 7.3, needed by `stable_reinforce`): `model_input_spans` tile the
+    model input's tokens and `loss_fn_input_spans` tile `target_tokens`, each naming the sampled
+    sequences the tokens came from. Both or neither; attach them with `with_provenance`, which
+    checks the tiling.
     """
 
     model_input: ModelInput
     loss_fn_inputs: dict[str, TensorData]
+    model_input_spans: list[ProvenanceSpan] | UnsetType = UNSET
+    loss_fn_input_spans: list[ProvenanceSpan] | UnsetType = UNSET
 
     def __post_init__(self) -> None:
         inputs: Mapping[str, Any] = self.loss_fn_inputs
         if any(not isinstance(v, TensorData) for v in inputs.values()):
             self.loss_fn_inputs = {k: to_tensor_data(k, v) for k, v in inputs.items()}
+        if (self.model_input_spans is UNSET) != (self.loss_fn_input_spans is UNSET):
+            raise ValueError(
+                "Datum provenance comes as a pair: set both model_input_spans and "
+                "loss_fn_input_spans, or neither (Datum.with_provenance sets both)"
+            )
+
+    @property
+    def has_provenance(self) -> bool:
+        return self.model_input_spans is not UNSET
+
+    def with_provenance(
+        self,
+        model_input: Sequence[ProvenanceSpan],
+        loss_fn_inputs: Sequence[ProvenanceSpan],
+    ) -> Datum:
+        """A copy carrying provenance: `model_input` spans tile the model input's tokens,
+        `loss_fn_inputs` spans tile `loss_fn_inputs["target_tokens"]`.
+
+        Raises:
+            ValueError: a span list that does not tile its field (the message names it).
+        """
+        check_span_tiling("model_input spans", model_input, self.model_input.length)
+        targets = self.loss_fn_inputs.get("target_tokens")
+        if targets is None:
+            raise ValueError(
+                "with_provenance needs loss_fn_inputs['target_tokens'], which the "
+                "loss_fn_inputs spans tile"
+            )
+        check_span_tiling("loss_fn_inputs spans", loss_fn_inputs, targets.resolved_shape()[0])
+        return msgspec.structs.replace(
+            self, model_input_spans=list(model_input), loss_fn_input_spans=list(loss_fn_inputs)
+        )

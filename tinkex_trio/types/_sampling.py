@@ -71,6 +71,9 @@ class SampleRequest(Request, kw_only=True):
     seq_id: SeqId | UnsetType = UNSET
     prompt_logprobs: bool = False
     topk_prompt_logprobs: Count = 0
+    # PROTOCOL.md 3.3: the sampling client's flag, on every request; true makes the server
+    # record each returned sequence for stable_reinforce (8.7).
+    record_stability_info: bool = False
     type: Literal["sample"] = "sample"
 
 

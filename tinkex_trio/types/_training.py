@@ -24,14 +24,19 @@ LossFnType = Literal[
 # What the SDK sends over the JSON forward/forward_backward endpoints (A.8).
 JSON_LOSS_FNS: tuple[str, ...] = ("cross_entropy", "importance_sampling", "ppo", "cispo", "dro")
 
-# Inputs each built-in loss needs besides target_tokens (PROTOCOL.md 8.1-8.5).
+# The loss inputs each built-in loss needs (PROTOCOL.md 8.1-8.7). stable_reinforce reads the
+# sampler's log-probs from the server's recording, named by the datum's provenance spans, so it
+# needs no `logprobs` input (it also needs the spans: `LOSS_FNS_NEEDING_PROVENANCE`).
 LOSS_FN_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
     "cross_entropy": ("target_tokens",),
     "importance_sampling": ("target_tokens", "logprobs", "advantages"),
     "ppo": ("target_tokens", "logprobs", "advantages"),
     "cispo": ("target_tokens", "logprobs", "advantages"),
     "dro": ("target_tokens", "logprobs", "advantages"),
+    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
+    "stable_reinforce": ("target_tokens", "advantages"),
 }
+LOSS_FNS_NEEDING_PROVENANCE: frozenset[str] = frozenset({"stable_reinforce"})
 
 
 #: Loss options by name (PROTOCOL.md 8): a handful of numbers.
@@ -92,10 +97,20 @@ class GetInfoResponse(Response, kw_only=True):
     type: Literal["get_info"] = "get_info"
 
 
+class LossConfigValue(Request, kw_only=True):
+    """One `loss_fn_config_v2` value (PROTOCOL.md 6.1): a number or a text (exactly one)."""
+
+    number: float | UnsetType = UNSET
+    text: str | UnsetType = UNSET
+
+
 class ForwardBackwardInput(Request, kw_only=True):
     data: list[Datum]
     loss_fn: Text
     loss_fn_config: LossFnConfig | UnsetType = UNSET
+    # The typed config (PROTOCOL.md 6.1): the only place text values such as a custom loss's
+    # `loss_id` (8.8) can go. Our SDK never sends it; the local backend reads it.
+    loss_fn_config_v2: dict[str, LossConfigValue] | UnsetType = UNSET
 
 
 class ForwardRequest(Request, kw_only=True):

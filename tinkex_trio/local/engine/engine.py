@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from .._custom_graph import CustomLoss
 from .._engine_api import (
     AdamStep,
     DatumArrays,
@@ -33,6 +34,7 @@ from .._engine_api import (
     SampleResult,
 )
 from ..model_files import SMOLLM2_NAME, TINY_NAME
+from ._custom_training import custom_datum, run_custom_forward_backward
 from ._lora import ADAPTER_WEIGHTS, LoraAdapter
 from ._losses import validate_config, validate_inputs
 from ._memory import check_fits
@@ -148,7 +150,12 @@ class TorchEngine:
             tokens = _int_tensor(datum.tokens, f"data[{index}].tokens")
             check_tokens(tokens, config, f"data[{index}].tokens")
             inputs = validate_inputs(
-                name, index, tokens.numel(), datum.loss_fn_inputs, config.vocab_size
+                name,
+                index,
+                tokens.numel(),
+                datum.loss_fn_inputs,
+                config.vocab_size,
+                datum.recorded_logprobs,
             )
             prepared.append(PreparedDatum(tokens, inputs))
         logprobs, loss = run_forward_backward(
@@ -161,6 +168,31 @@ class TorchEngine:
             max_tokens=self._max_tokens,
         )
         return ForwardBackwardResult(logprobs=logprobs, metrics={"loss:sum": loss})
+
+    def forward_backward_custom(
+        self,
+        adapter_id: str,
+        data: Sequence[DatumArrays],
+        loss: CustomLoss,
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        entry = self._adapter(adapter_id)
+        if not data:
+            raise EngineUserError("data is empty; forward_backward needs at least one datum")
+        model = self._model(entry.lora.base_model).model
+        prepared = [
+            custom_datum(datum, index, loss, model.config) for index, datum in enumerate(data)
+        ]
+        result = run_custom_forward_backward(
+            model,
+            entry.lora,
+            entry.lora.parameters(),
+            prepared,
+            loss,
+            forward_only=forward_only,
+            max_tokens=self._max_tokens,
+        )
+        return ForwardBackwardResult(logprobs=result.logprobs, metrics=result.metrics)
 
     def optim_step(self, adapter_id: str, params: AdamStep) -> dict[str, float]:
         return self._adapter(adapter_id).optimizer.step(params)
