@@ -275,3 +275,27 @@ async def test_heartbeat_cadence_does_not_drift_with_slow_answers(
         start = trio.current_time()
         await trio.sleep(45)
     assert [round(b - start) for b in beats] == [10, 20, 30, 40]
+
+
+async def test_a_request_queued_after_the_sender_ended_fails_as_closed(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The race of a task first run in a cancelled scope: the service's tasks have ended, the
+    block has not, and a training call queues a request. Its future fails as closed; nothing
+    escapes as `BrokenResourceError`. (The shield stands for the stretch a newly started task
+    runs before its first checkpoint.)"""
+    fake = FakeTinker()
+    outcome: list[BaseException] = []
+    with trio.CancelScope() as outer:
+        async with open_service(config_for(fake), transport=fake.mock_transport()) as service:
+            training = await service.create_lora_training_client("fake/model")
+            outer.cancel()
+            with trio.CancelScope(shield=True):
+                await trio.testing.wait_all_tasks_blocked()  # the sender task has ended
+                future = await training.optim_step()
+                try:
+                    await future
+                except ClientClosedError as exc:
+                    outcome.append(exc)
+    [closed] = outcome
+    assert "closed before this request was submitted" in str(closed)

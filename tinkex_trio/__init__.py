@@ -18,6 +18,7 @@ Synopsis::
 from tinkex_trio import types as types
 from tinkex_trio._dispatch import RateLimiter as RateLimiter
 from tinkex_trio._version import __version__ as __version__
+from tinkex_trio.admin import AdminClient as AdminClient
 from tinkex_trio.config import Config as Config
 from tinkex_trio.download import download as download
 from tinkex_trio.errors import (
@@ -66,6 +67,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AdamParams",
+    "AdminClient",
     "AuthenticationError",
     "BadRequestError",
     "BillingError",

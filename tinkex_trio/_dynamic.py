@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from tinkex_trio import types as t
+from tinkex_trio._optional_endpoints import is_missing_endpoint, note_missing_endpoint
 from tinkex_trio._policy import CANCEL, DYNAMIC_CONFIG, DYNAMIC_CONFIG_TIMEOUT
 from tinkex_trio._version import __version__
-from tinkex_trio.errors import APIError, NotFoundError
+from tinkex_trio.errors import APIError, APIStatusError
 
 if TYPE_CHECKING:
     from tinkex_trio._transport import Transport
@@ -45,7 +46,8 @@ CANCEL_FLUSH_TIMEOUT: Final = 2.0
 
 
 async def fetch_dynamic_config(transport: Transport) -> t.DynamicConfigResponse | None:
-    """One `client/dynamic_config` attempt: the flags, or None for a 404 (no such endpoint).
+    """One `client/dynamic_config` attempt: the flags, or None for a 404 or 405 (no such
+    endpoint; noted once per process by `_optional_endpoints`).
 
     Raises `APIError` (any other failure) and `msgspec` decode errors for a bad body.
     """
@@ -54,7 +56,10 @@ async def fetch_dynamic_config(transport: Transport) -> t.DynamicConfigResponse 
         response = await transport.request(
             "POST", DYNAMIC_CONFIG_PATH, content=body, policy=DYNAMIC_CONFIG
         )
-    except NotFoundError:
+    except APIStatusError as exc:
+        if not is_missing_endpoint(exc):
+            raise
+        note_missing_endpoint("client/dynamic_config", exc.status_code)
         return None
     return t.decode(response.content, t.DynamicConfigResponse)
 
@@ -76,7 +81,6 @@ class DynamicConfig:
                 logger.debug("client/dynamic_config failed at start-up (%s); defaults used", exc)
                 return
             if fetched is None:
-                logger.debug("the server has no client/dynamic_config (404); defaults used")
                 self.supported = False
                 return
             self.value = fetched

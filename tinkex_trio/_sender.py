@@ -107,9 +107,16 @@ class OrderedSender:
     ) -> APIFuture[_T]:
         """Queue a submission for `seq_id` (reserved by the caller); its future, at once."""
         future: APIFuture[_T] = APIFuture(request_type)
-        self._send.send_nowait(
-            Submission(seq_id, path, request_type, body, future, decode, policy, nbytes)
-        )
+        try:
+            self._send.send_nowait(
+                Submission(seq_id, path, request_type, body, future, decode, policy, nbytes)
+            )
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The sender task has already ended: the service is closing (a task started in a
+            # cancelled scope runs up to its first checkpoint, which may be after this call).
+            # Like a request left in the queue, the future fails; awaiting it in a cancelled
+            # scope raises Cancelled first.
+            future._set_error(_closed_error())
         return future
 
     async def _run(self, receive: trio.MemoryReceiveChannel[Submission]) -> None:
@@ -218,13 +225,17 @@ class OrderedSender:
             self._ctx.fwdbwd_budget.release(sub.nbytes)
 
 
-def _fail_unsent(
-    current: Submission | None, receive: trio.MemoryReceiveChannel[Submission]
-) -> None:
-    closed = ClientClosedError(
+def _closed_error() -> ClientClosedError:
+    return ClientClosedError(
         "the service closed before this request was submitted; await training "
         "futures inside the `async with open_service(...)` block"
     )
+
+
+def _fail_unsent(
+    current: Submission | None, receive: trio.MemoryReceiveChannel[Submission]
+) -> None:
+    closed = _closed_error()
     if current is not None:
         current.future._set_error(closed)
     while True:

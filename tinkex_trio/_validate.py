@@ -19,15 +19,27 @@ def require_str(name: str, value: object) -> None:
         raise InvalidInputError(f"{name} must be a non-empty string, got {value!r}")
 
 
-def require_tinker_path(name: str, value: str) -> t.ParsedTinkerPath:
-    """`value` must be a `tinker://<run>/<segment>/<name>` path; returns it parsed.
+def require_server_path(name: str, value: str) -> str:
+    """`value` must be a well-formed `tinker://` path: the scheme, then a non-empty rest with
+    no whitespace or control characters. Returns it unchanged.
 
-    (`ParsedTinkerPath.parse` also refuses a non-string, with the same message.)
+    For paths the server interprets (load_state, create_training_client_from_state, a sampling
+    client's model_path) this is all the SDK checks, as the official SDK sends any `tinker://`
+    path as is: the hosted service writes `tinker://<run>/weights/<name>`, but other
+    Tinker-compatible servers name their checkpoints otherwise (SkyRL tx:
+    `tinker://<run>/checkpoints/<name>`), and only the server knows its own layout.
     """
-    try:
-        return t.ParsedTinkerPath.parse(value)
-    except ValueError as exc:
-        raise InvalidInputError(f"{name}: {exc}") from None
+    if not isinstance(value, str) or not value.startswith(t.TINKER_SCHEME):
+        raise InvalidInputError(
+            f"{name} must be a tinker:// path such as tinker://<run>/weights/<name>, got {value!r}"
+        )
+    rest = value[len(t.TINKER_SCHEME) :]
+    if not rest.strip("/") or any(c.isspace() or not c.isprintable() for c in rest):
+        raise InvalidInputError(
+            f"{name} {value!r} is not a well-formed tinker:// path: it needs a run and a "
+            "checkpoint after the scheme, without spaces or control characters"
+        )
+    return value
 
 
 def require_training_data(data: Sequence[t.Datum], loss_fn: str) -> None:
@@ -126,6 +138,39 @@ def require_checkpoint_name(name: str) -> None:
         raise InvalidInputError(
             f"checkpoint name must be a non-empty string without '/' or surrounding spaces, got {name!r}"
         )
+
+
+#: PROTOCOL.md 3.2: at most this many age recipients on save_weights_external.
+MAX_AGE_RECIPIENTS = 10
+_AGE_RECIPIENT_PREFIXES = ("age1", "ssh-ed25519 ", "ssh-rsa ")
+
+
+def require_age_recipients(recipients: Sequence[str] | None) -> list[str] | None:
+    """`age_encryption_recipients`: None, or 1..10 public keys of the forms age accepts
+    (`age1...`, `ssh-ed25519 ...`, `ssh-rsa ...`). Only the form is checked here; the server
+    parses the keys themselves."""
+    if recipients is None:
+        return None
+    if isinstance(recipients, str) or not isinstance(recipients, Sequence):
+        raise InvalidInputError(
+            "age_encryption_recipients must be a list of public keys (age1... or SSH), got "
+            f"{type(recipients).__name__}"
+        )
+    if not 1 <= len(recipients) <= MAX_AGE_RECIPIENTS:
+        raise InvalidInputError(
+            f"age_encryption_recipients must hold 1..{MAX_AGE_RECIPIENTS} recipients, got "
+            f"{len(recipients)}; pass None for unencrypted files"
+        )
+    for index, recipient in enumerate(recipients):
+        if not isinstance(recipient, str) or not recipient.strip().startswith(
+            _AGE_RECIPIENT_PREFIXES
+        ):
+            raise InvalidInputError(
+                f"age_encryption_recipients[{index}] must be an age X25519 recipient "
+                "('age1...') or an SSH public key ('ssh-ed25519 AAAA...' / 'ssh-rsa AAAA...'), "
+                f"got {recipient if not isinstance(recipient, str) else recipient[:16]!r}"
+            )
+    return [r.strip() for r in recipients]
 
 
 def require_ttl(ttl_seconds: int | None) -> None:

@@ -9,6 +9,11 @@ Synopsis::
     tinkex-trio checkpoint info|publish|unpublish|delete tinker://RUN/weights/NAME
     tinkex-trio checkpoint download tinker://RUN/weights/NAME [--output-dir DIR] [--force]
         [--max-bytes SIZE] [--max-members N]
+    tinkex-trio checkpoint download tinker://RUN/external_weights/NAME --identity key.txt
+        (age-encrypted exports: decrypts every <file>.age with an age or OpenSSH identity)
+    tinkex-trio admin audit [--event-type checkpoints] [--day 2026-01-05]
+    tinkex-trio admin usage --start 2026-01-05T00:00:00Z --end 2026-01-06T00:00:00Z
+    tinkex-trio admin storage [--project-id PROJECT]
     tinkex-trio checkpoint set-ttl tinker://RUN/weights/NAME 3600   (or --remove)
     tinkex-trio run list | run info RUN_ID
     tinkex-trio session list | session info SESSION_ID
@@ -31,7 +36,7 @@ import importlib.util
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
@@ -53,6 +58,7 @@ from tinkex_trio._cli_args import byte_size, non_negative_int, positive_int
 from tinkex_trio._policy import ONE_ATTEMPT
 from tinkex_trio._transport import Transport
 from tinkex_trio._version import __version__
+from tinkex_trio.admin import AdminClient
 from tinkex_trio.config import Config
 from tinkex_trio.download import DEFAULT_MAX_EXTRACTED_BYTES, DEFAULT_MAX_MEMBERS
 from tinkex_trio.errors import (
@@ -340,6 +346,7 @@ async def _checkpoint_download(args: argparse.Namespace, out: Output, rest: Rest
                 progress=on_progress,
                 max_extracted_bytes=args.max_bytes,
                 max_members=args.max_members,
+                identity=args.identity,
             )
     except FileExistsError:
         raise CliError(f"{existing} already exists; pass --force to replace it") from None
@@ -453,6 +460,77 @@ async def _session_list(args: argparse.Namespace, out: Output, rest: RestClient)
         console.print(table)
 
     out.emit({"sessions": sessions}, render)
+
+
+async def _admin_audit(args: argparse.Namespace, out: Output, rest: RestClient) -> None:
+    audit = await AdminClient(rest.transport).get_audit_log(args.event_type, args.day)
+
+    def render(console: Console) -> None:
+        if not audit.entries:
+            console.print("No audit entries.")
+            return
+        table = Table(title=f"Audit log ({len(audit.entries)})", title_justify="left")
+        for column in ("time", "event", "details"):
+            table.add_column(column, no_wrap=column != "details")
+        for entry in audit.entries:
+            details = ", ".join(f"{k}={v}" for k, v in sorted(entry.event_details.items()))
+            table.add_row(_when(entry.timestamp), entry.event, details)
+        console.print(table)
+
+    out.emit(audit, render)
+
+
+async def _admin_usage(args: argparse.Namespace, out: Output, rest: RestClient) -> None:
+    usage = await AdminClient(rest.transport).get_billing_usage(args.start, args.end)
+
+    def render(console: Console) -> None:
+        if not usage.data:
+            console.print("No usage in this window.")
+            return
+        table = Table(title=f"Usage ({len(usage.data)} buckets)", title_justify="left")
+        for column in ("hour", "kind", "quantity", "project", "session", "cost USD"):
+            table.add_column(column, no_wrap=True)
+        for event in usage.data:
+            info = event.event_info
+            quantity = msgspec.structs.asdict(info)
+            cost = "-" if event.estimated_cost_usd is None else f"{event.estimated_cost_usd:.4f}"
+            table.add_row(
+                _when(event.bucket_start),
+                str(info.__struct_config__.tag),
+                ", ".join(f"{k}={v}" for k, v in quantity.items()),
+                event.project_id or "-",
+                event.session_id or "-",
+                cost,
+            )
+        console.print(table)
+
+    out.emit(usage, render)
+
+
+async def _admin_storage(args: argparse.Namespace, out: Output, rest: RestClient) -> None:
+    storage = await AdminClient(rest.transport).get_current_checkpoint_storage_usage(
+        args.project_id
+    )
+
+    def render(console: Console) -> None:
+        if not storage.data:
+            console.print("No checkpoints stored.")
+            return
+        table = Table(title="Checkpoint storage", title_justify="left")
+        for column in ("project", "owner", "checkpoints", "size", "monthly USD"):
+            table.add_column(column, no_wrap=True)
+        for item in storage.data:
+            cost = item.estimated_monthly_cost_usd
+            table.add_row(
+                item.project_id or "-",
+                item.org_user_urn or "-",
+                str(item.checkpoint_count),
+                _size(item.size_bytes),
+                "-" if cost is None else f"{cost:.2f}",
+            )
+        console.print(table)
+
+    out.emit(storage, render)
 
 
 async def _session_info(args: argparse.Namespace, out: Output, rest: RestClient) -> None:
@@ -628,6 +706,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help=f"refuse an archive with more than N files (default {DEFAULT_MAX_MEMBERS})",
     )
+    p.add_argument(
+        "--identity",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="decrypt age-encrypted external weights (<file>.age) with this age identity file "
+        "or unencrypted OpenSSH private key (needs: pip install 'tinkex-trio[age]')",
+    )
     p.set_defaults(rest=_checkpoint_download)
     p = ck.add_parser(
         "set-ttl", help="expire a checkpoint SECONDS from now (--remove: never)", parents=[common]
@@ -654,6 +740,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = ss.add_parser("info", help="show a session's training runs and samplers", parents=[common])
     p.add_argument("session_id", metavar="SESSION_ID")
     p.set_defaults(rest=_session_info)
+
+    admin = commands.add_parser("admin", help="audit log, billing usage, checkpoint storage")
+    ad = admin.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = ad.add_parser("audit", help="the audit log of one UTC day", parents=[common])
+    p.add_argument(
+        "--event-type",
+        choices=["all", "checkpoints", "projects", "teams", "organizations"],
+        default="all",
+    )
+    p.add_argument("--day", type=date.fromisoformat, metavar="YYYY-MM-DD", help="default: today")
+    p.set_defaults(rest=_admin_audit)
+    p = ad.add_parser("usage", help="hourly billing usage of a window", parents=[common])
+    p.add_argument("--start", required=True, metavar="TIME", help="e.g. 2026-01-05T00:00:00Z")
+    p.add_argument("--end", required=True, metavar="TIME", help="at most 14 days after --start")
+    p.set_defaults(rest=_admin_usage)
+    p = ad.add_parser("storage", help="checkpoints stored now, by project", parents=[common])
+    p.add_argument("--project-id", metavar="PROJECT", help="only this project")
+    p.set_defaults(rest=_admin_storage)
 
     p = commands.add_parser("sample", help="generate text once", parents=[common])
     p.add_argument("--prompt", required=True, help="the prompt text")

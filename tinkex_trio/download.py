@@ -1,9 +1,21 @@
-"""Download a checkpoint archive and extract it safely (PROTOCOL.md A.4, 9.10).
+"""Download a checkpoint and extract it safely (PROTOCOL.md A.4, 9.10).
 
 `download(rest, "tinker://run/weights/step-100", output_dir="ckpts")` asks the server for a
 signed archive URL, streams the archive to a temporary file inside `output_dir` (memory use
 stays constant: a 1 MiB write buffer, whatever the archive's size), checks every member, and
 extracts into `ckpts/run_weights_step-100`.
+
+External weights (`tinker://run/external_weights/name`, from `save_weights_external`) come file
+by file, as the official CLI fetches them (PROTOCOL.md 9.10): `external_weights_urls` gives one
+signed URL per file (asked again when within 5 minutes of their expiry), each is streamed into
+a temporary directory inside `output_dir`, and the directory becomes the target once every file
+is there. Files the server encrypted for age recipients arrive as `<file>.age`; with
+`identity=` (an age identity file or an unencrypted OpenSSH private key) they are decrypted to
+`<file>` (pyrage, `pip install 'tinkex-trio[age]'`); without one the download is refused before
+any file is fetched (`IdentityRequiredError`). The same guarantees hold as for archives: file
+names are checked before anything is written, the byte and file caps apply (age plaintext is
+never longer than its ciphertext, so the caps bound the decrypted files too), and a failure
+leaves nothing behind.
 
 Safety, stricter than the official CLI (A.4.4), because an archive comes from a server we
 may not control:
@@ -39,12 +51,14 @@ import tempfile
 import zlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path, PurePosixPath
 from typing import IO, TYPE_CHECKING, Final
 
 import httpx
 import trio
 
+from tinkex_trio._age import AGE_SUFFIX, DecryptFailed, Identity, decrypt_file, load_identities
 from tinkex_trio.errors import (
     APIConnectionError,
     APITimeoutError,
@@ -62,8 +76,11 @@ __all__ = [
     "DEFAULT_MAX_EXTRACTED_BYTES",
     "DEFAULT_MAX_MEMBERS",
     "RATIO_ALLOWANCE_BYTES",
+    "RESIGN_MARGIN",
     "ArchiveError",
     "ArchiveLimitError",
+    "DecryptionError",
+    "IdentityRequiredError",
     "ProgressCallback",
     "UnsafeArchiveError",
     "download",
@@ -122,6 +139,25 @@ class UnsafeArchiveError(ArchiveError):
     """
 
 
+class DecryptionError(ArchiveError):
+    """An age-encrypted file of the checkpoint could not be decrypted with the identity given
+    (no key in it matches a recipient, or the file is corrupt). Nothing was written to the
+    target."""
+
+
+class IdentityRequiredError(DecryptionError):
+    """The checkpoint's files are age-encrypted (`<file>.age`) and no identity was given.
+
+    Nothing was downloaded. Pass `identity=` (CLI `--identity FILE`): the age identity file or
+    OpenSSH private key whose public key was among `age_encryption_recipients`.
+    """
+
+
+#: Signed external-weights URLs are asked for again this close to their expiry (PROTOCOL.md
+#: 9.10, the official CLI's margin).
+RESIGN_MARGIN: Final = timedelta(minutes=5)
+
+
 def target_dirname(tinker_path: str) -> str:
     """The directory name a checkpoint is extracted into: the path without `tinker://`, with
     every `/` replaced by `_` (the official CLI's rule), e.g. `run:train:0_weights_step-100`."""
@@ -139,8 +175,13 @@ async def download(
     max_extracted_bytes: int = DEFAULT_MAX_EXTRACTED_BYTES,
     max_members: int = DEFAULT_MAX_MEMBERS,
     max_compression_ratio: float | None = DEFAULT_MAX_COMPRESSION_RATIO,
+    identity: str | os.PathLike[str] | None = None,
 ) -> Path:
     """Download and extract the checkpoint `tinker_path`; return the extracted directory.
+
+    An `external_weights` path is fetched file by file through its signed URLs; its
+    age-encrypted files (`<file>.age`) are decrypted with `identity`, the path of an age
+    identity file or an unencrypted OpenSSH private key (module docstring).
 
     The extraction limits (see the module docstring) bound what an archive may write:
     `max_extracted_bytes` in all, `max_members` members, and `max_compression_ratio` times
@@ -152,21 +193,36 @@ async def download(
     unless `force=True`, which replaces it only once the new archive has been extracted.
 
     Raises:
-        InvalidInputError: `tinker_path` is malformed (nothing is sent).
+        InvalidInputError: `tinker_path` is malformed, or `identity` is given for a path that
+            is not `external_weights`, is not a usable identity file, or pyrage is missing
+            (nothing is sent).
+        IdentityRequiredError: the files are encrypted and `identity` is None (no file is
+            fetched).
+        DecryptionError: an encrypted file does not open with `identity` (nothing is kept).
         FileExistsError: the target exists and `force` is False (nothing is sent).
         UnsafeArchiveError: an archive member is unsafe (nothing is extracted).
         ArchiveLimitError: the archive exceeds an extraction limit (nothing is extracted).
         ArchiveError: the download is not a tar archive, is truncated or corrupt, or is
-            shorter than announced.
+            shorter than announced; or an external-weights checkpoint has no files.
         APIStatusError and subclasses: the archive URL or the download failed.
         APIConnectionError / APITimeoutError: the connection failed, also mid-body (a
             partial body is not resumed; call again).
 
-    Resource handling: the temporary archive is deleted on success, on error and on
-    cancellation.
+    Resource handling: the temporary archive (or directory of files) is deleted on success,
+    on error and on cancellation.
     """
+    parsed = _parse(tinker_path)
     name = target_dirname(tinker_path)
     limits = _Limits.checked(max_extracted_bytes, max_members, max_compression_ratio)
+    identities: list[Identity] | None = None
+    if identity is not None:
+        if parsed.kind != "external":
+            raise InvalidInputError(
+                f"identity= decrypts external_weights checkpoints "
+                f"(tinker://<run>/external_weights/<name>); {tinker_path!r} is not one, and "
+                "its files are not encrypted"
+            )
+        identities = await trio.to_thread.run_sync(load_identities, identity)
     out = Path(output_dir)
     target = out / name
     if target.exists() and not force:
@@ -174,6 +230,9 @@ async def download(
             f"{target} already exists; pass force=True to replace it, or choose another output_dir="
         )
     await trio.to_thread.run_sync(lambda: out.mkdir(parents=True, exist_ok=True))
+    if parsed.kind == "external":
+        await _download_external(rest, tinker_path, out, name, force, limits, progress, identities)
+        return target
 
     archive_url = await rest.get_checkpoint_archive_url_by_tinker_path(tinker_path)
 
@@ -181,7 +240,9 @@ async def download(
     archive = Path(temp_name)
     try:
         with os.fdopen(fd, "wb") as file:
-            await _stream_to_file(rest, archive_url.url, file, progress)
+            size = await _stream_to_file(rest, archive_url.url, file, progress)
+        if progress is not None:
+            progress(size, size)
         await trio.to_thread.run_sync(_extract_into_place, archive, out, name, force, limits)
     finally:
         # Synchronous on purpose: it must run even while this task is being cancelled, and
@@ -192,8 +253,25 @@ async def download(
 
 
 async def _stream_to_file(
-    rest: RestClient, url: str, file: IO[bytes], progress: ProgressCallback | None
-) -> None:
+    rest: RestClient,
+    url: str,
+    file: IO[bytes],
+    progress: ProgressCallback | None,
+    *,
+    what: str = "checkpoint archive",
+    offset: int = 0,
+    limit: int | None = None,
+    whole: bool = True,
+) -> int:
+    """Stream the body at `url` into `file`; return its length.
+
+    `offset` bytes were downloaded before (other files of the same checkpoint): progress
+    counts from there. `whole`: this body is the whole download, so its Content-Length is the
+    total progress reports (else it reports None). With `limit`, a body that would take the
+    running count past it is refused (`ArchiveLimitError`) as soon as that is known: from its
+    Content-Length, before a byte is written, else at the chunk that passes it. The caller
+    makes the final `progress(n, n)` call.
+    """
     buffer = bytearray()
     downloaded = 0
     async with rest.transport.stream("GET", url) as response:
@@ -201,18 +279,29 @@ async def _stream_to_file(
             await response.aread()
             raise status_error_for(response)
         total = _content_length(response.headers.get("content-length"))
+        if limit is not None and offset + (total or 0) > limit:
+            raise ArchiveLimitError(
+                f"the {what} is {total} bytes, more than the {limit - offset} left of "
+                f"max_extracted_bytes={limit}; nothing was kept"
+            )
+        shown_total = total if whole else None
         # Raw bytes: a gzip-compressed tar is stored as sent and tarfile detects the
         # compression itself, so Content-Length and the progress counts agree.
         try:
             async for chunk in _raw_chunks(response):
                 buffer += chunk
                 downloaded += len(chunk)
+                if limit is not None and offset + downloaded > limit:
+                    raise ArchiveLimitError(
+                        f"the {what} is longer than the {limit - offset} bytes left of "
+                        f"max_extracted_bytes={limit}; nothing was kept"
+                    )
                 if len(buffer) >= _WRITE_BUFFER_BYTES:
                     data = bytes(buffer)
                     buffer.clear()
                     await trio.to_thread.run_sync(file.write, data)
                 if progress is not None:
-                    progress(downloaded, total)
+                    progress(offset + downloaded, shown_total)
         except httpx.TransportError as exc:
             # The transport maps errors up to the response head; a body cut short surfaces
             # here, as the same error type a failed request would raise.
@@ -220,18 +309,15 @@ async def _stream_to_file(
                 APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
             )
             raise error(
-                f"checkpoint archive download interrupted after {downloaded} bytes: {exc!r}",
+                f"{what} download interrupted after {downloaded} bytes: {exc!r}",
                 request=response.request,
             ) from exc
     if buffer:
         await trio.to_thread.run_sync(file.write, bytes(buffer))
     await trio.to_thread.run_sync(file.flush)
     if total is not None and downloaded != total:
-        raise ArchiveError(
-            f"checkpoint archive download from {url} ended after {downloaded} of {total} bytes"
-        )
-    if progress is not None:
-        progress(downloaded, downloaded)
+        raise ArchiveError(f"{what} download from {url} ended after {downloaded} of {total} bytes")
+    return downloaded
 
 
 async def _raw_chunks(response: httpx.Response) -> AsyncIterator[bytes]:
@@ -264,6 +350,129 @@ def _parse(tinker_path: str) -> ParsedTinkerPath:
         return ParsedTinkerPath.parse(tinker_path)
     except ValueError as exc:
         raise InvalidInputError(f"tinker_path: {exc}") from None
+
+
+# --- external weights: one signed URL per file (PROTOCOL.md 9.10) -----------------------------
+
+
+async def _download_external(
+    rest: RestClient,
+    tinker_path: str,
+    out: Path,
+    name: str,
+    force: bool,
+    limits: _Limits,
+    progress: ProgressCallback | None,
+    identities: list[Identity] | None,
+) -> None:
+    """Fetch every file of an external-weights checkpoint into `out/name` (module docstring)."""
+    signed = await rest.get_external_weights_urls(tinker_path)
+    files = _checked_file_names(tinker_path, list(signed.urls), limits)
+    encrypted = [file for file in files if file.endswith(AGE_SUFFIX)]
+    if encrypted and identities is None:
+        raise IdentityRequiredError(
+            f"the files of {tinker_path} are age-encrypted ({', '.join(encrypted[:3])}"
+            f"{', ...' if len(encrypted) > 3 else ''}); pass identity= (CLI: --identity FILE), "
+            "the age identity file or OpenSSH private key of one of its recipients. Nothing "
+            "was downloaded."
+        )
+    staging = Path(await trio.to_thread.run_sync(_make_staging, out))
+    try:
+        downloaded = 0
+        for file in files:
+            if datetime.now(UTC) >= _aware(signed.expires) - RESIGN_MARGIN:
+                signed = await rest.get_external_weights_urls(tinker_path)
+            url = signed.urls.get(file)
+            if url is None:
+                raise ArchiveError(f"{file!r} of {tinker_path} vanished while downloading")
+            destination = staging / file
+            handle = await trio.to_thread.run_sync(_open_for_writing, destination)
+            with handle:
+                downloaded += await _stream_to_file(
+                    rest,
+                    url,
+                    handle,
+                    progress,
+                    what=f"file {file!r} of {tinker_path}",
+                    offset=downloaded,
+                    limit=limits.max_bytes,
+                    whole=False,
+                )
+        if progress is not None:
+            progress(downloaded, downloaded)
+        if encrypted:
+            assert identities is not None
+            await trio.to_thread.run_sync(_decrypt_all, staging, encrypted, identities)
+        await trio.to_thread.run_sync(_move_into_place, staging, out / name, force)
+    finally:
+        # Synchronous on purpose: it must run even while this task is being cancelled.
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _open_for_writing(path: Path) -> IO[bytes]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("wb")
+
+
+def _make_staging(out: Path) -> str:
+    return tempfile.mkdtemp(prefix=_TEMP_PREFIX, dir=out)
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _checked_file_names(tinker_path: str, names: list[str], limits: _Limits) -> list[str]:
+    """The file names of an external-weights checkpoint, sorted, once each is known to be a
+    safe relative path (the same rules as archive members) and the count is within limits."""
+    if not names:
+        raise ArchiveError(f"the external weights checkpoint {tinker_path} has no files")
+    if len(names) > limits.max_members:
+        raise ArchiveLimitError(
+            f"{tinker_path} has {len(names)} files, more than max_members={limits.max_members}; "
+            "nothing was downloaded"
+        )
+    files = set(names)
+    for name in names:
+        pure = PurePosixPath(name)
+        parts = name.split("/")
+        if (
+            not name
+            or pure.is_absolute()
+            or "\\" in name
+            or "\0" in name
+            or any(part in ("", ".", "..") for part in parts)
+        ):
+            raise UnsafeArchiveError(
+                f"unsafe file name {name!r} in {tinker_path}: it must be a relative path "
+                "without '.', '..', empty or backslash components; nothing was downloaded"
+            )
+        for depth in range(1, len(parts)):
+            if "/".join(parts[:depth]) in files:
+                raise UnsafeArchiveError(
+                    f"file {name!r} of {tinker_path} lies inside another file; nothing was "
+                    "downloaded"
+                )
+        if name.endswith(AGE_SUFFIX) and name[: -len(AGE_SUFFIX)] in files:
+            raise ArchiveError(
+                f"{tinker_path} has both {name!r} and {name[: -len(AGE_SUFFIX)]!r}; decrypting "
+                "one would overwrite the other"
+            )
+    return sorted(names)
+
+
+def _decrypt_all(staging: Path, encrypted: list[str], identities: list[Identity]) -> None:
+    """Replace each `<file>.age` in `staging` by its plaintext `<file>` (worker thread)."""
+    for name in encrypted:
+        source = staging / name
+        try:
+            decrypt_file(source, source.with_name(source.name[: -len(AGE_SUFFIX)]), identities)
+        except DecryptFailed as exc:
+            raise DecryptionError(
+                f"could not decrypt {name!r} with the identity given ({exc}); is it the key "
+                "of one of the export's age_encryption_recipients? Nothing was kept."
+            ) from None
+        source.unlink()
 
 
 # --- extraction (runs in a worker thread) ----------------------------------------------------

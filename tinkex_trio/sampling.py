@@ -40,7 +40,7 @@ from tinkex_trio._dispatch import SAMPLE_BYTES_PER_TOKEN
 from tinkex_trio._limits import estimate_model_input_bytes
 from tinkex_trio._policy import CALL, SAMPLE, SAMPLE_RETRY
 from tinkex_trio._polling import result_first
-from tinkex_trio._validate import require_str, require_tinker_path
+from tinkex_trio._validate import require_server_path, require_str
 from tinkex_trio.errors import APIError, InvalidInputError, ResultTimeoutError, TinkexError
 from tinkex_trio.rest import RestClient
 
@@ -131,7 +131,7 @@ class SamplingClient:
         if base_model is not None:
             require_str("base_model", base_model)
         if model_path is not None:
-            require_tinker_path("model_path", model_path)
+            require_server_path("model_path", model_path)
         request = t.CreateSamplingSessionRequest(
             session_id=ctx.session_id,
             sampling_session_seq_id=next(ctx.sampling_session_seq_ids),

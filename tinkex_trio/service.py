@@ -33,19 +33,21 @@ from tinkex_trio._context import ServiceContext
 from tinkex_trio._dispatch import RateLimiter
 from tinkex_trio._dynamic import CANCEL_FLUSH_TIMEOUT, DynamicConfig, SampleCanceller
 from tinkex_trio._limits import ByteBudget
+from tinkex_trio._optional_endpoints import is_missing_endpoint, note_missing_endpoint
 from tinkex_trio._policy import CALL, HEARTBEAT, SESSION_FINISH, SUBMIT
 from tinkex_trio._polling import FuturePoller, json_decoder
 from tinkex_trio._server_telemetry import FINAL_FLUSH_TIMEOUT, ServerTelemetry
 from tinkex_trio._transport import Transport
-from tinkex_trio._validate import require_str, require_tinker_path
+from tinkex_trio._validate import require_server_path, require_str
 from tinkex_trio._version import __version__
+from tinkex_trio.admin import AdminClient
 from tinkex_trio.config import Config
 from tinkex_trio.errors import (
     APIError,
+    APIStatusError,
     APITimeoutError,
     GoneError,
     InvalidInputError,
-    NotFoundError,
 )
 from tinkex_trio.rest import RestClient
 from tinkex_trio.sampling import SamplingClient
@@ -170,7 +172,7 @@ class ServiceClient:
         user_metadata: dict[str, str] | None,
     ) -> TrainingClient:
         self._ctx.check_open("ServiceClient")
-        require_tinker_path("path", path)
+        require_server_path("path", path)
         model_seq_id = next(self._ctx.model_seq_ids)
         request = t.LoadWeightsRequest(
             session_id=self._ctx.session_id,
@@ -242,6 +244,12 @@ class ServiceClient:
         self._ctx.check_open("ServiceClient")
         return RestClient(self._ctx.transport)
 
+    def create_admin_client(self) -> AdminClient:
+        """Admin calls (audit log, billing usage, checkpoint storage) over this service's
+        connection pool."""
+        self._ctx.check_open("ServiceClient")
+        return AdminClient(self._ctx.transport)
+
     async def get_server_capabilities(self) -> t.ServerCapabilities:
         self._ctx.check_open("ServiceClient")
         return await RestClient(self._ctx.transport).get_server_capabilities()
@@ -257,8 +265,11 @@ async def _fetch_client_config(transport: Transport) -> t.ClientConfigResponse:
         response = await transport.request(
             "POST", "/api/v1/client/config", content=body, policy=SUBMIT
         )
-    except NotFoundError:
+    except APIStatusError as exc:
+        if not is_missing_endpoint(exc):
+            raise
         # A server without feature flags: every flag at its default.
+        note_missing_endpoint("client/config", exc.status_code)
         return t.ClientConfigResponse()
     return t.decode(response.content, t.ClientConfigResponse)
 
@@ -337,6 +348,12 @@ async def _heartbeat(
 async def _finish_session(
     transport: Transport, session_id: str, reason: str, detail: str | None
 ) -> None:
+    """Tell the server the session is over (PROTOCOL.md 2.2).
+
+    Error handling: a 404 or 405 means a server without this optional endpoint and is logged
+    once per process at debug (`_optional_endpoints`); any other failure is a WARNING on
+    `tinkex_trio.service`. Nothing is raised: the block's own outcome matters more.
+    """
     request = t.FinishSessionRequest(reason=t.FinishReason(type=reason), detail=detail)  # type: ignore[arg-type]
     try:
         await transport.request(
@@ -345,6 +362,11 @@ async def _finish_session(
             content=t.encode(request),
             policy=SESSION_FINISH,
         )
+    except APIStatusError as exc:
+        if is_missing_endpoint(exc):
+            note_missing_endpoint("sessions/{session_id}/finish", exc.status_code)
+            return
+        _logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
     except APIError as exc:
         _logger.warning("could not finish session %s as %s: %s", session_id, reason, exc)
 

@@ -22,7 +22,7 @@ request fails at once with a message saying why.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, TypeVar, final
+from typing import TYPE_CHECKING, Any, TypeVar, final
 
 import msgspec
 
@@ -48,9 +48,10 @@ from tinkex_trio._policy import SAVE, SUBMIT, CallPolicy
 from tinkex_trio._polling import json_decoder
 from tinkex_trio._sender import BodyFn, OrderedSender, static_body
 from tinkex_trio._validate import (
+    require_age_recipients,
     require_checkpoint_name,
     require_loss_config,
-    require_tinker_path,
+    require_server_path,
     require_training_data,
     require_ttl,
 )
@@ -268,13 +269,25 @@ class TrainingClient:
         )
 
     async def save_weights_external(
-        self, name: str, ttl_seconds: int | None = None
+        self,
+        name: str,
+        ttl_seconds: int | None = None,
+        age_encryption_recipients: Sequence[str] | None = None,
     ) -> APIFuture[t.SaveWeightsExternalResponse]:
         """Export the adapter as `tinker://<run>/external_weights/<name>` (PEFT files).
 
-        Download its files with `RestClient.get_external_weights_urls`. Like the other saves,
-        submitted without layer-A retries (PROTOCOL.md 3.2, 9.3).
+        With `age_encryption_recipients` (1 to 10 public keys: `age1...` or SSH
+        `ssh-ed25519 ...` / `ssh-rsa ...`), the server encrypts every file to them and stores
+        it as `<file>.age`; `tinkex_trio.download(..., identity=...)` (CLI `checkpoint
+        download --identity FILE`) fetches and decrypts them, as does `age -d -i FILE`.
+
+        Download the files with `tinkex_trio.download` or `RestClient.get_external_weights_urls`.
+        Like the other saves, submitted without layer-A retries (PROTOCOL.md 3.2, 9.3).
+
+        Raises:
+            InvalidInputError: a bad name, ttl or recipient form (nothing is sent).
         """
+        recipients = require_age_recipients(age_encryption_recipients)
         return await self._save_named(
             "/api/v1/save_weights_external",
             "SaveWeightsExternal",
@@ -282,6 +295,7 @@ class TrainingClient:
             t.SaveWeightsExternalResponse,
             name,
             ttl_seconds,
+            age_encryption_recipients=t.UNSET if recipients is None else recipients,
         )
 
     async def save_weights_and_get_sampling_client(
@@ -412,7 +426,7 @@ class TrainingClient:
 
     async def _load(self, path: str, *, optimizer: bool) -> APIFuture[t.LoadWeightsResponse]:
         self._check_usable()
-        require_tinker_path("path", path)
+        require_server_path("path", path)
         return self._queue_request(
             "/api/v1/load_weights",
             "LoadWeights",
@@ -430,8 +444,10 @@ class TrainingClient:
         result_type: type[_T],
         name: str,
         ttl_seconds: int | None,
+        **fields: Any,
     ) -> APIFuture[_T]:
-        """A save to `name` under the ``save`` policy (PROTOCOL.md 3.2, 9.3: no layer A)."""
+        """A save to `name` under the ``save`` policy (PROTOCOL.md 3.2, 9.3: no layer A);
+        `fields` are further fields of the request."""
         self._check_usable()
         require_checkpoint_name(name)
         require_ttl(ttl_seconds)
@@ -443,6 +459,7 @@ class TrainingClient:
                 path=name,
                 seq_id=seq_id,
                 ttl_seconds=t.UNSET if ttl_seconds is None else ttl_seconds,
+                **fields,
             ),
             result_type,
             policy=SAVE,

@@ -448,3 +448,82 @@ async def test_our_protobuf_body_is_byte_identical_to_the_official_sdks(
     assert ours(from_numpy=True) == official
     # What the official SDK actually sent (its map order is per-process) is the same message.
     assert _pb.ForwardBackwardRequest.FromString(ours(from_numpy=False)) == as_sent
+
+
+def _read_files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+async def test_official_sdk_encrypted_weight_export(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """0.38 exports with `age_encryption_recipients` (X25519 and SSH) and downloads with its
+    CLI through the signed URLs; pyrage decrypts every `<file>.age` to the exact bytes of the
+    unencrypted export of the same weights (PROTOCOL.md 3.2, 9.10)."""
+    import pyrage
+    from age_keys import ssh_keypair
+
+    python = official_python(PROTOBUF_VERSION)
+    x25519 = pyrage.x25519.Identity.generate()
+    ssh_key, ssh_pub = ssh_keypair(tmp_path, "ed25519")
+    out = tmp_path / "downloads"
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            result = await run_official(
+                python,
+                backend.base_url,
+                backend.api_key,
+                script=SCRIPT.with_name("official_age_export.py"),
+                args=(str(out), str(x25519.to_public()), ssh_pub),
+            )
+    plain = _read_files(Path(result["directories"][result["plain"]]))
+    secret = _read_files(Path(result["directories"][result["secret"]]))
+    assert "adapter_model.safetensors" in plain and "adapter_config.json" in plain
+    assert sorted(secret) == sorted(name + ".age" for name in plain)
+    ssh_identity = pyrage.ssh.Identity.from_buffer(ssh_key.read_bytes())
+    for name, content in plain.items():
+        for identity in (x25519, ssh_identity):
+            assert pyrage.decrypt(secret[name + ".age"], [identity]) == content, name
+    # The trained adapter really is in there (B matrices moved off zero).
+    assert len(set(plain["adapter_model.safetensors"][-256:])) > 1
+
+
+async def test_official_sdk_parses_session_search_and_admin_calls(
+    tmp_path: Path, official_python: Callable[[str], Path]
+) -> None:
+    """0.38's `search_sessions` and `AdminClient` calls, each answer validated strictly by its
+    official type: every required field present and typed (a session's `project_id` is the
+    default project), and the contents true to what happened (PROTOCOL.md 3.6, 7.9)."""
+    python = official_python(PROTOBUF_VERSION)
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            result = await run_official(
+                python,
+                backend.base_url,
+                backend.api_key,
+                script=SCRIPT.with_name("official_admin.py"),
+            )
+    [session] = result["sessions"]
+    assert session["project_id"] == "local-default"
+    assert session["owner"] == "tml:user:local"
+    assert session["status"] == "active"
+    assert session["checkpoints_count"] == 1
+    kept, gone = result["kept"], result["gone"]
+    assert [event for event in result["audit"] if event[0].startswith("checkpoint_")] == [
+        ["checkpoint_create", kept],
+        ["checkpoint_create", gone],
+        ["checkpoint_delete", gone],
+    ]
+    assert result["audit"][0][0] == "session_create"
+    assert result["checkpoint_audit"] == ["checkpoint_create"] * 2 + ["checkpoint_delete"]
+    counts = [e for e in result["usage"] if e["type"] == "checkpoint"]
+    assert sum(e["count"] for e in counts) == 2 and all(e["cost"] is None for e in counts)
+    storage_events = [e for e in result["usage"] if e["type"] == "storage"]
+    assert storage_events and all(e["free"] and e["cost"] == 0.0 for e in storage_events)
+    [storage] = result["storage"]
+    assert storage["project_id"] == "local-default" and storage["checkpoint_count"] == 1
+    assert storage["size_bytes"] > 0 and storage["cost"] == 0.0

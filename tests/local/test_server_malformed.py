@@ -275,6 +275,9 @@ def _get_paths(w: World) -> list[str]:
         f"{ck}/archive",
         f"training_runs/{w.model}/checkpoints/external_weights/e/external_weights_urls",
         f"samplers/{w.sampler}",
+        "audit",
+        "billing/usage/events",
+        "billing/usage/checkpoints/current",
     ]
 
 
@@ -299,6 +302,12 @@ BAD_QUERIES = [
     {"offset": str(2**70)},
     {"limit": "x"},
     {"limit": "1e3"},
+    {"day": "2026-13-45"},
+    {"event_type": "x" * 5000},
+    {"project_id": ""},
+    {"start_time": "1e999", "end_time": "-1"},
+    {"start_time": "9999-12-31T23:00:00Z", "end_time": "0001-01-01T00:00:00Z"},
+    {"start_time": "2026-01-01T00:30:00Z", "end_time": "2026-01-01T01:00:00+14:00"},
 ]
 
 

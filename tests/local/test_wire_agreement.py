@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +69,9 @@ ANSWER_TYPES: dict[str, type[t.Response]] = {
     "asample": t.UntypedAPIFuture,
     "retrieve_futures": t.RetrieveFuturesResponse,
     "cancel_future": t.EmptyResponse,
+    "audit": t.AuditLogResponse,
+    "billing_usage": t.BillingUsageResponse,
+    "checkpoint_storage": t.CurrentCheckpointStorageUsageResponse,
     "create_custom_loss": t.UntypedAPIFuture,
 }
 #: The result type of each kind of future (its request type, PROTOCOL.md 4.2 and A.3.8).
@@ -242,6 +246,17 @@ async def _drive_every_endpoint(h: Harness) -> None:
     await _until(h, "GET", f"sessions/{sid}/trace_export", "ready")
     await h.ok("sessions/search", {"statuses": [{"type": "active"}]})
     await h.ok(f"sessions/{sid}/finish", {"reason": {"type": "success"}, "detail": None})
+
+    # Admin: the audit log, billing usage events and current checkpoint storage.
+    assert (await h.get("audit")).status_code == 200
+    hour = datetime.now(UTC).replace(minute=0, second=0, microsecond=0)
+    window = {
+        "starting_on": (hour - timedelta(hours=1)).isoformat(),
+        "ending_before": (hour + timedelta(hours=1)).isoformat(),
+    }
+    usage = await h.get("billing/usage/events", params=window)
+    assert {e["event_info"]["type"] for e in usage.json()["data"]} == {"checkpoint", "storage"}
+    assert (await h.get("billing/usage/checkpoints/current")).status_code == 200
 
 
 def _answer_type(h: Harness, exchange: Exchange, handler: str) -> type[t.Response]:

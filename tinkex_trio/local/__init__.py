@@ -24,6 +24,8 @@ Layout (one job per module; the public ones have no underscore):
                             archives, external-weights URLs, copy_weights
     _routes_sampling.py     sampling sessions, samplers, asample
     _routes_futures.py      retrieve_future, retrieve_futures, cancel_future
+    _routes_admin.py        audit log, billing usage events, current checkpoint storage
+    _age_export.py          age encryption of save_weights_external files (pyrage)
     _routes_custom_loss.py  create_custom_loss; forward_backward with loss_fn "custom"
     _custom_graph.py        custom-loss graphs: the allowlists, checks, per-session store
     _submit.py              TrainingSubmitter: dedup, checks and queueing by seq_id
@@ -35,7 +37,7 @@ Layout (one job per module; the public ones have no underscore):
     _futures.py             FutureRegistry (long-polls, completion logs), poll answers
     _scheduler.py           EngineRunner (the engine's one caller), training lanes,
                             sampling batcher
-    _store.py               the SQLite store
+    _store.py               the SQLite store (and its audit log)
     _convert.py             wire types to engine types, with the input checks
     _stability.py           what record_stability_info samplers saw, per sequence id
                             (per session, a day after last use, memory-capped)

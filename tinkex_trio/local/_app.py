@@ -72,6 +72,7 @@ from ._http import (
 )
 from ._jwt import JwtIssuer
 from ._residency import OFFLOAD_DIR, Residency
+from ._routes_admin import AdminRoutes
 from ._routes_checkpoints import CheckpointRoutes
 from ._routes_custom_loss import CustomLossRoutes
 from ._routes_futures import FutureRoutes
@@ -123,6 +124,7 @@ class BackendApp:
             CheckpointRoutes(backend),
             SamplingRoutes(backend),
             FutureRoutes(backend),
+            AdminRoutes(backend),
             CustomLossRoutes(backend),
         ):
             for method, pattern, handler in group.routes():

@@ -35,6 +35,10 @@ from ._store import ModelRow, SessionRow, Store
 API = "/api/v1"
 #: The owner reported for every session and run: the local backend has one user.
 LOCAL_OWNER: Final = "tml:user:local"
+#: The project of every session created without one and never assigned to one (PROTOCOL.md
+#: 7.9 `SessionSummary.project_id` is required): stable across restarts, since it is stored
+#: nowhere. Search by it, and list its training runs, like any other project.
+DEFAULT_PROJECT_ID: Final = "local-default"
 #: Largest page of any REST listing (training runs, checkpoints, sessions; PROTOCOL.md 3.5).
 MAX_PAGE_LIMIT: Final = 1000
 #: The finish reason stored for a session that stopped heart-beating (`session_timeout`).
@@ -43,6 +47,13 @@ EXPIRED_REASON: Final = "expired"
 
 def now() -> float:
     return time.time()
+
+
+def project_of(session: SessionRow | None) -> str:
+    """The project a session belongs to: its own, else `DEFAULT_PROJECT_ID`."""
+    if session is None or session.project_id is None:
+        return DEFAULT_PROJECT_ID
+    return session.project_id
 
 
 def hash_payload(obj: object) -> str:

@@ -33,6 +33,7 @@ import os
 import shutil
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Final, Literal
@@ -176,9 +177,14 @@ class Checkpoints:
         overwrite: bool,
         expires_at: float | None,
         user_metadata: dict[str, str] | None,
+        transform: Callable[[Path], int] | None = None,
     ) -> CheckpointRow:
         """Save the model's adapter as `<segment>/<name>` (with the optimizer state for
         `weights`) and record it. Run it in the model's lane, so it sees every earlier step.
+
+        `transform` (blocking, run in a worker thread) rewrites the staged files before they
+        go into place and returns the bytes stored (the age encryption of an export), so no
+        reader ever sees the files before it.
 
         Raises:
             EngineUserError: the checkpoint exists and `overwrite` is false.
@@ -196,6 +202,8 @@ class Checkpoints:
             size = await self._runner.save_state(
                 model.model_id, staged, with_optimizer=segment == "weights"
             )
+            if transform is not None:
+                size = await trio.to_thread.run_sync(transform, staged)
             if existing is not None:
                 self.remove(existing)
             await self._move_into_place(staged, final)

@@ -51,6 +51,7 @@ from tinkex_trio.types import (
     decode_request,
 )
 
+from ._age_export import encryptor, parse_recipients
 from ._archive import ARCHIVE_ROUTE_PREFIX
 from ._backend import API, MAX_PAGE_LIMIT, Backend, now
 from ._checkpoints import utc_datetime
@@ -78,8 +79,6 @@ EXTERNAL_FILES_PREFIX: Final = "/external_files/"
 COPY_IDEMPOTENCY_MEMORY: Final = 1024
 #: Default page size of the checkpoint listing (PROTOCOL.md 3.5).
 DEFAULT_CHECKPOINTS_LIMIT: Final = 100
-#: PROTOCOL.md 3.2: at most this many age recipients on save_weights_external.
-MAX_AGE_RECIPIENTS: Final = 10
 #: Checkpoint names become one path segment of a `tinker://` path (PROTOCOL.md 5.4): no `/`.
 _NAME_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._\-]{0,199}")
 
@@ -222,8 +221,8 @@ class CheckpointRoutes:
         """Write `external_weights/<name>`: the PEFT adapter files only (no optimizer state),
         for download through signed per-file URLs (`external_weights_urls`). An existing
         export of the same name is replaced (the download flow of PROTOCOL.md 9.10 reuses one
-        name). Encryption to age recipients is not implemented: such requests get a 400 rather
-        than unencrypted files the caller believes are encrypted.
+        name). With `age_encryption_recipients`, every file is stored (and served) as
+        `<file>.age`, encrypted to all of them (`_age_export.py`); an empty list means none.
         """
         body = self.submitter.decode(request, SaveWeightsExternalRequest)
         checkpoints = self.checkpoints
@@ -231,19 +230,8 @@ class CheckpointRoutes:
         def prepare(model: ModelRow) -> JobFn:
             name = _check_name(body.path, "path")
             expires_at = checkpoints.expiry(or_none(body.ttl_seconds))
-            recipients = or_none(body.age_encryption_recipients)
-            if recipients is not None and len(recipients) > MAX_AGE_RECIPIENTS:
-                raise HTTPError(
-                    400,
-                    f"age_encryption_recipients holds {len(recipients)} keys; at most "
-                    f"{MAX_AGE_RECIPIENTS} are allowed",
-                )
-            if recipients:
-                raise HTTPError(
-                    400,
-                    "age_encryption_recipients is not supported by the local backend; "
-                    "omit it (files are stored unencrypted)",
-                )
+            recipients = parse_recipients(or_none(body.age_encryption_recipients) or [])
+            transform = encryptor(recipients) if recipients else None
 
             async def job() -> SaveWeightsExternalResponse:
                 row = await checkpoints.save(
@@ -253,6 +241,7 @@ class CheckpointRoutes:
                     overwrite=True,
                     expires_at=expires_at,
                     user_metadata=None,
+                    transform=transform,
                 )
                 return SaveWeightsExternalResponse(path=row.tinker_path, size_bytes=row.size_bytes)
 
@@ -336,6 +325,7 @@ class CheckpointRoutes:
             )
         expires = self.backend.urls.expiry()
         location = self.backend.urls.make(request.base_url(), ARCHIVE_ROUTE_PREFIX + token, expires)
+        self._audit_read(ck, file="archive")
         return json_response(
             CheckpointArchiveUrlResponse(url=location, expires=utc_datetime(expires)),
             status=302,
@@ -393,7 +383,19 @@ class CheckpointRoutes:
         file_path = self.checkpoints.file(ck, params["file"])
         if file_path is None:
             raise HTTPError(404, f"no file {params['file']!r} in this export")
-        return file_response(await trio.open_file(file_path, "rb"), "application/octet-stream")
+        handle = await trio.open_file(file_path, "rb")
+        self._audit_read(ck, file=params["file"])
+        return file_response(handle, "application/octet-stream")
+
+    def _audit_read(self, ck: CheckpointRow, **details: str) -> None:
+        """A `checkpoint_read` audit event (PROTOCOL.md 3.6): someone fetched its files."""
+        self.backend.store.record_event(
+            "checkpoint_read",
+            {"training_run_id": ck.run_id, "checkpoint_id": ck.checkpoint_id, **details},
+            model_id=ck.run_id,
+            tinker_path=ck.tinker_path,
+            purpose="download",
+        )
 
     # ------------------------------------------------------------------ copies
 

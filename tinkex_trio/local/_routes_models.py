@@ -42,7 +42,7 @@ from tinkex_trio.types import (
 from tinkex_trio.types._training import LossConfigValue
 
 from . import _convert
-from ._backend import API, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend
+from ._backend import API, DEFAULT_PROJECT_ID, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend
 from ._checkpoints import Checkpoints, utc_datetime
 from ._convert import or_none
 from ._custom_graph import CUSTOM_LOSS_FN
@@ -387,7 +387,19 @@ class ModelRoutes:
     async def list_training_runs(self, request: Request) -> Response:
         limit = int_query(request, "limit", DEFAULT_RUNS_LIMIT, 1, MAX_PAGE_LIMIT)
         offset = int_query(request, "offset", 0, 0, 2**31)
-        models, total = self.backend.store.list_models(limit=limit, offset=offset)
+        project_id = request.query.get("project_id")
+        store = self.backend.store
+        if project_id is None:
+            models, total = store.list_models(limit=limit, offset=offset)
+        elif not project_id.strip():
+            raise HTTPError(400, "query parameter project_id must not be empty when given")
+        else:
+            models, total = store.list_models_in_project(
+                project_id,
+                include_unassigned=project_id == DEFAULT_PROJECT_ID,
+                limit=limit,
+                offset=offset,
+            )
         return json_response(
             TrainingRunsResponse(
                 training_runs=[self._training_run(m) for m in models],

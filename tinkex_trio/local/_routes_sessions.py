@@ -7,6 +7,8 @@ Statuses: a session with no finish is `active`; a finished one is `client_finish
 reason the client gave; one that stopped heart-beating for `session_timeout` is `cancelled`
 (expired). This backend never fails a session, so filters for `failed` match nothing. Every session belongs to the one local user, so owner
 `own` and `accessible` match all, and `user` matches when `tml:user:local` is listed.
+Projects: a session created without a project, and never assigned one, is in
+`DEFAULT_PROJECT_ID` (`local-default`), so `project_id` is never null.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ from tinkex_trio.types import (
     decode_request,
 )
 
-from ._backend import API, EXPIRED_REASON, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend, now
+from ._backend import API, EXPIRED_REASON, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend, now, project_of
 from ._checkpoints import utc_datetime
 from ._convert import or_none
 from ._http import Handler, HTTPError, Request, Response, int_query, json_response
@@ -223,7 +225,7 @@ class SessionRoutes:
             session_id=session.session_id,
             created_at=created,
             owner=LOCAL_OWNER,
-            project_id=session.project_id,
+            project_id=project_of(session),
             checkpoints_count=count,
             status=_status(session),
             display_name=session.display_name,
@@ -266,7 +268,7 @@ def _display_name_matches(query: str, display_name: str | None) -> bool:
 def _matches(body: SessionSearchRequest, session: SessionRow) -> bool:
     if isinstance(body.owner, SearchOwnerUsers) and LOCAL_OWNER not in body.owner.owner_urns:
         return False
-    if body.project_ids is not UNSET and session.project_id not in body.project_ids:
+    if body.project_ids is not UNSET and project_of(session) not in body.project_ids:
         return False
     if body.user_metadata is not UNSET:
         metadata = session.user_metadata or {}

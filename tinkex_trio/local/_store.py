@@ -106,6 +106,21 @@ CREATE INDEX IF NOT EXISTS checkpoints_by_time ON checkpoints (created_at);
 CREATE INDEX IF NOT EXISTS models_by_session ON models (session_id);
 """
 
+#: The audit log (`GET audit`, and checkpoint lifetimes for billing usage): one row per change
+#: of a session, training run or checkpoint, written by the Store method that makes it.
+_AUDIT_SCHEMA = """
+CREATE TABLE IF NOT EXISTS audit_events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    timestamp REAL NOT NULL,
+    event TEXT NOT NULL,
+    details TEXT NOT NULL,
+    model_id TEXT,
+    tinker_path TEXT,
+    purpose TEXT
+);
+CREATE INDEX IF NOT EXISTS audit_events_by_time ON audit_events (timestamp);
+"""
+
 
 @dataclass(frozen=True)
 class SessionRow:
@@ -176,6 +191,18 @@ class FutureRow:
     category: str | None
 
 
+@dataclass(frozen=True)
+class AuditRow:
+    """One audited change: `event` is `<resource>_<action>` (`checkpoint_create`, ...)."""
+
+    timestamp: float
+    event: str
+    details: dict[str, Any]
+    model_id: str | None
+    tinker_path: str | None
+    purpose: str | None
+
+
 def _dumps(value: object) -> str | None:
     return None if value is None else json.dumps(value, sort_keys=True)
 
@@ -208,6 +235,7 @@ class Store:
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.executescript(_SCHEMA)
+            conn.executescript(_AUDIT_SCHEMA)
             store = cls(conn)
             stamp = time.time() if now is None else now
             with store._tx():
@@ -266,6 +294,16 @@ class Store:
                 created_at,
             ),
         )
+        self.record_event(
+            "session_create",
+            {
+                "session_id": session_id,
+                "project_id": project_id,
+                "display_name": display_name,
+                "tags": tags,
+            },
+            timestamp=created_at,
+        )
 
     def get_session(self, session_id: str) -> SessionRow | None:
         row = self._conn.execute(
@@ -290,10 +328,12 @@ class Store:
         )
 
     def finish_session(self, session_id: str, reason: str) -> None:
-        self._conn.execute(
+        cursor = self._conn.execute(
             "UPDATE sessions SET finished_reason=? WHERE session_id=? AND finished_reason IS NULL",
             (reason, session_id),
         )
+        if cursor.rowcount:
+            self.record_event("session_finish", {"session_id": session_id, "reason": reason})
 
     def open_sessions(self) -> list[str]:
         """Ids of the sessions not finished yet."""
@@ -305,6 +345,9 @@ class Store:
     def set_session_project(self, session_id: str, project_id: str) -> None:
         self._conn.execute(
             "UPDATE sessions SET project_id=? WHERE session_id=?", (project_id, session_id)
+        )
+        self.record_event(
+            "project_session_assign", {"session_id": session_id, "project_id": project_id}
         )
 
     def all_sessions(self) -> list[SessionRow]:
@@ -376,6 +419,12 @@ class Store:
                 now,
             ),
         )
+        self.record_event(
+            "training_run_create",
+            {"training_run_id": model_id, "session_id": session_id, "base_model": base_model},
+            timestamp=now,
+            model_id=model_id,
+        )
 
     def _model(self, row: sqlite3.Row) -> ModelRow:
         return ModelRow(
@@ -428,6 +477,22 @@ class Store:
         ).fetchall()
         return [self._model(r) for r in rows], total
 
+    def list_models_in_project(
+        self, project_id: str, *, include_unassigned: bool, limit: int, offset: int
+    ) -> tuple[list[ModelRow], int]:
+        """One page of the training runs whose session is in `project_id` (and, with
+        `include_unassigned`, those whose session has no project), newest first; and the total."""
+        where = (
+            " FROM models WHERE session_id IN (SELECT session_id FROM sessions WHERE project_id=?"
+            + (" OR project_id IS NULL)" if include_unassigned else ")")
+        )
+        total = int(self._conn.execute("SELECT COUNT(*)" + where, (project_id,)).fetchone()[0])
+        rows = self._conn.execute(
+            "SELECT *" + where + " ORDER BY created_at DESC, model_id DESC LIMIT ? OFFSET ?",
+            (project_id, limit, offset),
+        ).fetchall()
+        return [self._model(r) for r in rows], total
+
     def models_of_session(self, session_id: str) -> list[str]:
         rows = self._conn.execute(
             "SELECT model_id FROM models WHERE session_id=? ORDER BY model_seq_id", (session_id,)
@@ -452,6 +517,19 @@ class Store:
                 ck.expires_at,
                 _dumps(ck.user_metadata),
             ),
+        )
+        self.record_event(
+            "checkpoint_create",
+            {
+                "training_run_id": ck.run_id,
+                "checkpoint_id": ck.checkpoint_id,
+                "checkpoint_type": ck.checkpoint_type,
+                "size_bytes": ck.size_bytes,
+                "expires_at": ck.expires_at,
+            },
+            timestamp=ck.created_at,
+            model_id=ck.run_id,
+            tinker_path=ck.tinker_path,
         )
 
     def _checkpoint(self, row: sqlite3.Row) -> CheckpointRow:
@@ -490,14 +568,35 @@ class Store:
         return [self._checkpoint(r) for r in rows], total
 
     def delete_checkpoint(self, run_id: str, checkpoint_id: str) -> None:
+        ck = self.get_checkpoint(run_id, checkpoint_id)
         self._conn.execute(
             "DELETE FROM checkpoints WHERE run_id=? AND checkpoint_id=?", (run_id, checkpoint_id)
         )
+        if ck is not None:
+            # created_at and size_bytes let billing usage count the storage it held.
+            self.record_event(
+                "checkpoint_delete",
+                {
+                    "training_run_id": run_id,
+                    "checkpoint_id": checkpoint_id,
+                    "checkpoint_type": ck.checkpoint_type,
+                    "size_bytes": ck.size_bytes,
+                    "created_at": ck.created_at,
+                },
+                model_id=run_id,
+                tinker_path=ck.tinker_path,
+            )
 
     def set_checkpoint_public(self, run_id: str, checkpoint_id: str, public: bool) -> None:
         self._conn.execute(
             "UPDATE checkpoints SET public=? WHERE run_id=? AND checkpoint_id=?",
             (int(public), run_id, checkpoint_id),
+        )
+        self.record_event(
+            "checkpoint_publish" if public else "checkpoint_unpublish",
+            {"training_run_id": run_id, "checkpoint_id": checkpoint_id},
+            model_id=run_id,
+            tinker_path=f"tinker://{run_id}/{checkpoint_id}",
         )
 
     def set_checkpoint_expiry(
@@ -506,6 +605,12 @@ class Store:
         self._conn.execute(
             "UPDATE checkpoints SET expires_at=? WHERE run_id=? AND checkpoint_id=?",
             (expires_at, run_id, checkpoint_id),
+        )
+        self.record_event(
+            "checkpoint_ttl_set",
+            {"training_run_id": run_id, "checkpoint_id": checkpoint_id, "expires_at": expires_at},
+            model_id=run_id,
+            tinker_path=f"tinker://{run_id}/{checkpoint_id}",
         )
 
     def expired_checkpoints(self, now: float) -> list[CheckpointRow]:
@@ -642,3 +747,70 @@ class Store:
             " WHERE request_id=?",
             (error, category, now, request_id),
         )
+
+    # ------------------------------------------------------------------- audit
+
+    def record_event(
+        self,
+        event: str,
+        details: Mapping[str, Any],
+        *,
+        timestamp: float | None = None,
+        model_id: str | None = None,
+        tinker_path: str | None = None,
+        purpose: str | None = None,
+    ) -> None:
+        """Append one audit event (`<resource>_<action>`); `details` must be JSON-able."""
+        self._conn.execute(
+            "INSERT INTO audit_events (timestamp, event, details, model_id, tinker_path, purpose)"
+            " VALUES (?,?,?,?,?,?)",
+            (
+                time.time() if timestamp is None else timestamp,
+                event,
+                json.dumps(dict(details), sort_keys=True),
+                model_id,
+                tinker_path,
+                purpose,
+            ),
+        )
+
+    def audit_events(
+        self, *, start: float, end: float, prefix: str | None = None
+    ) -> list[AuditRow]:
+        """Events with start <= timestamp < end (all of them, or those whose name starts with
+        `prefix`), oldest first."""
+        query = "SELECT * FROM audit_events WHERE timestamp >= ? AND timestamp < ?"
+        args: list[Any] = [start, end]
+        if prefix is not None:
+            query += " AND substr(event, 1, ?) = ?"
+            args += [len(prefix), prefix]
+        rows = self._conn.execute(query + " ORDER BY timestamp, id", args).fetchall()
+        return [
+            AuditRow(
+                timestamp=r["timestamp"],
+                event=r["event"],
+                details=json.loads(r["details"]),
+                model_id=r["model_id"],
+                tinker_path=r["tinker_path"],
+                purpose=r["purpose"],
+            )
+            for r in rows
+        ]
+
+    def sessions_of_runs(self, run_ids: list[str]) -> dict[str, tuple[str, str]]:
+        """run id -> (session id, base model) for the given training runs that exist."""
+        found: dict[str, tuple[str, str]] = {}
+        for run_id in set(run_ids):
+            row = self._conn.execute(
+                "SELECT session_id, base_model FROM models WHERE model_id=?", (run_id,)
+            ).fetchone()
+            if row is not None:
+                found[run_id] = (row["session_id"], row["base_model"])
+        return found
+
+    def live_checkpoint_spans(self) -> list[tuple[str, float, float | None, int]]:
+        """(run id, created_at, expires_at, size_bytes) of every checkpoint row."""
+        rows = self._conn.execute(
+            "SELECT run_id, created_at, expires_at, COALESCE(size_bytes, 0) FROM checkpoints"
+        ).fetchall()
+        return [(r[0], float(r[1]), r[2], int(r[3])) for r in rows]

@@ -23,6 +23,7 @@ from typing import Any, Final, Literal
 
 import trio
 
+from ._backend import project_of
 from ._durable import write_file_atomically
 from ._store import Store
 
@@ -82,7 +83,7 @@ class TraceExports:
             "session": {
                 "session_id": session.session_id,
                 "created_at": session.created_at,
-                "project_id": session.project_id,
+                "project_id": project_of(session),
                 "display_name": session.display_name,
                 "tags": session.tags,
                 "user_metadata": session.user_metadata,

@@ -9,7 +9,8 @@ Conventions (DESIGN.md "Wire types", PROTOCOL.md 1.8 and A.0):
   field, defaults and `type` tags included, as an official server does: re-encoding an official
   body loses nothing (`public`, `corrupted`, `type`, ...), and the local backend, which encodes
   every answer from these Structs, sends what an official server sends. Optional fields that an
-  official server sends as `null` default to `None`. A strict client (the official SDKs validate
+  official server sends as `null` default to `None`. Other servers send `null` in optional
+  fields that have a real default; `decode` then gives the default (see there). A strict client (the official SDKs validate
   direct responses with pydantic, PROTOCOL.md 1.8) never sees `null` where it expects a value,
   because such fields have real defaults (`public: bool = False`), never `None`. The few fields
   an official server leaves out when it has no value are `X | UnsetType | None = UNSET`, so both
@@ -25,6 +26,7 @@ import functools
 from typing import Any, TypeVar
 
 import msgspec
+import msgspec.inspect
 
 T = TypeVar("T")
 
@@ -60,10 +62,104 @@ def _decoder(type_: Any) -> msgspec.json.Decoder[Any]:
 
 
 def decode(body: bytes | str, type_: type[T]) -> T:
-    """Decode a response body strictly into `type_` (one cached Decoder per type)."""
+    """Decode a response body into `type_` (one cached Decoder per type).
+
+    Lenient about `null` in optional fields: other Tinker-compatible servers (SkyRL tx,
+    hatchery-core) send `null` where an official server sends a default or nothing
+    (`"public": null`, `"corrupted": null`). A field that has a default but whose type has no
+    `None` then decodes to its default. The strict decode runs first, so well-formed bodies
+    pay nothing; only a body that fails it is walked once to drop such nulls and decoded
+    again; if that fails too, its error (naming what is really wrong) is raised.
+    """
     decoder: msgspec.json.Decoder[T] = _decoder(type_)  # type: ignore[arg-type]
-    result: T = decoder.decode(body)
+    try:
+        result: T = decoder.decode(body)
+    except msgspec.ValidationError:
+        lenient = _without_defaulted_nulls(body, type_)
+        if lenient is None:
+            raise
+        # Still invalid: the error now names what is really wrong, not a tolerated null.
+        result = decoder.decode(lenient)
     return result
+
+
+@functools.cache
+def _type_info(type_: Any) -> msgspec.inspect.Type:
+    return msgspec.inspect.type_info(type_)
+
+
+def _without_defaulted_nulls(body: bytes | str, type_: Any) -> bytes | None:
+    """`body` re-encoded without the nulls of optional fields that do not accept None, or None
+    if it has none (or is not JSON)."""
+    try:
+        raw = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return None
+    if not _drop_defaulted_nulls(raw, _type_info(type_)):
+        return None
+    return _encoder.encode(raw)
+
+
+_SEQUENCE_TYPES = (
+    msgspec.inspect.ListType,
+    msgspec.inspect.VarTupleType,
+    msgspec.inspect.SetType,
+    msgspec.inspect.FrozenSetType,
+)
+
+
+def _accepts_none(info: msgspec.inspect.Type) -> bool:
+    if isinstance(info, msgspec.inspect.NoneType | msgspec.inspect.AnyType):
+        return True
+    return isinstance(info, msgspec.inspect.UnionType) and any(
+        _accepts_none(member) for member in info.types
+    )
+
+
+def _struct_for(
+    value: dict[str, Any], info: msgspec.inspect.UnionType
+) -> msgspec.inspect.Type | None:
+    """The struct member of a union that `value` (an object) decodes as, if one is clear."""
+    structs = [m for m in info.types if isinstance(m, msgspec.inspect.StructType)]
+    for member in structs:
+        if member.tag_field is not None and value.get(member.tag_field) == member.tag:
+            return member
+    if len(structs) == 1:
+        return structs[0]
+    return next((m for m in info.types if isinstance(m, msgspec.inspect.DictType)), None)
+
+
+def _drop_defaulted_nulls(value: Any, info: msgspec.inspect.Type) -> bool:
+    """Delete, in place, every `null` of an optional field whose type has no None, so that the
+    field takes its default; True if anything was deleted."""
+    if isinstance(info, msgspec.inspect.UnionType):
+        member: msgspec.inspect.Type | None
+        if isinstance(value, dict):
+            member = _struct_for(value, info)
+        elif isinstance(value, list):
+            member = next((m for m in info.types if isinstance(m, _SEQUENCE_TYPES)), None)
+        else:
+            member = None
+        return member is not None and _drop_defaulted_nulls(value, member)
+    changed = False
+    if isinstance(info, msgspec.inspect.StructType) and isinstance(value, dict):
+        for field in info.fields:
+            name = field.encode_name
+            if name not in value:
+                continue
+            if value[name] is None:
+                if not field.required and not _accepts_none(field.type):
+                    del value[name]
+                    changed = True
+            elif _drop_defaulted_nulls(value[name], field.type):
+                changed = True
+    elif isinstance(info, _SEQUENCE_TYPES) and isinstance(value, list):
+        for item in value:
+            changed = _drop_defaulted_nulls(item, info.item_type) or changed
+    elif isinstance(info, msgspec.inspect.DictType) and isinstance(value, dict):
+        for item in value.values():
+            changed = _drop_defaulted_nulls(item, info.value_type) or changed
+    return changed
 
 
 # Chunk kinds by the keys that identify them when `type` is absent (PROTOCOL.md A.0 point 2).

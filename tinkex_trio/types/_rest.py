@@ -14,9 +14,12 @@ CheckpointType = Literal["training", "sampler", "external"]
 
 
 class Checkpoint(Response, kw_only=True):
+    """One checkpoint. `time` (when it was saved) is None when a server does not say: the
+    official types require it, but SkyRL tx and hatchery-core answer `"time": null`."""
+
     checkpoint_id: str
     checkpoint_type: CheckpointType
-    time: datetime
+    time: datetime | None = None
     tinker_path: str
     size_bytes: int | None = None
     public: bool = False
