@@ -705,6 +705,7 @@ async def test_iteration_ends_on_empty_page_despite_overstated_total(
         (lambda r: r.unpublish_checkpoint("", "weights/x"), "training_run_id"),
         (lambda r: r.set_checkpoint_ttl_from_tinker_path(PATH, -1), "ttl_seconds"),
         (lambda r: r.set_checkpoint_ttl(RUN, "weights/x", 0), "ttl_seconds"),
+        (lambda r: r.set_checkpoint_ttl(RUN, "weights/x", 2**62), "ttl_seconds must be an int"),
         (lambda r: r.get_weights_info_by_tinker_path("tinker://a/b/c/d"), "tinker_path"),
         (lambda r: r.get_checkpoint_archive_url(RUN, "weights/a/b"), "checkpoint_id"),
         (lambda r: r.get_checkpoint_archive_url_by_tinker_path("tinker:/x"), "tinker_path"),

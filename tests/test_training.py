@@ -193,6 +193,8 @@ async def test_invalid_training_input_is_rejected_before_sending() -> None:
             await training.save_state("a/b")
         with pytest.raises(InvalidInputError, match="ttl_seconds"):
             await training.save_state("a", ttl_seconds=-5)
+        with pytest.raises(InvalidInputError, match=r"ttl_seconds must be an int in 1\.\."):
+            await training.save_state("a", ttl_seconds=2**62)
         assert len(fake.requests) == sent
 
 

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from tinkex_trio import types as t
 from tinkex_trio.errors import InvalidInputError
+from tinkex_trio.types._bounds import MAX_TTL_SECONDS
 
 
 def require_str(name: str, value: object) -> None:
@@ -173,8 +174,14 @@ def require_age_recipients(recipients: Sequence[str] | None) -> list[str] | None
 
 
 def require_ttl(ttl_seconds: int | None) -> None:
-    """`ttl_seconds`: None (keep forever) or a positive int."""
+    """`ttl_seconds`: None (keep forever) or a positive int within the wire bound
+    (`types._bounds.MAX_TTL_SECONDS`, 100 years), the range the local backend accepts."""
     if ttl_seconds is not None and (
-        isinstance(ttl_seconds, bool) or not isinstance(ttl_seconds, int) or ttl_seconds <= 0
+        isinstance(ttl_seconds, bool)
+        or not isinstance(ttl_seconds, int)
+        or not 0 < ttl_seconds <= MAX_TTL_SECONDS
     ):
-        raise InvalidInputError(f"ttl_seconds must be a positive int or None, got {ttl_seconds!r}")
+        raise InvalidInputError(
+            f"ttl_seconds must be an int in 1..{MAX_TTL_SECONDS} (100 years) or None (no "
+            f"expiry), got {ttl_seconds!r}"
+        )

@@ -73,6 +73,7 @@ from tinkex_trio.types import (
     decode,
     encode,
 )
+from tinkex_trio.types._bounds import MAX_TTL_SECONDS
 
 if TYPE_CHECKING:
     from tinkex_trio._transport import Transport
@@ -671,10 +672,12 @@ def _non_empty(value: str, argument: str) -> str:
 
 
 def _ttl(ttl_seconds: int | None) -> int | None:
-    if ttl_seconds is not None and (not _is_int(ttl_seconds) or ttl_seconds < 1):
+    if ttl_seconds is not None and (
+        not _is_int(ttl_seconds) or not 1 <= ttl_seconds <= MAX_TTL_SECONDS
+    ):
         raise InvalidInputError(
-            f"ttl_seconds must be a positive integer, or None to remove the expiry; "
-            f"got {ttl_seconds!r}"
+            f"ttl_seconds must be an integer in 1..{MAX_TTL_SECONDS} (100 years, the wire "
+            f"bound), or None to remove the expiry; got {ttl_seconds!r}"
         )
     return ttl_seconds
 

@@ -134,6 +134,10 @@ async def open_harness(
 ) -> AsyncIterator[Harness]:
     """`app_kwargs` are `LocalBackendSettings` options (e.g. `max_queued_samples=`)."""
     engine = engine if engine is not None else FakeEngine()
+    # No session expiry unless a test asks for it: the expiry task's deadline would be where
+    # autojump leaps whenever a worker thread (file listing, archive build) is busy, which
+    # would expire sessions of tests that are not about expiry.
+    app_kwargs.setdefault("session_timeout", None)
     async with open_backend_app(
         LocalBackendSettings(
             data_dir=data_dir,

@@ -63,6 +63,21 @@ async def test_expired_or_forged_token_gets_invalid_token_401(tmp_path: Path) ->
         assert "www-authenticate" not in r.headers
 
 
+async def test_only_the_api_key_is_exchanged_for_a_token(tmp_path: Path) -> None:
+    """A JWT cannot buy a new JWT: a leaked token dies with its expiry (issue 11, item 5)."""
+    async with open_harness(tmp_path, jwt_auth=True, jwt_lifetime=60.0) as h:
+        token = (await h.ok("auth/token", {}))["jwt"]
+        r = await h.client.post("/api/v1/auth/token", json={}, headers={"X-API-Key": token})
+        assert r.status_code == 401
+        assert r.json()["category"] == "user"
+        assert "API key only" in r.json()["detail"]
+        assert token not in r.text
+        # The token still works everywhere else, and the key still buys tokens.
+        r = await h.client.get("/api/v1/get_server_capabilities", headers={"X-API-Key": token})
+        assert r.status_code == 200
+        assert (await h.ok("auth/token", {}))["jwt"].startswith("eyJ")
+
+
 async def test_without_jwt_mode_the_token_route_is_404(tmp_path: Path) -> None:
     async with open_harness(tmp_path) as h:
         assert (await h.ok("client/config", {"sdk_version": "x"}))["pjwt_auth_enabled"] is False

@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import secrets
+import shutil
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -45,8 +45,17 @@ import msgspec
 import trio
 
 from ._backend import API, Backend
+from ._durable import (
+    Leftover,
+    check_data_dir,
+    leftover_size,
+    remove_leftovers,
+    write_file_atomically,
+)
 from ._engine_api import Engine, EngineUserError
 from ._http import (
+    BodyBudget,
+    Handler,
     HTTPError,
     Receive,
     Request,
@@ -57,10 +66,12 @@ from ._http import (
     StreamResponse,
     error_response,
     handle_lifespan,
-    read_request,
+    read_body,
+    request_head,
     send_response,
 )
 from ._jwt import JwtIssuer
+from ._residency import OFFLOAD_DIR, Residency
 from ._routes_admin import AdminRoutes
 from ._routes_checkpoints import CheckpointRoutes
 from ._routes_custom_loss import CustomLossRoutes
@@ -81,11 +92,8 @@ API_KEY_PREFIX = "tml-"
 def _read_or_create(path: Path, make: Callable[[], str]) -> str:
     if path.is_file():
         return path.read_text().strip()
-    path.parent.mkdir(parents=True, exist_ok=True)
     value = make()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(value + "\n")
+    write_file_atomically(path, (value + "\n").encode(), mode=0o600)
     return value
 
 
@@ -107,6 +115,7 @@ class BackendApp:
         self.jwt = jwt
         """Issues and checks JWTs when the backend runs in JWT-exchange mode (else None)."""
         self._api_key = backend.api_key.encode()
+        self.body_budget = BodyBudget(backend.settings.max_body_bytes_in_flight)
         self.router = Router()
         for group in (
             ServiceRoutes(backend, jwt=jwt),
@@ -129,19 +138,32 @@ class BackendApp:
             return
         if scope["type"] != "http":
             return
+        settings = self.backend.settings
+        reserved = 0
         try:
-            request = await read_request(scope, receive)
-            response = await self._dispatch(request)
-        except HTTPError as exc:
-            response = error_response(exc)
-        await send_response(send, response)
-
-    async def _dispatch(self, request: Request) -> Response | StreamResponse:
-        try:
-            handler, params = self.router.resolve(request.method, request.path)
-            request.params = params
+            # Route and authenticate from the head alone: a request that will be refused is
+            # refused before a byte of its body is read (hypercorn stops reading the socket
+            # while the app does not take the body, so an unread body costs no memory).
+            request = request_head(scope)
+            handler, request.params = self.router.resolve(request.method, request.path)
             if request.path.startswith(API + "/") and request.path != API + "/healthz":
                 self._authenticate(request)
+            reserved = await read_body(
+                request,
+                receive,
+                max_size=settings.max_request_body,
+                budget=self.body_budget,
+                read_timeout=settings.read_timeout,
+            )
+            response = await self._dispatch(handler, request)
+        except HTTPError as exc:
+            response = error_response(exc)
+        finally:
+            self.body_budget.release(reserved)
+        await send_response(send, response)
+
+    async def _dispatch(self, handler: Handler, request: Request) -> Response | StreamResponse:
+        try:
             return await handler(request)
         except HTTPError as exc:
             return error_response(exc)
@@ -173,6 +195,29 @@ class BackendApp:
         raise HTTPError(401, "invalid API key for this local backend")
 
 
+def _remove_leftovers(data_dir: Path) -> None:
+    """Delete what writes interrupted by a crash left behind (`_durable.py`), and adapters
+    offloaded by an earlier run (`_residency.py`: their runs are corrupted now), and say so."""
+    removed = remove_leftovers(data_dir)
+    offload_dir = data_dir / OFFLOAD_DIR
+    if offload_dir.is_dir():
+        for entry in sorted(offload_dir.iterdir()):
+            removed.append(Leftover(entry, leftover_size(entry)))
+        shutil.rmtree(offload_dir)
+    for leftover in removed:
+        logger.warning(
+            "removed %s (%d bytes): an interrupted write from an earlier run",
+            leftover.path,
+            leftover.size,
+        )
+    if removed:
+        logger.warning(
+            "start-up removed %d leftover(s) of interrupted writes, %d bytes in all",
+            len(removed),
+            sum(leftover.size for leftover in removed),
+        )
+
+
 @asynccontextmanager
 async def open_backend_app(
     settings: LocalBackendSettings, engine: Engine, *, engine_in_thread: bool = True
@@ -180,23 +225,32 @@ async def open_backend_app(
     """Open the store, start the background tasks, yield the ASGI app; stop them on exit.
 
     `settings` says everything but the engine (`LocalBackendSettings`; `host` and `port` are
-    the server's business, not the app's). `engine_in_thread=False` runs engine calls inline on
+    the server's business, not the app's). An unusable data directory raises
+    `DataDirectoryError` (or `StoreOpenError` for its database) before anything starts.
+    `engine_in_thread=False` runs engine calls inline on
     the trio thread (virtual-time tests with a fake engine); the default runs them in one
     worker thread.
     """
     data_dir = settings.data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
+    check_data_dir(data_dir)
+    _remove_leftovers(data_dir)
     api_key = settings.api_key if settings.api_key is not None else load_or_create_api_key(data_dir)
     secret = load_or_create_secret(data_dir)
     jwt = JwtIssuer(secret, lifetime=settings.jwt_lifetime) if settings.jwt_auth else None
     store = Store.open(data_dir / "state.sqlite3")
     try:
-        runner = EngineRunner(engine, in_thread=engine_in_thread)
+        offload_dir = data_dir / OFFLOAD_DIR
+        runner = EngineRunner(
+            engine,
+            in_thread=engine_in_thread,
+            residency=Residency(offload_dir, settings.max_resident_adapters),
+        )
         models = await runner.models()
         async with trio.open_nursery() as nursery:
             backend = Backend(settings, api_key, secret, store, runner, models, nursery)
             await nursery.start(backend.lanes.run)
             await nursery.start(backend.batcher.run)
+            await nursery.start(backend.expiry.run)
             nursery.start_soon(backend.checkpoints.reap_forever)
             try:
                 yield BackendApp(backend, jwt=jwt)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import trio
 
+from ._durable import fsync_directory, staging_name
+
 logger = logging.getLogger("tinkex_trio.local.archive")
 
 ARCHIVE_ROUTE_PREFIX = "/archives/"
@@ -35,15 +37,22 @@ def archive_token(run_id: str, checkpoint_id: str, created_at: float) -> str:
 def build_archive(source_dir: Path, target: Path) -> None:
     """Write the tar.gz of the regular files in `source_dir` (synchronous; run in a thread).
 
-    Written to a temporary name and renamed, so a reader never sees a partial archive.
+    Staged, flushed and renamed (`_durable.py`), so a reader never sees a partial archive.
     """
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    with tarfile.open(tmp, "w:gz") as tar:
-        for entry in sorted(source_dir.iterdir()):
-            if entry.is_symlink() or not entry.is_file():
-                continue
-            tar.add(entry, arcname=entry.name, recursive=False)
-    tmp.replace(target)
+    tmp = staging_name(target)
+    try:
+        with tmp.open("wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
+            for entry in sorted(source_dir.iterdir()):
+                if entry.is_symlink() or not entry.is_file():
+                    continue
+                tar.add(entry, arcname=entry.name, recursive=False)
+        with tmp.open("rb") as written:
+            os.fsync(written.fileno())
+        tmp.replace(target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_directory(target.parent)
 
 
 @dataclass

@@ -10,6 +10,7 @@ nursery its background work runs in.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import time
 from typing import Final
@@ -21,8 +22,10 @@ from tinkex_trio import types as t
 from ._checkpoints import Checkpoints
 from ._custom_graph import CustomLossStore
 from ._engine_api import ModelInfo
+from ._expiry import SessionExpiry
 from ._futures import FutureRegistry
 from ._http import HTTPError, Response, json_response
+from ._memory_trim import trim_heap
 from ._scheduler import EngineRunner, SampleBatcher, TrainingLanes
 from ._settings import LocalBackendSettings
 from ._signed_urls import SignedUrls
@@ -38,6 +41,8 @@ LOCAL_OWNER: Final = "tml:user:local"
 DEFAULT_PROJECT_ID: Final = "local-default"
 #: Largest page of any REST listing (training runs, checkpoints, sessions; PROTOCOL.md 3.5).
 MAX_PAGE_LIMIT: Final = 1000
+#: The finish reason stored for a session that stopped heart-beating (`session_timeout`).
+EXPIRED_REASON: Final = "expired"
 
 
 def now() -> float:
@@ -81,7 +86,9 @@ class Backend:
         """Where background work (archive builds, trace exports) runs."""
         self.client_config = settings.client_config()
         self.registry = FutureRegistry(store)
-        self.lanes = TrainingLanes(self.registry, self._persist_seq)
+        self.lanes = TrainingLanes(
+            self.registry, self._persist_seq, gap_timeout=settings.seq_gap_timeout
+        )
         self.batcher = SampleBatcher(runner, self.registry)
         self.checkpoints = Checkpoints(settings.data_dir, store, runner)
         self.urls = SignedUrls(secret)
@@ -89,6 +96,48 @@ class Backend:
         """What `record_stability_info` samplers saw, for stable_reinforce (`_stability.py`)."""
         self.custom_losses = CustomLossStore()
         """Server-side custom losses by loss_id (PROTOCOL.md 8.8), in memory."""
+        self.expiry = SessionExpiry(settings.session_timeout, self._expire_session)
+        """Open sessions' deadlines; its task runs in the app's nursery (`open_backend_app`)."""
+        for session_id in store.open_sessions():
+            self.expiry.start(session_id)
+
+    # --------------------------------------------------------------- lifecycle
+
+    def session_seen(self, session_id: str) -> None:
+        """A sign of life of the session (a heartbeat, a request of its runs or samplers)."""
+        self.expiry.seen(session_id)
+
+    def finish_session(self, session_id: str, reason: str) -> None:
+        """Finish the session (once) and release what it holds in the engine."""
+        self.expiry.forget(session_id)
+        self.store.finish_session(session_id, reason)
+        self.release_session(session_id)
+
+    def _expire_session(self, session_id: str) -> None:
+        self.store.finish_session(session_id, EXPIRED_REASON)
+        self.release_session(session_id)
+
+    def release_session(self, session_id: str) -> None:
+        """Release the engine state of the session's training runs and its samplers' logs.
+
+        The runs stay in the store (listed, their checkpoints usable; a new training client
+        revives one from a checkpoint) but take no more requests: they are marked unloaded at
+        once, and each adapter is dropped, with its optimizer state and any offloaded copy,
+        once its lane has run what it had already accepted.
+        """
+        for model_id in self.store.models_of_session(session_id):
+            model = self.store.get_model(model_id)
+            if model is None or model.unloaded:
+                continue
+            self.store.update_model(model_id, unloaded=1)
+            if self.lanes.has_lane(model_id):
+                self.lanes.close_lane(model_id, functools.partial(self._drop, model_id))
+        for sampler_id in self.store.samplers_of_session(session_id):
+            self.registry.forget_sampling_session(sampler_id)
+
+    async def _drop(self, model_id: str) -> None:
+        await self.runner.drop_adapter(model_id)
+        await self.runner.run_blocking(trim_heap)
 
     # ----------------------------------------------------------------- lookups
 

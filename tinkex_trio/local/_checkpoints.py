@@ -16,8 +16,9 @@ Layout (under the data directory):
 Writing: the engine saves into a fresh directory under `staging/`; only a complete save is
 renamed into place (the same file system, so the rename is atomic), replacing the previous
 version, and then its row is written. A reader therefore sees the old version or the new one,
-never half of one, and a failed save leaves the old version alone. What a crash leaves in
-`staging/` is never read.
+never half of one, and a failed save leaves the old version alone. The staged files and the
+rename are flushed to disk (`_durable.py`). What a crash leaves in `staging/` is never read,
+and is removed at the next start-up.
 
 Expiry: a checkpoint with `ttl_seconds` expires at a fixed time; an expired one is removed when
 next looked up and by `reap_forever` every `REAP_INTERVAL` seconds.
@@ -42,6 +43,7 @@ import trio
 from tinkex_trio.types import Checkpoint, ParsedTinkerPath
 
 from ._archive import ArchiveBuilder, archive_token
+from ._durable import STAGING_DIR, fsync_directory, fsync_tree
 from ._engine_api import EngineUserError, LoraSpec
 from ._http import HTTPError
 from ._scheduler import EngineRunner
@@ -82,16 +84,17 @@ class Checkpoints:
         return self._data_dir / "checkpoints" / run_dir_name(run_id) / checkpoint_id
 
     def _staging(self) -> Path:
-        """A fresh, empty directory for one write; renamed into place once complete."""
-        directory = self._data_dir / "staging" / uuid.uuid4().hex
+        """A fresh, empty directory for one write; renamed into place once complete.
+
+        Whatever a crash leaves here is removed at the next start-up (`_durable.py`).
+        """
+        directory = self._data_dir / STAGING_DIR / uuid.uuid4().hex
         directory.mkdir(parents=True)
         return directory
 
-    @staticmethod
-    def _move_into_place(staged: Path, final: Path) -> None:
-        shutil.rmtree(final, ignore_errors=True)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        staged.replace(final)
+    async def _move_into_place(self, staged: Path, final: Path) -> None:
+        """Flush the staged files, then swap them in for `final` and flush the rename."""
+        await self._runner.run_blocking(_commit_directory, staged, final)
 
     # ----------------------------------------------------------------- lookups
 
@@ -203,7 +206,7 @@ class Checkpoints:
                 size = await trio.to_thread.run_sync(transform, staged)
             if existing is not None:
                 self.remove(existing)
-            self._move_into_place(staged, final)
+            await self._move_into_place(staged, final)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
@@ -228,7 +231,7 @@ class Checkpoints:
         final = self._data_dir / "ephemeral" / run_dir_name(sampling_session_id)
         try:
             await self._runner.save_state(model.model_id, staged, with_optimizer=False)
-            self._move_into_place(staged, final)
+            await self._move_into_place(staged, final)
         except BaseException:
             shutil.rmtree(staged, ignore_errors=True)
             raise
@@ -254,7 +257,7 @@ class Checkpoints:
         final = self._directory(run_id, ck.checkpoint_id)
         try:
             await trio.to_thread.run_sync(_link_files, Path(ck.path), staged)
-            self._move_into_place(staged, final)
+            await self._move_into_place(staged, final)
         except OSError as exc:
             shutil.rmtree(staged, ignore_errors=True)
             raise HTTPError(
@@ -318,6 +321,14 @@ class Checkpoints:
         if name in (".", "..") or "/" in name or path.is_symlink() or not path.is_file():
             return None
         return path
+
+
+def _commit_directory(staged: Path, final: Path) -> None:
+    fsync_tree(staged)
+    shutil.rmtree(final, ignore_errors=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staged.replace(final)
+    fsync_directory(final.parent)
 
 
 def _regular_files(directory: Path) -> list[str]:

@@ -7,6 +7,7 @@ bad request never reaches the engine and never consumes a worker slot.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -48,6 +49,9 @@ MAX_NUM_SAMPLES = 64
 _SEED_MODULUS = 2**63 - 1
 #: Largest LoRA rank accepted; larger ranks than the hidden size are meaningless for our models.
 MAX_LORA_RANK = 512
+#: Most top-k prompt logprobs per position: the answer holds prompt length x k pairs, so k is
+#: what bounds its size (1,000 x a 2,048-token prompt is already ~40 MB of JSON).
+MAX_TOPK_PROMPT_LOGPROBS = 1000
 
 
 def model_input_tokens(model_input: ModelInput, where: str) -> list[int]:
@@ -73,18 +77,28 @@ def check_tokens(tokens: Sequence[int], model: ModelInfo, where: str) -> None:
         )
 
 
-def tensor_array(td: TensorData, where: str) -> npt.NDArray[Any]:
+def tensor_array(td: TensorData, where: str, *, max_elements: int) -> npt.NDArray[Any]:
+    """The tensor as numpy, refused (naming `where`) if its shape is negative, does not match
+    its data, or has more than `max_elements` cells (a sparse shape is materialised dense),
+    or if it holds a float that is not finite."""
     shape = td.resolved_shape()
     if any(d < 0 for d in shape):
         raise EngineUserError(f"{where}.shape {shape} has a negative dimension")
-    if not td.is_sparse and int(np.prod(shape)) != len(td.data):
+    cells = math.prod(shape)  # Python ints: no overflow
+    if cells > max_elements:
         raise EngineUserError(
-            f"{where} has {len(td.data)} values but shape {shape} needs {int(np.prod(shape))}"
+            f"{where}.shape {shape} has {cells} cells, more than the {max_elements} this input "
+            "can have"
         )
+    if not td.is_sparse and cells != len(td.data):
+        raise EngineUserError(f"{where} has {len(td.data)} values but shape {shape} needs {cells}")
     try:
-        return td.to_numpy()
+        array = td.to_numpy()
     except (ValueError, IndexError, OverflowError) as exc:
         raise EngineUserError(f"{where} is not a valid tensor: {exc}") from None
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise EngineUserError(f"{where} holds NaN or infinite values; every value must be finite")
+    return array
 
 
 def datum_arrays(datum: Datum, index: int, model: ModelInfo) -> DatumArrays:
@@ -99,7 +113,9 @@ def datum_arrays(datum: Datum, index: int, model: ModelInfo) -> DatumArrays:
         )
     inputs: dict[str, npt.NDArray[np.generic]] = {}
     for key, td in datum.loss_fn_inputs.items():
-        array = tensor_array(td, f"{where}.loss_fn_inputs[{key!r}]")
+        array = tensor_array(
+            td, f"{where}.loss_fn_inputs[{key!r}]", max_elements=n * model.vocab_size
+        )
         if array.ndim == 0 or array.shape[0] != n:
             raise EngineUserError(
                 f"{where}.loss_fn_inputs[{key!r}] has shape {list(array.shape)}, but the model "
@@ -131,7 +147,11 @@ def loss_name(name: str) -> LossName:
 def loss_config(config: dict[str, float] | Any) -> dict[str, float]:
     if config is UNSET or config is None:
         return {}
-    return {str(k): float(v) for k, v in config.items()}
+    out = {str(k): float(v) for k, v in config.items()}
+    for key, value in out.items():
+        if not math.isfinite(value):
+            raise EngineUserError(f"loss_fn_config[{key!r}] must be finite, got {value}")
+    return out
 
 
 def lora_spec(config: LoraConfig) -> LoraSpec:
@@ -204,12 +224,17 @@ def sample_request(
             f"prompt ({len(prompt)} tokens) + max_tokens ({max_tokens}) exceeds the maximum "
             f"context length {model.max_context_length} of {model.name}"
         )
-    if params.temperature < 0:
-        raise EngineUserError(f"sampling_params.temperature must be >= 0, got {params.temperature}")
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise EngineUserError(
+            f"sampling_params.temperature must be finite and >= 0, got {params.temperature}"
+        )
     if not 0 < params.top_p <= 1:
         raise EngineUserError(f"sampling_params.top_p must be in (0, 1], got {params.top_p}")
-    if req.topk_prompt_logprobs < 0:
-        raise EngineUserError("topk_prompt_logprobs must be >= 0")
+    topk_limit = min(MAX_TOPK_PROMPT_LOGPROBS, model.vocab_size)
+    if not 0 <= req.topk_prompt_logprobs <= topk_limit:
+        raise EngineUserError(
+            f"topk_prompt_logprobs must be in 0..{topk_limit}, got {req.topk_prompt_logprobs}"
+        )
     stop: list[str] | list[int] | None
     raw_stop = params.stop
     if raw_stop is UNSET:
@@ -220,6 +245,12 @@ def sample_request(
         stop = [str(s) for s in raw_stop]
     elif all(isinstance(s, int) for s in raw_stop):
         stop = [int(s) for s in raw_stop]
+        bad = next((t for t in stop if not 0 <= t < model.vocab_size), None)
+        if bad is not None:
+            raise EngineUserError(
+                f"sampling_params.stop holds token id {bad}, outside the vocabulary of "
+                f"{model.name} (0..{model.vocab_size - 1})"
+            )
     else:
         raise EngineUserError("sampling_params.stop must be all strings or all token ids")
     seed = None if params.seed is UNSET else int(params.seed) % _SEED_MODULUS

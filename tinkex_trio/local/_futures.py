@@ -111,6 +111,11 @@ class FutureRegistry:
             log = self._logs[key] = CompletionLog()
         return log
 
+    def forget_sampling_session(self, sampling_session_id: str) -> None:
+        """Drop the completion logs of a sampling session whose session finished."""
+        for key in [k for k in self._logs if k[0] == sampling_session_id]:
+            del self._logs[key]
+
     def _log_completion(self, request_id: str, state: str, size: int) -> None:
         row = self._store.get_future(request_id)
         if row is None or row.sampling_session_id is None or row.seq_id is None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
 import msgspec
+import trio
 
 from tinkex_trio import types as t
 
@@ -29,9 +30,9 @@ logger = logging.getLogger("tinkex_trio.local.http")
 
 #: Chunk size for streaming a file (archives, exported files): constant memory per download.
 STREAM_CHUNK = 64 * 1024
-#: Largest request body accepted. A maximal forward_backward chunk is ~5 MB by the client's own
-#: estimate (PROTOCOL.md A.7.3) and JSON numbers inflate that a few times.
-MAX_BODY_BYTES = 256 * 1024 * 1024
+#: The `retry-after` (seconds) of a 503 for a full body budget: bodies in flight are read at
+#: loopback speed, so the budget frees within a second or two.
+BODY_BUDGET_RETRY_AFTER = 1
 
 Scope = Mapping[str, Any]
 Message = Mapping[str, Any]
@@ -187,20 +188,36 @@ class Router:
         raise HTTPError(404, f"no endpoint {method} {path}")
 
 
-async def read_request(scope: Scope, receive: Receive) -> Request:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        body = message.get("body", b"")
-        size += len(body)
-        if size > MAX_BODY_BYTES:
-            raise HTTPError(413, f"request body larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(body)
-        if not message.get("more_body", False):
-            break
+class BodyBudget:
+    """The request-body bytes all requests together may hold while being read.
+
+    A request reserves its declared `Content-Length` before reading a byte (or, without one,
+    each piece as it arrives) and gives it back when its handling ends. A reservation that
+    would pass the budget is answered 503 with `retry-after`, so memory held by bodies is
+    bounded by configuration whatever the number of clients.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.in_use = 0
+
+    def reserve(self, size: int) -> None:
+        if self.in_use + size > self.limit:
+            raise HTTPError(
+                503,
+                f"the local backend is reading {self.in_use} bytes of request bodies (limit "
+                f"{self.limit}); retry shortly",
+                category="server",
+                headers={"retry-after": str(BODY_BUDGET_RETRY_AFTER)},
+            )
+        self.in_use += size
+
+    def release(self, size: int) -> None:
+        self.in_use -= size
+
+
+def request_head(scope: Scope) -> Request:
+    """The request without its body: what routing and authentication need."""
     headers: dict[str, str] = {}
     for raw_name, raw_value in scope.get("headers", []):
         name = raw_name.decode("latin-1").lower()
@@ -215,10 +232,75 @@ async def read_request(scope: Scope, receive: Receive) -> Request:
         path=scope["path"],
         query=query,
         headers=headers,
-        body=b"".join(chunks),
+        body=b"",
         scheme=scope.get("scheme", "http"),
         server=(server[0], server[1]) if server else None,
     )
+
+
+async def read_body(
+    request: Request,
+    receive: Receive,
+    *,
+    max_size: int,
+    budget: BodyBudget,
+    read_timeout: float,
+) -> int:
+    """Read the body into `request.body`; return the bytes reserved from `budget`, which the
+    caller gives back once the request is handled (also when this raises: then 0 is owed).
+
+    Raises:
+        HTTPError: 413 if the body (declared or read) is larger than `max_size`; 503 if the
+            budget is spent; 408 if the client stalls more than `read_timeout` seconds
+            between pieces; 400 if it disconnects before the body is complete.
+    """
+    declared = _content_length(request)
+    if declared is not None and declared > max_size:
+        raise HTTPError(413, f"request body of {declared} bytes is larger than {max_size} bytes")
+    reserved = 0
+    try:
+        if declared is not None:
+            budget.reserve(declared)
+            reserved = declared
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            with trio.move_on_after(read_timeout) as waiting:
+                message = await receive()
+            if waiting.cancelled_caught:
+                raise HTTPError(
+                    408, f"the request body stalled for {read_timeout:g} s; send it whole"
+                )
+            if message["type"] == "http.disconnect":
+                raise HTTPError(400, "the client disconnected before the request body ended")
+            body = message.get("body", b"")
+            size += len(body)
+            if size > max_size:
+                raise HTTPError(413, f"request body larger than {max_size} bytes")
+            if size > reserved:
+                budget.reserve(size - reserved)
+                reserved = size
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+    except BaseException:
+        budget.release(reserved)
+        raise
+    request.body = b"".join(chunks)
+    return reserved
+
+
+def _content_length(request: Request) -> int | None:
+    raw = request.header("content-length")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise HTTPError(400, f"Content-Length {raw[:40]!r} is not a number") from None
+    if value < 0:
+        raise HTTPError(400, f"Content-Length {value} is negative")
+    return value
 
 
 async def send_response(send: Send, response: Response | StreamResponse) -> None:

@@ -145,12 +145,13 @@ def _loss_id(fb_input: ForwardBackwardInput) -> str:
 
 
 def _input_array(
-    datum_inputs: dict[str, TensorData], key: str, rank: int, n: int, where: str
+    datum_inputs: dict[str, TensorData], key: str, rank: int, n: int, where: str, vocab: int
 ) -> npt.NDArray[Any]:
     td = datum_inputs.get(key)
     if td is None:
         raise EngineUserError(f"{where} lacks {key!r}, which the custom loss reads")
-    array = _convert.tensor_array(td, f"{where}[{key!r}]")
+    # At most one value per (token, vocabulary entry), as for the built-in losses' inputs.
+    array = _convert.tensor_array(td, f"{where}[{key!r}]", max_elements=max(n, 1) * vocab)
     if array.dtype.kind not in "fiu":
         raise EngineUserError(f"{where}[{key!r}] must be float32 or int64, got {array.dtype}")
     if rank == 0 and array.size == 1 and array.ndim <= 1:
@@ -184,7 +185,12 @@ def custom_datum_arrays(datum: Datum, index: int, info: ModelInfo, loss: CustomL
         )
     inputs_where = f"{where}.loss_fn_inputs"
     targets = _input_array(
-        datum.loss_fn_inputs, "target_tokens", loss.inputs[0].rank, n, inputs_where
+        datum.loss_fn_inputs,
+        "target_tokens",
+        loss.inputs[0].rank,
+        n,
+        inputs_where,
+        info.vocab_size,
     )
     if targets.dtype != np.int64:
         raise EngineUserError(f"{inputs_where}['target_tokens'] must have dtype int64")
@@ -196,7 +202,7 @@ def custom_datum_arrays(datum: Datum, index: int, info: ModelInfo, loss: CustomL
     arrays: dict[str, npt.NDArray[np.generic]] = {"target_tokens": targets}
     for spec in loss.inputs[1:]:
         arrays[spec.name] = _input_array(
-            datum.loss_fn_inputs, spec.name, spec.rank, n, inputs_where
+            datum.loss_fn_inputs, spec.name, spec.rank, n, inputs_where, info.vocab_size
         )
     return DatumArrays(tokens=np.asarray(tokens, dtype=np.int64), loss_fn_inputs=arrays)
 

@@ -60,6 +60,7 @@ class SamplingRoutes:
     async def create_sampling_session(self, request: Request) -> Response:
         body = decode_request(request.body, CreateSamplingSessionRequest)
         self.backend.session(body.session_id)
+        self.backend.session_seen(body.session_id)
         model_path = or_none(body.model_path)
         adapter_dir: str | None = None
         if model_path is not None:
@@ -143,6 +144,7 @@ class SamplingRoutes:
             owner = row.session_id
             base_model = row.base_model
             adapter_dir = Path(row.adapter_dir) if row.adapter_dir else None
+            self.backend.session_seen(row.session_id)
         elif body.model_path is not UNSET:
             ck = self.backend.checkpoints.from_path(body.model_path, "model_path")
             base_model = self.backend.model(ck.run_id).base_model

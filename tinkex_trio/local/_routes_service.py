@@ -3,6 +3,7 @@ auth/token, telemetry, healthz and get_server_capabilities."""
 
 from __future__ import annotations
 
+import hmac
 from typing import Final
 
 from tinkex_trio.types import (
@@ -48,10 +49,20 @@ class ServiceRoutes:
         return json_response(DYNAMIC_CONFIG)
 
     async def auth_token(self, request: Request) -> Response:
-        """`{"jwt": ...}` for an authenticated caller (PROTOCOL.md 1.3, 3.1); 404 without JWT mode."""
+        """`{"jwt": ...}` for the API key (PROTOCOL.md 1.3, 3.1); 404 without JWT mode.
+
+        Only the API key itself is exchanged: a JWT presented here is refused (401), so a
+        leaked short-lived token cannot renew itself forever without the key.
+        """
         if self.jwt is None:
             raise HTTPError(
                 404, "JWT exchange is off on this backend (start it with jwt_auth=True / --jwt)"
+            )
+        key = request.header("x-api-key") or ""
+        if not hmac.compare_digest(key.encode(), self.backend.api_key.encode()):
+            raise HTTPError(
+                401,
+                "auth/token exchanges the API key only, not a JWT; send the API key in X-API-Key",
             )
         return json_response(AuthTokenResponse(jwt=self.jwt.issue()))
 

@@ -4,8 +4,8 @@ session search.
 
 Search (7.9): every filter is applied in Python over all sessions (a local backend has few).
 Statuses: a session with no finish is `active`; a finished one is `client_finished` with the
-reason the client gave. This backend never cancels or fails a session, so filters for
-`cancelled` and `failed` match nothing. Every session belongs to the one local user, so owner
+reason the client gave; one that stopped heart-beating for `session_timeout` is `cancelled`
+(expired). This backend never fails a session, so filters for `failed` match nothing. Every session belongs to the one local user, so owner
 `own` and `accessible` match all, and `user` matches when `tml:user:local` is listed.
 Projects: a session created without a project, and never assigned one, is in
 `DEFAULT_PROJECT_ID` (`local-default`), so `project_id` is never null.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Final
+from typing import Any, Final
 
 import msgspec
 import trio
@@ -32,6 +32,7 @@ from tinkex_trio.types import (
     ListSessionsResponse,
     SearchOwnerUsers,
     SearchStatusActive,
+    SearchStatusCancelled,
     SearchStatusClientFinished,
     SessionHeartbeatRequest,
     SessionHeartbeatResponse,
@@ -40,13 +41,14 @@ from tinkex_trio.types import (
     SessionSearchResponse,
     SessionStatus,
     SessionStatusActive,
+    SessionStatusCancelled,
     SessionStatusClientFinished,
     SessionSummary,
     SessionTraceExportResponse,
     decode_request,
 )
 
-from ._backend import API, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend, now, project_of
+from ._backend import API, EXPIRED_REASON, LOCAL_OWNER, MAX_PAGE_LIMIT, Backend, now, project_of
 from ._checkpoints import utc_datetime
 from ._convert import or_none
 from ._http import Handler, HTTPError, Request, Response, int_query, json_response
@@ -95,6 +97,7 @@ class SessionRoutes:
             display_name=or_none(body.display_name),
             sdk_version=body.sdk_version,
         )
+        self.backend.expiry.start(session_id)
         return json_response(CreateSessionResponse(session_id=session_id))
 
     async def session_heartbeat(self, request: Request) -> Response:
@@ -105,6 +108,7 @@ class SessionRoutes:
         if session.finished_reason is not None:
             raise HTTPError(410, f"session {body.session_id!r} is finished")
         self.backend.store.heartbeat(body.session_id, now())
+        self.backend.session_seen(body.session_id)
         return json_response(SessionHeartbeatResponse())
 
     async def finish_session(self, request: Request) -> Response:
@@ -112,10 +116,11 @@ class SessionRoutes:
         self.backend.session(session_id)
         reason = "success"
         if request.body.strip():
-            raw = msgspec.json.decode(request.body)
+            raw: object = decode_request(request.body, dict[str, Any])
             if isinstance(raw, dict) and isinstance(raw.get("reason"), dict):
                 reason = str(raw["reason"].get("type", "success"))
-        self.backend.store.finish_session(session_id, reason)
+        if self.backend.session(session_id).finished_reason is None:
+            self.backend.finish_session(session_id, reason)
         return json_response(EmptyResponse())
 
     # -------------------------------------------------------------------- REST
@@ -233,6 +238,8 @@ def _status(session: SessionRow) -> SessionStatus:
     if session.finished_reason is None:
         return SessionStatusActive()
     reason = session.finished_reason
+    if reason == EXPIRED_REASON:
+        return SessionStatusCancelled(detail="expired: no heartbeat within the session timeout")
     if reason not in _FINISH_REASONS:
         reason = "success"
     return SessionStatusClientFinished(
@@ -288,4 +295,6 @@ def _status_matches(wanted: object, status: SessionStatus) -> bool:
         if not isinstance(status, SessionStatusClientFinished):
             return False
         return wanted.reasons is UNSET or status.reason.type in wanted.reasons
-    return False  # cancelled / failed: never produced by this backend
+    if isinstance(wanted, SearchStatusCancelled):
+        return isinstance(status, SessionStatusCancelled)
+    return False  # failed: never produced by this backend

@@ -9,7 +9,10 @@
   `seq_id` order (PROTOCOL.md 5.2, 10.6): request 0 is create_model or create-via-load, the
   first one after that is 1, and an out-of-order arrival waits in the lane until the gap is
   filled. A seq_id whose submission was rejected with a 4xx still counts as consumed (5.2), so
-  the lane gets a no-op for it.
+  the lane gets a no-op for it. A gap is waited for at most `gap_timeout` seconds (from when
+  the lane first stalls on it): then every request waiting behind it fails with category
+  `user`, naming the missing seq_ids, and the lane continues after the highest of them, so a
+  seq_id that never reaches the server (5.2: "a permanent gap") cannot hold a model forever.
 * **Sampling.** Requests are collected for a short window (and for as long as the engine is
   busy with something else), then handed to `engine.sample` as one batch. `SampleBatcher.queued`
   counts the requests submitted but not yet handed to the engine: the app answers `asample`
@@ -26,17 +29,33 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Concatenate, ParamSpec, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Concatenate, ParamSpec, TypeVar
 
 import trio
 
 from tinkex_trio import types as t
 
-from ._engine_api import Engine, EngineUserError, SampleRequest, SampleResult
+from ._engine_api import (
+    AdamStep,
+    DatumArrays,
+    Engine,
+    EngineUserError,
+    ForwardBackwardResult,
+    LoraSpec,
+    LossName,
+    SampleRequest,
+    SampleResult,
+)
 from ._futures import FutureRegistry
+from ._residency import Residency
+
+if TYPE_CHECKING:
+    from ._custom_graph import CustomLoss
 from ._store import Category
 
 logger = logging.getLogger("tinkex_trio.local.scheduler")
@@ -80,10 +99,17 @@ class EngineRunner:
     contract holds by construction.
     """
 
-    def __init__(self, engine: Engine, *, in_thread: bool = True) -> None:
+    def __init__(
+        self, engine: Engine, *, in_thread: bool = True, residency: Residency | None = None
+    ) -> None:
         self._engine = engine
         self._in_thread = in_thread
         self._limiter = trio.CapacityLimiter(1)
+        self.residency = residency if residency is not None else Residency(Path("offload"), None)
+        """Which training adapters are in memory (`_residency.py`); offloads go through here."""
+        # Held across "make the adapter resident" and the call that uses it, so no other
+        # call offloads it in between. Sampling does not take it (it uses no training adapter).
+        self._adapters = trio.Lock()
 
     @property
     def busy(self) -> bool:
@@ -106,16 +132,141 @@ class EngineRunner:
             await trio.lowlevel.checkpoint()
             return fn(*args)
 
+    async def run_blocking(self, fn: Callable[..., T], *args: object) -> T:
+        """Blocking work that is not the engine's (file flushes): in a worker thread of its
+        own, so it neither blocks the event loop nor waits for the engine; inline when the
+        engine runs inline (virtual-time tests, where autojump cannot see threads)."""
+        if self._in_thread:
+            return await trio.to_thread.run_sync(fn, *args)
+        await trio.lowlevel.checkpoint()
+        return fn(*args)
+
     # The engine's methods, each run as one serialised call (the Engine protocol's signatures).
     models = _serialised(Engine.models)
-    create_adapter = _serialised(Engine.create_adapter)
-    drop_adapter = _serialised(Engine.drop_adapter)
-    forward_backward = _serialised(Engine.forward_backward)
-    forward_backward_custom = _serialised(Engine.forward_backward_custom)
-    optim_step = _serialised(Engine.optim_step)
-    save_state = _serialised(Engine.save_state)
-    load_state = _serialised(Engine.load_state)
     sample = _serialised(Engine.sample)
+
+    # The methods that name a training adapter also keep `residency` true: the adapter is made
+    # resident first (reloaded if it was offloaded, others offloaded to make room).
+
+    async def create_adapter(self, adapter_id: str, base_model: str, lora: LoraSpec) -> None:
+        async with self._adapters:
+            await self._make_room(adapter_id)
+            await self._call(self._engine.create_adapter, adapter_id, base_model, lora)
+            self.residency.used(adapter_id, base_model)
+            self.residency.gradients(adapter_id, False)
+
+    async def load_state(
+        self, adapter_id: str, base_model: str, directory: Path, *, with_optimizer: bool
+    ) -> LoraSpec:
+        async with self._adapters:
+            await self._make_room(adapter_id)
+            spec = await self._call(
+                functools.partial(
+                    self._engine.load_state,
+                    adapter_id,
+                    base_model,
+                    directory,
+                    with_optimizer=with_optimizer,
+                )
+            )
+            await self.run_blocking(shutil.rmtree, self.residency.directory_of(adapter_id), True)
+            self.residency.used(adapter_id, base_model)
+            self.residency.gradients(adapter_id, False)
+            return spec
+
+    async def drop_adapter(self, adapter_id: str) -> None:
+        """Release everything the engine holds for the adapter, in memory or offloaded."""
+        async with self._adapters:
+            await self._call(self._engine.drop_adapter, adapter_id)
+            self.residency.forget(adapter_id)
+            await self.run_blocking(shutil.rmtree, self.residency.directory_of(adapter_id), True)
+
+    async def forward_backward(
+        self,
+        adapter_id: str,
+        data: Sequence[DatumArrays],
+        loss_fn: LossName,
+        loss_fn_config: dict[str, float],
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            if not forward_only:
+                # Set before the call: a failure half-way may leave gradients behind too.
+                self.residency.gradients(adapter_id, True)
+            return await self._call(
+                self._engine.forward_backward,
+                adapter_id,
+                data,
+                loss_fn,
+                loss_fn_config,
+                forward_only,
+            )
+
+    async def forward_backward_custom(
+        self,
+        adapter_id: str,
+        data: Sequence[DatumArrays],
+        loss: CustomLoss,
+        forward_only: bool,
+    ) -> ForwardBackwardResult:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            if not forward_only:
+                self.residency.gradients(adapter_id, True)
+            return await self._call(
+                self._engine.forward_backward_custom, adapter_id, data, loss, forward_only
+            )
+
+    async def optim_step(self, adapter_id: str, params: AdamStep) -> dict[str, float]:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            metrics = await self._call(self._engine.optim_step, adapter_id, params)
+            self.residency.gradients(adapter_id, False)
+            return metrics
+
+    async def save_state(self, adapter_id: str, directory: Path, *, with_optimizer: bool) -> int:
+        async with self._adapters:
+            await self._resident(adapter_id)
+            return await self._call(
+                functools.partial(
+                    self._engine.save_state, adapter_id, directory, with_optimizer=with_optimizer
+                )
+            )
+
+    async def _resident(self, adapter_id: str) -> None:
+        """Reload the adapter if it was offloaded (making room first); mark it used."""
+        base_model = self.residency.is_offloaded(adapter_id)
+        if base_model is None:
+            self.residency.touch(adapter_id)
+            return
+        await self._make_room(adapter_id)
+        directory = self.residency.directory_of(adapter_id)
+        await self._call(
+            functools.partial(
+                self._engine.load_state, adapter_id, base_model, directory, with_optimizer=True
+            )
+        )
+        self.residency.reloaded(adapter_id)
+        await self.run_blocking(shutil.rmtree, directory, True)
+        logger.info("reloaded training adapter %s from %s", adapter_id, directory)
+
+    async def _make_room(self, keep: str) -> None:
+        """Offload least recently used idle adapters until `keep` fits the budget."""
+        for victim in self.residency.victims(keep):
+            directory = self.residency.directory_of(victim)
+            await self.run_blocking(_empty_directory, directory)
+            await self._call(
+                functools.partial(self._engine.save_state, victim, directory, with_optimizer=True)
+            )
+            await self._call(self._engine.drop_adapter, victim)
+            self.residency.offloaded(victim)
+            logger.info("offloaded idle training adapter %s to %s", victim, directory)
+
+
+def _empty_directory(directory: Path) -> None:
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir(parents=True)
 
 
 async def run_job(registry: FutureRegistry, request_id: str, fn: JobFn) -> None:
@@ -136,17 +287,28 @@ async def run_job(registry: FutureRegistry, request_id: str, fn: JobFn) -> None:
 class _Lane:
     next_seq: int
     pending: dict[int, tuple[str, JobFn] | None] = field(default_factory=dict)
+    # When the lane first stalled on the current gap (trio time), or None while not stalled.
+    stalled_since: float | None = None
     # Requests without a seq_id (unload_model): run whenever the next seq_id is not ready.
     unsequenced: list[tuple[str, JobFn]] = field(default_factory=list)
+    # The lane's last job (`close_lane`): after it the lane ends.
+    closing: Callable[[], Awaitable[None]] | None = None
     wake: trio.Event = field(default_factory=trio.Event)
 
 
 class TrainingLanes:
     """Per-model strict seq_id execution. Lanes are tasks in the nursery given to `run`."""
 
-    def __init__(self, registry: FutureRegistry, on_advance: Callable[[str, int], None]) -> None:
+    def __init__(
+        self,
+        registry: FutureRegistry,
+        on_advance: Callable[[str, int], None],
+        *,
+        gap_timeout: float = math.inf,
+    ) -> None:
         self._registry = registry
         self._on_advance = on_advance  # (model_id, next_seq) -> persist
+        self._gap_timeout = gap_timeout
         self._lanes: dict[str, _Lane] = {}
         self._nursery: trio.Nursery | None = None
 
@@ -198,6 +360,30 @@ class TrainingLanes:
         lane.pending[seq_id] = None
         lane.wake.set()
 
+    def close_lane(self, model_id: str, last: Callable[[], Awaitable[None]]) -> None:
+        """Run `last` once the lane has nothing ready to run, then end the lane: requests
+        still waiting behind a seq_id gap then fail (the model is being released)."""
+        lane = self._lanes.get(model_id)
+        if lane is None:
+            raise KeyError(model_id)
+        lane.closing = last
+        lane.wake.set()
+
+    async def _close(self, model_id: str, lane: _Lane, last: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await last()
+        except Exception:
+            logger.exception("releasing model %s failed", model_id)
+        for job in lane.pending.values():
+            if job is not None:
+                self._registry.fail(
+                    job[0],
+                    f"model {model_id!r} was released (its session finished) before this "
+                    "request could run",
+                    "user",
+                )
+        del self._lanes[model_id]
+
     async def _drive(self, model_id: str, lane: _Lane) -> None:
         while True:
             if lane.next_seq not in lane.pending:
@@ -205,14 +391,56 @@ class TrainingLanes:
                     request_id, fn = lane.unsequenced.pop(0)
                     await run_job(self._registry, request_id, fn)
                     continue
+                if lane.closing is not None:
+                    await self._close(model_id, lane, lane.closing)
+                    return
                 lane.wake = trio.Event()
-                await lane.wake.wait()
+                if not lane.pending:
+                    await lane.wake.wait()
+                    continue
+                if lane.stalled_since is None:
+                    lane.stalled_since = trio.current_time()
+                with trio.move_on_at(lane.stalled_since + self._gap_timeout) as waiting:
+                    await lane.wake.wait()
+                if waiting.cancelled_caught:
+                    self._abandon_gap(model_id, lane)
                 continue
+            lane.stalled_since = None
             job = lane.pending.pop(lane.next_seq)
             if job is not None:
                 await run_job(self._registry, job[0], job[1])
             lane.next_seq += 1
             self._on_advance(model_id, lane.next_seq)
+
+    def _abandon_gap(self, model_id: str, lane: _Lane) -> None:
+        """The gap before the lowest waiting seq_id was not filled in time: fail what waits
+        behind it and move the lane past the highest waiting seq_id."""
+        first_waiting = min(lane.pending)
+        missing = (
+            f"seq_id {lane.next_seq}"
+            if first_waiting == lane.next_seq + 1
+            else f"seq_ids {lane.next_seq}..{first_waiting - 1}"
+        )
+        for seq_id, job in sorted(lane.pending.items()):
+            if job is None:
+                continue
+            self._registry.fail(
+                job[0],
+                f"seq_id {seq_id} of {model_id!r} waited {self._gap_timeout:g} s for the "
+                f"missing {missing}, which never arrived, so it was not executed; the model "
+                f"continues at seq_id {max(lane.pending) + 1}: resubmit from there",
+                "user",
+            )
+        logger.warning(
+            "model %s: gave up waiting for %s; failed %d request(s) waiting behind it",
+            model_id,
+            missing,
+            sum(job is not None for job in lane.pending.values()),
+        )
+        lane.next_seq = max(lane.pending) + 1
+        lane.pending.clear()
+        lane.stalled_since = None
+        self._on_advance(model_id, lane.next_seq)
 
 
 @dataclass

@@ -30,9 +30,15 @@ __all__ = [
     "DEFAULT_CLIENT_FLAGS",
     "DEFAULT_DATA_DIR",
     "DEFAULT_HOST",
+    "DEFAULT_MAX_BODY_BYTES_IN_FLIGHT",
     "DEFAULT_MAX_QUEUED_SAMPLES",
+    "DEFAULT_MAX_REQUEST_BODY",
+    "DEFAULT_MAX_RESIDENT_ADAPTERS",
     "DEFAULT_METADATA_ONLY_THRESHOLD",
     "DEFAULT_POLL_TIMEOUT",
+    "DEFAULT_READ_TIMEOUT",
+    "DEFAULT_SEQ_GAP_TIMEOUT",
+    "DEFAULT_SESSION_TIMEOUT",
     "LocalBackendOptions",
     "LocalBackendSettings",
 ]
@@ -71,6 +77,31 @@ DEFAULT_CLIENT_FLAGS: Final[Mapping[str, Any]] = MappingProxyType(
     }
 )
 
+#: PROTOCOL.md 9.7: the SDK heartbeats every 10 s and warns after 120 s without success. Five
+#: minutes is many missed heartbeats (a laptop lid closed, a network blip) yet frees what a
+#: vanished client held well before it matters on a shared machine.
+DEFAULT_SESSION_TIMEOUT: Final = 300.0
+#: How long a training request waits for a missing earlier seq_id (PROTOCOL.md 5.2). The SDK
+#: sends in order over concurrent connections, so a normal gap closes in milliseconds; a lost
+#: submit is retried (9.3) well within two minutes, after which the gap is "permanent".
+DEFAULT_SEQ_GAP_TIMEOUT: Final = 120.0
+#: Live training adapters (LoRA tensors + AdamW moments) kept in memory; idle ones beyond this
+#: are written to `<data_dir>/offload/` and read back on next use. Each costs ~60 MB at rank 32
+#: on SmolLM2-135M (weights + two moments), so 8 bound them to about half a GB.
+DEFAULT_MAX_RESIDENT_ADAPTERS: Final = 8
+#: Largest request body. The SDK's forward_backward chunks are at most ~5 MB by its own estimate
+#: (`fwdbwd_max_chunk_bytes_count`, PROTOCOL.md 2.1), a few times that as JSON numbers; 64 MiB
+#: leaves ample room while one request cannot make the server hold hundreds of MB.
+DEFAULT_MAX_REQUEST_BODY: Final = 64 * 1024 * 1024
+#: Request-body bytes all requests together may hold while being read: beyond it a request is
+#: answered 503 with `retry-after` (and retried by clients, PROTOCOL.md 9.3) rather than read.
+#: Four maximal bodies at once, as four clients' forward_backward chunks.
+DEFAULT_MAX_BODY_BYTES_IN_FLIGHT: Final = 4 * DEFAULT_MAX_REQUEST_BODY
+#: Seconds a connection may take to send a request's head, and may stall between pieces of its
+#: body, before it is dropped (a client that sends headers and then nothing holds a connection
+#: and a task otherwise).
+DEFAULT_READ_TIMEOUT: Final = 30.0
+
 _FLAG_NAMES: Final = frozenset(ClientConfigResponse.__struct_fields__)
 _DTYPES: Final = frozenset({"float32", "bfloat16"})
 
@@ -92,6 +123,12 @@ class LocalBackendOptions(TypedDict, total=False):
     jwt_lifetime: float
     dtype: str
     max_model_memory: int | None
+    session_timeout: float | None
+    seq_gap_timeout: float
+    max_resident_adapters: int | None
+    max_request_body: int
+    max_body_bytes_in_flight: int
+    read_timeout: float
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,6 +152,18 @@ class LocalBackendSettings:
     * `dtype`: how base weights are held, `"float32"` or `"bfloat16"` (computation stays
       float32); `max_model_memory`: refuse to start if the weights need more bytes than this
       (None: the memory available at start-up).
+    * `session_timeout`: a session with no heartbeat for this many seconds is finished as
+      expired and what it holds in the engine is released (None: never).
+    * `seq_gap_timeout`: seconds a training request waits for a missing earlier `seq_id`
+      before it (and whatever waits behind the gap) fails, naming the gap.
+    * `max_resident_adapters`: live training adapters kept in memory; the least recently used
+      idle ones beyond this are offloaded to disk and reloaded on next use (None: no limit).
+    * `max_request_body`: largest request body in bytes (413 beyond it);
+      `max_body_bytes_in_flight`: body bytes all requests together may hold while being read
+      (503 with `retry-after` beyond it).
+    * `read_timeout`: seconds a client may stall inside a request body (or between socket
+      reads) before the request is answered 408 and dropped; a request head must arrive
+      within the server's keep-alive timeout (5 s) in any case.
 
     Raises:
         ValueError: an option is out of range, or `client_flags` names a flag that
@@ -135,6 +184,12 @@ class LocalBackendSettings:
     jwt_lifetime: float = DEFAULT_JWT_LIFETIME
     dtype: str = "float32"
     max_model_memory: int | None = None
+    session_timeout: float | None = DEFAULT_SESSION_TIMEOUT
+    seq_gap_timeout: float = DEFAULT_SEQ_GAP_TIMEOUT
+    max_resident_adapters: int | None = DEFAULT_MAX_RESIDENT_ADAPTERS
+    max_request_body: int = DEFAULT_MAX_REQUEST_BODY
+    max_body_bytes_in_flight: int = DEFAULT_MAX_BODY_BYTES_IN_FLIGHT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
 
     def __post_init__(self) -> None:
         # Normalise what the keyword form accepts loosely (str paths, lists, dicts, None),
@@ -166,6 +221,23 @@ class LocalBackendSettings:
         if self.max_model_memory is not None and self.max_model_memory < 1:
             raise ValueError(
                 f"max_model_memory must be >= 1 byte or None, got {self.max_model_memory!r}"
+            )
+        for name in ("session_timeout", "seq_gap_timeout", "read_timeout"):
+            value = getattr(self, name)
+            if name == "session_timeout" and value is None:
+                continue
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if self.max_resident_adapters is not None and self.max_resident_adapters < 1:
+            raise ValueError(
+                f"max_resident_adapters must be >= 1 or None, got {self.max_resident_adapters!r}"
+            )
+        if self.max_request_body < 1:
+            raise ValueError(f"max_request_body must be >= 1 byte, got {self.max_request_body!r}")
+        if self.max_body_bytes_in_flight < self.max_request_body:
+            raise ValueError(
+                f"max_body_bytes_in_flight ({self.max_body_bytes_in_flight}) must be at least "
+                f"max_request_body ({self.max_request_body}), or no maximal request could be read"
             )
         unknown = sorted(set(self.client_flags) - _FLAG_NAMES)
         if unknown:

@@ -35,6 +35,11 @@ RESTART_FAILURE_MESSAGE = (
     "Submit it again (training clients must be recreated from a checkpoint)."
 )
 
+
+class StoreOpenError(ValueError):
+    """The database cannot be opened or recovered; one line naming the file, cause and fix."""
+
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
     session_id TEXT PRIMARY KEY,
@@ -218,23 +223,35 @@ class Store:
 
         Recovery: pending/running futures become failed (category `server`), and every live
         training run is marked corrupted, because its weights lived in the engine's memory.
+
+        Raises:
+            StoreOpenError: SQLite cannot open, read or write the file.
         """
         path.parent.mkdir(parents=True, exist_ok=True)
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.row_factory = sqlite3.Row
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.executescript(_SCHEMA)
-        conn.executescript(_AUDIT_SCHEMA)
-        store = cls(conn)
-        stamp = time.time() if now is None else now
-        with store._tx():
-            conn.execute(
-                "UPDATE futures SET state='failed', error=?, category='server', finished_at=? "
-                "WHERE state IN ('pending', 'running')",
-                (RESTART_FAILURE_MESSAGE, stamp),
-            )
-            conn.execute("UPDATE models SET corrupted=1 WHERE unloaded=0")
+        conn: sqlite3.Connection | None = None
+        try:
+            conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            conn.row_factory = sqlite3.Row
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.executescript(_SCHEMA)
+            conn.executescript(_AUDIT_SCHEMA)
+            store = cls(conn)
+            stamp = time.time() if now is None else now
+            with store._tx():
+                conn.execute(
+                    "UPDATE futures SET state='failed', error=?, category='server', finished_at=? "
+                    "WHERE state IN ('pending', 'running')",
+                    (RESTART_FAILURE_MESSAGE, stamp),
+                )
+                conn.execute("UPDATE models SET corrupted=1 WHERE unloaded=0")
+        except sqlite3.Error as exc:
+            if conn is not None:
+                conn.close()
+            raise StoreOpenError(
+                f"cannot use the database {path} ({exc}); make it and its directory writable "
+                "and check the disk, or pass --data-dir (data_dir=) another directory"
+            ) from None
         return store
 
     def close(self) -> None:
@@ -317,6 +334,13 @@ class Store:
         )
         if cursor.rowcount:
             self.record_event("session_finish", {"session_id": session_id, "reason": reason})
+
+    def open_sessions(self) -> list[str]:
+        """Ids of the sessions not finished yet."""
+        rows = self._conn.execute(
+            "SELECT session_id FROM sessions WHERE finished_reason IS NULL"
+        ).fetchall()
+        return [r[0] for r in rows]
 
     def set_session_project(self, session_id: str, project_id: str) -> None:
         self._conn.execute(

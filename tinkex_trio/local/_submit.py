@@ -30,6 +30,7 @@ from tinkex_trio.types import (
     UnsetType,
     decode_request,
 )
+from tinkex_trio.types._bounds import MAX_SEQ_ID
 
 from ._backend import Backend, hash_payload, now
 from ._convert import or_none
@@ -70,19 +71,20 @@ class TrainingSubmitter:
     def consume(self, model_id: str, seq_id: int) -> None:
         """Count a refused request's seq_id as used (PROTOCOL.md 5.2)."""
         model = self._backend.store.get_model(model_id)
-        if model is not None:
+        if model is not None and not model.unloaded:  # an unloaded model runs nothing more
             self._backend.ensure_lane(model)
             self._backend.lanes.consume(model_id, seq_id)
 
     def _consume_from_raw(self, body: bytes) -> None:
         try:
-            raw = msgspec.json.decode(body)
-        except msgspec.DecodeError:
+            raw = decode_request(body, Any)
+        except (msgspec.DecodeError, msgspec.ValidationError):
             return
         if not isinstance(raw, dict):
             return
         model_id, seq_id = raw.get("model_id"), raw.get("seq_id")
-        if isinstance(model_id, str) and isinstance(seq_id, int):
+        # Only a seq_id the client could have meant: an out-of-range one consumes nothing.
+        if isinstance(model_id, str) and isinstance(seq_id, int) and 1 <= seq_id <= MAX_SEQ_ID:
             self.consume(model_id, seq_id)
 
     async def submit(
@@ -101,7 +103,6 @@ class TrainingSubmitter:
         seq_id = None if isinstance(body, UnloadModelRequest) else or_none(body.seq_id)
         backend = self._backend
         model = backend.model(model_id)
-        backend.ensure_lane(model)
         payload_hash = hash_payload(body)
         if seq_id is not None:
             earlier = backend.duplicate(
@@ -110,6 +111,11 @@ class TrainingSubmitter:
             if earlier is not None:
                 await trio.lowlevel.checkpoint()
                 return backend.future_response(earlier, model_id)
+        if model.unloaded:
+            # Checked before its lane is (re)opened: a released model keeps no lane.
+            raise HTTPError(400, self._unloaded_message(model))
+        backend.session_seen(model.session_id)
+        backend.ensure_lane(model)
         try:
             if seq_id is not None and (
                 seq_id < backend.lanes.next_seq(model_id)
@@ -122,8 +128,6 @@ class TrainingSubmitter:
                 )
             if seq_id is not None and seq_id < 1:
                 raise HTTPError(400, f"seq_id must be >= 1 (got {seq_id}); 0 is create_model")
-            if model.unloaded:
-                raise HTTPError(400, f"model {model_id!r} was unloaded; create a new one")
             if model.corrupted and not allow_corrupted:
                 raise HTTPError(
                     400,
@@ -148,6 +152,16 @@ class TrainingSubmitter:
         await trio.lowlevel.checkpoint()
         return backend.future_response(request_id, model_id)
 
+    def _unloaded_message(self, model: ModelRow) -> str:
+        session = self._backend.store.get_session(model.session_id)
+        if session is not None and session.finished_reason is not None:
+            return (
+                f"model {model.model_id!r} was released when its session finished "
+                f"({session.finished_reason}); create a training client from one of its "
+                "checkpoints to continue"
+            )
+        return f"model {model.model_id!r} was unloaded; create a new one"
+
     def submit_creation(
         self,
         body: CreateModelRequest | LoadWeightsRequest,
@@ -170,6 +184,7 @@ class TrainingSubmitter:
         adapter in the engine, so later requests must not run against it.
         """
         backend = self._backend
+        backend.session_seen(session_id)
         payload_hash = hash_payload(body)
         earlier = backend.duplicate(
             model_id=model_id, sampler_id=None, seq_id=0, payload_hash=payload_hash

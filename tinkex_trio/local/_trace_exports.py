@@ -24,6 +24,7 @@ from typing import Any, Final, Literal
 import trio
 
 from ._backend import project_of
+from ._durable import write_file_atomically
 from ._store import Store
 
 logger = logging.getLogger("tinkex_trio.local.trace_export")
@@ -129,6 +130,4 @@ class TraceExports:
 
 def _write_atomically(directory: Path, name: str, content: bytes) -> None:
     directory.mkdir(parents=True, exist_ok=True)
-    tmp = directory / f".{name}.tmp"
-    tmp.write_bytes(content)
-    tmp.replace(directory / name)
+    write_file_atomically(directory / name, content)

@@ -200,7 +200,13 @@ def decode_request(body: bytes | str, type_: type[T]) -> T:
 
     Accepts bodies written by the official SDK 0.38 (`type` discriminators, nulls dropped) and
     0.15 (`exclude_unset`: no `type`, explicit nulls). Raises `msgspec.ValidationError` or
-    `msgspec.DecodeError` with a JSON path (e.g. `at $.prompt.chunks[0]`) on bad input.
+    `msgspec.DecodeError` with a JSON path (e.g. `at $.prompt.chunks[0]`) on bad input,
+    including a value outside the field's bounds (`_bounds.py`).
     """
-    raw = msgspec.json.decode(body)
-    return msgspec.convert(_normalize(raw), type_)
+    try:
+        raw = msgspec.json.decode(body)
+        return msgspec.convert(_normalize(raw), type_)
+    except RecursionError:
+        # msgspec and `_normalize` both recurse per nesting level; a body nested thousands
+        # deep is malformed input, not a server fault.
+        raise msgspec.DecodeError("JSON nested too deeply") from None

@@ -13,6 +13,7 @@ from typing import Any, Literal
 import msgspec
 
 from tinkex_trio.types._base import Request, Response
+from tinkex_trio.types._bounds import Id, SeqId, Text
 
 CustomLossNodeOp = Literal[
     "placeholder", "get_attr", "call_function", "call_method", "call_module", "output"
@@ -44,9 +45,9 @@ class CustomLossGraph(Request, kw_only=True):
 class CreateCustomLossRequest(Request, kw_only=True):
     """Body of `POST /api/v1/create_custom_loss`."""
 
-    session_id: str
-    custom_loss_seq_id: int
-    name: str
+    session_id: Id
+    custom_loss_seq_id: SeqId
+    name: Text
     inputs: list[CustomLossInput]
     graph: CustomLossGraph
     type: Literal["create_custom_loss"] = "create_custom_loss"

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
+
+import msgspec
 
 from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
+from tinkex_trio.types._bounds import Id, IdList
 
 QueueState = Literal["active", "paused_capacity", "paused_rate_limit", "unknown"]
 ErrorCategory = Literal["user", "server", "unknown"]
@@ -19,14 +22,14 @@ class UntypedAPIFuture(Response, kw_only=True):
 
 
 class RetrieveFutureRequest(Request, kw_only=True):
-    request_id: str
+    request_id: Id
     allow_metadata_only: bool = True
 
 
 class CancelFutureRequest(Request, kw_only=True):
     """Body of `POST /api/v1/cancel_future` for an abandoned sample (PROTOCOL.md 3.4, 4.9)."""
 
-    request_id: str
+    request_id: Id
 
 
 class TryAgainResponse(Response, kw_only=True):
@@ -60,8 +63,8 @@ class RetrieveFuturesTarget(Request, kw_only=True):
     """Whose completions a `retrieve_futures` poll asks for: one clone of a sampling session
     (`cloned_sampler_id` = seq_id // 1e9, PROTOCOL.md 5.3)."""
 
-    sampling_session_id: str
-    cloned_sampler_id: int = 0
+    sampling_session_id: Id
+    cloned_sampler_id: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
     type: Literal["sampling_session"] = "sampling_session"
 
 
@@ -74,8 +77,8 @@ class RetrieveFuturesRequest(Request, kw_only=True):
     """
 
     target: RetrieveFuturesTarget
-    prev_cursor: int = 0
-    retrieved_request_ids: list[str] = []
+    prev_cursor: Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)] = 0
+    retrieved_request_ids: IdList = []
     timeout: float | UnsetType = UNSET
 
 

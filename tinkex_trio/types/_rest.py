@@ -8,6 +8,7 @@ from typing import Any, Literal
 import msgspec
 
 from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
+from tinkex_trio.types._bounds import Id, Metadata, SeqId, Text, TtlSeconds
 
 CheckpointType = Literal["training", "sampler", "external"]
 
@@ -62,7 +63,7 @@ class TrainingRunsResponse(Response, kw_only=True):
 
 
 class WeightsInfoRequest(Request, kw_only=True):
-    tinker_path: str
+    tinker_path: Text
 
 
 class WeightsInfoResponse(Response, kw_only=True):
@@ -79,7 +80,7 @@ class WeightsInfoResponse(Response, kw_only=True):
 class SetCheckpointTtlRequest(Request, kw_only=True):
     """`ttl_seconds: null` removes the expiry, so None is sent explicitly."""
 
-    ttl_seconds: int | None = None
+    ttl_seconds: TtlSeconds | None = None
 
 
 class GetSessionResponse(Response, kw_only=True):
@@ -122,11 +123,11 @@ class CopyWeightsRequest(Request, kw_only=True):
     The SDK sends `destination_project_id`; `session_id` + `model_seq_id` exist for servers.
     """
 
-    source_path: str
-    destination_project_id: str | UnsetType = UNSET
-    ttl_seconds: int | UnsetType = UNSET
-    session_id: str | UnsetType = UNSET
-    model_seq_id: int | UnsetType = UNSET
+    source_path: Text
+    destination_project_id: Text | UnsetType = UNSET
+    ttl_seconds: TtlSeconds | UnsetType = UNSET
+    session_id: Id | UnsetType = UNSET
+    model_seq_id: SeqId | UnsetType = UNSET
 
 
 class CopyWeightsResponse(Response, kw_only=True):
@@ -134,7 +135,7 @@ class CopyWeightsResponse(Response, kw_only=True):
 
 
 class AssignSessionProjectRequest(Request, kw_only=True):
-    project_id: str
+    project_id: Text
 
 
 TraceExportStatus = Literal["pending", "ready", "failed"]
@@ -162,7 +163,7 @@ class SearchOwnerAccessible(Request, kw_only=True, tag_field="type", tag="access
 class SearchOwnerUsers(Request, kw_only=True, tag_field="type", tag="user"):
     """Sessions of the given owners (1 to 10 owner URNs)."""
 
-    owner_urns: list[str]
+    owner_urns: list[Text]
 
 
 SearchOwner = SearchOwnerOwn | SearchOwnerAccessible | SearchOwnerUsers
@@ -212,10 +213,10 @@ class SessionSearchRequest(Request, kw_only=True):
     every `user_metadata` pair must match; `statuses` entries are OR-ed.
     """
 
-    project_ids: list[str] | UnsetType = UNSET
-    user_metadata: dict[str, str] | UnsetType = UNSET
-    display_name: str | UnsetType = UNSET
-    session_id: str | UnsetType = UNSET
+    project_ids: list[Text] | UnsetType = UNSET
+    user_metadata: Metadata | UnsetType = UNSET
+    display_name: Text | UnsetType = UNSET
+    session_id: Id | UnsetType = UNSET
     owner: SearchOwner = msgspec.field(default_factory=SearchOwnerOwn)
     statuses: list[SearchStatus] | UnsetType = UNSET
     limit: int = SESSION_SEARCH_DEFAULT_LIMIT

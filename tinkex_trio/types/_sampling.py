@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
 from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
+from tinkex_trio.types._bounds import Count, Id, Seed, SeqId, Text
 from tinkex_trio.types._inputs import ModelInput
+
+#: A stop token id: any int64 (the server checks it against the model's vocabulary).
+StopTokenId = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class SamplingParams(msgspec.Struct, kw_only=True):
@@ -16,11 +20,13 @@ class SamplingParams(msgspec.Struct, kw_only=True):
     `stop` is a string, a list of strings (stop strings) or a list of ints (stop token ids).
     """
 
-    max_tokens: int | UnsetType = UNSET
-    seed: int | UnsetType = UNSET
-    stop: str | list[str | int] | UnsetType = UNSET
+    max_tokens: Count | UnsetType = UNSET
+    seed: Seed | UnsetType = UNSET
+    stop: Text | Annotated[list[Text | StopTokenId], msgspec.Meta(max_length=256)] | UnsetType = (
+        UNSET
+    )
     temperature: float = 1.0
-    top_k: int = -1
+    top_k: Annotated[int, msgspec.Meta(ge=-1, le=2**31 - 1)] = -1
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
@@ -56,15 +62,15 @@ class SamplingParams(msgspec.Struct, kw_only=True):
 class SampleRequest(Request, kw_only=True):
     """Body of `POST /api/v1/asample`."""
 
-    num_samples: int = 1
+    num_samples: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] = 1
     prompt: ModelInput
     sampling_params: SamplingParams = msgspec.field(default_factory=SamplingParams)
-    base_model: str | UnsetType = UNSET
-    model_path: str | UnsetType = UNSET
-    sampling_session_id: str | UnsetType = UNSET
-    seq_id: int | UnsetType = UNSET
+    base_model: Text | UnsetType = UNSET
+    model_path: Text | UnsetType = UNSET
+    sampling_session_id: Id | UnsetType = UNSET
+    seq_id: SeqId | UnsetType = UNSET
     prompt_logprobs: bool = False
-    topk_prompt_logprobs: int = 0
+    topk_prompt_logprobs: Count = 0
     # PROTOCOL.md 3.3: the sampling client's flag, on every request; true makes the server
     # record each returned sequence for stable_reinforce (8.7).
     record_stability_info: bool = False
@@ -91,10 +97,10 @@ class SampleResponse(Response, kw_only=True):
 
 
 class CreateSamplingSessionRequest(Request, kw_only=True):
-    session_id: str
-    sampling_session_seq_id: int
-    base_model: str | UnsetType = UNSET
-    model_path: str | UnsetType = UNSET
+    session_id: Id
+    sampling_session_seq_id: SeqId
+    base_model: Text | UnsetType = UNSET
+    model_path: Text | UnsetType = UNSET
     type: Literal["create_sampling_session"] = "create_sampling_session"
 
 

@@ -7,10 +7,11 @@ from typing import Any, Literal
 import msgspec
 
 from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
+from tinkex_trio.types._bounds import Id, Metadata, Tags, Text
 
 
 class ClientConfigRequest(Request, kw_only=True):
-    sdk_version: str
+    sdk_version: Text
 
 
 class ClientConfigResponse(Response, kw_only=True):
@@ -42,7 +43,7 @@ class ClientConfigResponse(Response, kw_only=True):
 class DynamicConfigRequest(Request, kw_only=True):
     """Body of `POST /api/v1/client/dynamic_config` (PROTOCOL.md 2.1 step 3, 3.1)."""
 
-    sdk_version: str
+    sdk_version: Text
 
 
 class DynamicConfigResponse(Response, kw_only=True):
@@ -65,11 +66,11 @@ class AuthTokenResponse(Response, kw_only=True):
 
 
 class CreateSessionRequest(Request, kw_only=True):
-    tags: list[str] = []
-    user_metadata: dict[str, str] = {}
-    sdk_version: str
-    project_id: str | UnsetType = UNSET
-    display_name: str | UnsetType = UNSET
+    tags: Tags = []
+    user_metadata: Metadata = {}
+    sdk_version: Text
+    project_id: Text | UnsetType = UNSET
+    display_name: Text | UnsetType = UNSET
     type: Literal["create_session"] = "create_session"
 
 
@@ -82,7 +83,7 @@ class CreateSessionResponse(Response, kw_only=True):
 
 
 class SessionHeartbeatRequest(Request, kw_only=True):
-    session_id: str
+    session_id: Id
     type: Literal["session_heartbeat"] = "session_heartbeat"
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 
 from tinkex_trio.types._base import UNSET, Request, Response, UnsetType
+from tinkex_trio.types._bounds import Id, Metadata, Seed, SeqId, Text, TtlSeconds
 from tinkex_trio.types._inputs import Datum, TensorData
 
 LossFnType = Literal[
@@ -38,9 +39,13 @@ LOSS_FN_REQUIRED_INPUTS: dict[str, tuple[str, ...]] = {
 LOSS_FNS_NEEDING_PROVENANCE: frozenset[str] = frozenset({"stable_reinforce"})
 
 
+#: Loss options by name (PROTOCOL.md 8): a handful of numbers.
+LossFnConfig = Annotated[dict[Text, float], msgspec.Meta(max_length=64)]
+
+
 class LoraConfig(msgspec.Struct, kw_only=True):
-    rank: int = 32
-    seed: int | UnsetType = UNSET
+    rank: Annotated[int, msgspec.Meta(ge=1, le=2**31 - 1)] = 32
+    seed: Seed | UnsetType = UNSET
     train_unembed: bool = True
     train_mlp: bool = True
     train_attn: bool = True
@@ -57,10 +62,10 @@ def _adamw() -> dict[str, Any]:
 
 
 class CreateModelRequest(Request, kw_only=True):
-    session_id: str
-    model_seq_id: int
-    base_model: str
-    user_metadata: dict[str, str] | UnsetType = UNSET
+    session_id: Id
+    model_seq_id: SeqId
+    base_model: Text
+    user_metadata: Metadata | UnsetType = UNSET
     lora_config: LoraConfig = msgspec.field(default_factory=LoraConfig)
     optimizer_config: dict[str, Any] = msgspec.field(default_factory=_adamw)
     type: Literal["create_model"] = "create_model"
@@ -72,7 +77,7 @@ class CreateModelResponse(Response, kw_only=True):
 
 
 class GetInfoRequest(Request, kw_only=True):
-    model_id: str
+    model_id: Id
     type: Literal["get_info"] = "get_info"
 
 
@@ -101,8 +106,8 @@ class LossConfigValue(Request, kw_only=True):
 
 class ForwardBackwardInput(Request, kw_only=True):
     data: list[Datum]
-    loss_fn: str
-    loss_fn_config: dict[str, float] | UnsetType = UNSET
+    loss_fn: Text
+    loss_fn_config: LossFnConfig | UnsetType = UNSET
     # The typed config (PROTOCOL.md 6.1): the only place text values such as a custom loss's
     # `loss_id` (8.8) can go. Our SDK never sends it; the local backend reads it.
     loss_fn_config_v2: dict[str, LossConfigValue] | UnsetType = UNSET
@@ -112,16 +117,16 @@ class ForwardRequest(Request, kw_only=True):
     """Body of `POST /api/v1/forward` (A.1): the input sits under `forward_input`."""
 
     forward_input: ForwardBackwardInput
-    model_id: str
-    seq_id: int | UnsetType = UNSET
+    model_id: Id
+    seq_id: SeqId | UnsetType = UNSET
 
 
 class ForwardBackwardRequest(Request, kw_only=True):
     """Body of `POST /api/v1/forward_backward` in JSON (A.1)."""
 
     forward_backward_input: ForwardBackwardInput
-    model_id: str
-    seq_id: int | UnsetType = UNSET
+    model_id: Id
+    seq_id: SeqId | UnsetType = UNSET
 
 
 class ForwardBackwardOutput(Response, kw_only=True):
@@ -160,8 +165,8 @@ class AdamParams(msgspec.Struct, kw_only=True):
 
 
 class OptimStepRequest(Request, kw_only=True):
-    model_id: str
-    seq_id: int | UnsetType = UNSET
+    model_id: Id
+    seq_id: SeqId | UnsetType = UNSET
     adam_params: AdamParams | UnsetType = UNSET
     optimizer_params: dict[str, Any] | UnsetType = UNSET
     type: Literal["optim_step"] = "optim_step"
@@ -172,12 +177,12 @@ class OptimStepResponse(Response, kw_only=True):
 
 
 class SaveWeightsRequest(Request, kw_only=True):
-    model_id: str
-    path: str
-    seq_id: int | UnsetType = UNSET
-    ttl_seconds: int | UnsetType = UNSET
+    model_id: Id
+    path: Text
+    seq_id: SeqId | UnsetType = UNSET
+    ttl_seconds: TtlSeconds | UnsetType = UNSET
     overwrite: bool = False
-    user_metadata: dict[str, str] | UnsetType = UNSET
+    user_metadata: Metadata | UnsetType = UNSET
     type: Literal["save_weights"] = "save_weights"
 
 
@@ -187,13 +192,13 @@ class SaveWeightsResponse(Response, kw_only=True):
 
 
 class SaveWeightsForSamplerRequest(Request, kw_only=True):
-    model_id: str
-    path: str | UnsetType = UNSET
-    sampling_session_seq_id: int | UnsetType = UNSET
+    model_id: Id
+    path: Text | UnsetType = UNSET
+    sampling_session_seq_id: SeqId | UnsetType = UNSET
     kind: Literal["snapshot", "inflight"] = "snapshot"
-    seq_id: int | UnsetType = UNSET
-    ttl_seconds: int | UnsetType = UNSET
-    user_metadata: dict[str, str] | UnsetType = UNSET
+    seq_id: SeqId | UnsetType = UNSET
+    ttl_seconds: TtlSeconds | UnsetType = UNSET
+    user_metadata: Metadata | UnsetType = UNSET
     type: Literal["save_weights_for_sampler"] = "save_weights_for_sampler"
 
 
@@ -209,11 +214,11 @@ class SaveWeightsForSamplerResponse(Response, kw_only=True):
 class SaveWeightsExternalRequest(Request, kw_only=True):
     """`POST save_weights_external` (PROTOCOL.md 3.2): PEFT adapter files for download."""
 
-    model_id: str
-    path: str
-    seq_id: int | UnsetType = UNSET
-    ttl_seconds: int | UnsetType = UNSET
-    age_encryption_recipients: list[str] | UnsetType = UNSET
+    model_id: Id
+    path: Text
+    seq_id: SeqId | UnsetType = UNSET
+    ttl_seconds: TtlSeconds | UnsetType = UNSET
+    age_encryption_recipients: list[Text] | UnsetType = UNSET
     type: Literal["save_weights_external"] = "save_weights_external"
 
 
@@ -228,14 +233,14 @@ class SaveWeightsExternalResponse(Response, kw_only=True):
 class LoadWeightsRequest(Request, kw_only=True):
     """Create-via-load (`session_id` + `model_seq_id`) or in-place (`model_id` + `seq_id`)."""
 
-    path: str
+    path: Text
     optimizer: bool
-    model_id: str | UnsetType = UNSET
-    seq_id: int | UnsetType = UNSET
-    session_id: str | UnsetType = UNSET
-    model_seq_id: int | UnsetType = UNSET
-    base_model: str | UnsetType = UNSET
-    user_metadata: dict[str, str] | UnsetType = UNSET
+    model_id: Id | UnsetType = UNSET
+    seq_id: SeqId | UnsetType = UNSET
+    session_id: Id | UnsetType = UNSET
+    model_seq_id: SeqId | UnsetType = UNSET
+    base_model: Text | UnsetType = UNSET
+    user_metadata: Metadata | UnsetType = UNSET
     type: Literal["load_weights"] = "load_weights"
 
 
@@ -246,7 +251,7 @@ class LoadWeightsResponse(Response, kw_only=True):
 
 
 class UnloadModelRequest(Request, kw_only=True):
-    model_id: str
+    model_id: Id
     type: Literal["unload_model"] = "unload_model"
 
 
