@@ -20,7 +20,7 @@ import numpy.typing as npt
 import torch
 
 from .._engine_api import LossName
-from ._llama import LinearHook, Llama, token_logprobs
+from ._llama import LinearHook, Llama
 from ._losses import LossInputs, datum_loss
 
 
@@ -72,14 +72,16 @@ def run_forward_backward(
             valid[row, :n] = True
         with torch.set_grad_enabled(not forward_only):
             hidden = model.hidden_states(tokens, hook)
-            # Unembed only the real positions: padding would waste [pad, vocab] logits.
-            lp_flat = token_logprobs(model.logits(hidden[valid], hook), targets[valid])
+            # Only the real positions, and only their targets' log-probs: padding would waste
+            # [pad, vocab] logits, and the full log-softmax is never needed.
+            lp_flat = model.target_logprobs(hidden[valid], targets[valid], hook)
+            lp_numpy = lp_flat.detach().numpy()
             offsets = np.cumsum([0] + [lengths[i] for i in batch])
             loss = lp_flat.new_zeros(())
             for row, index in enumerate(batch):
                 lp = lp_flat[offsets[row] : offsets[row + 1]]
                 loss = loss + datum_loss(loss_fn, lp, data[index].inputs, config)
-                logprobs[index] = lp.detach().numpy().astype(np.float32, copy=True)
+                logprobs[index] = lp_numpy[offsets[row] : offsets[row + 1]].copy()
             if not forward_only and loss.requires_grad:
                 loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
