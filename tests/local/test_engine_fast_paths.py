@@ -51,13 +51,19 @@ def _reference_logprobs(
     return torch.log_softmax(logits, dim=-1).gather(1, targets.unsqueeze(1)).squeeze(1)
 
 
-@pytest.mark.parametrize("with_lora", [False, True])
-def test_target_logprobs_and_gradients_equal_log_softmax(model: Llama, with_lora: bool) -> None:
+@pytest.mark.parametrize(
+    ("with_lora", "some_ignored"), [(False, False), (True, False), (True, True)]
+)
+def test_target_logprobs_and_gradients_equal_log_softmax(
+    model: Llama, with_lora: bool, some_ignored: bool
+) -> None:
     lora = _adapter_with_b() if with_lora else None
     gen = torch.Generator().manual_seed(5)
     hidden = torch.randn(37, TINY_CONFIG.hidden_size, generator=gen) * 3
     targets = torch.randint(0, TINY_CONFIG.vocab_size, (37,), generator=gen)
     weights = torch.rand(37, generator=gen) - 0.3  # signed: any loss, not just NLL
+    if some_ignored:
+        weights[::3] = 0.0  # positions the loss ignores: the backward skips their rows
 
     ours_hidden = hidden.clone().requires_grad_(True)
     ours = model.target_logprobs(ours_hidden, targets, lora)

@@ -610,16 +610,38 @@ class _TargetLogProbs(torch.autograd.Function):
         ctx: Any, grad_out: torch.Tensor
     ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
         low_rank, lora_b, targets = ctx.saved_tensors
-        grad = ctx.softmax  # dlp/dlogits = onehot - softmax, scaled by grad_out, in place
+        softmax = ctx.softmax
         ctx.softmax = None
+        count = int(grad_out.shape[0])
+        # Positions whose log-prob the loss ignores (weight 0: prompt tokens, zero advantages)
+        # get no gradient: leave them out of the [rows, vocab] @ [vocab, hidden] matmuls.
+        used = grad_out.nonzero().squeeze(1)
+        if int(used.shape[0]) == count:
+            grad = softmax
+        else:
+            grad = softmax.index_select(0, used)
+            grad_out, targets, low_rank = grad_out[used], targets[used], low_rank[used]
+        # dlp/dlogits = onehot(target) - softmax, scaled by grad_out, in place.
         grad.mul_(-grad_out.unsqueeze(1))
-        rows = torch.arange(grad.shape[0])
-        grad[rows, targets] += grad_out
+        grad[torch.arange(grad.shape[0]), targets] += grad_out
         want_hidden, want_low_rank, want_b = ctx.needs_input_grad[:3]
-        grad_hidden = _unembed_backward(grad, ctx.head) if want_hidden else None
-        grad_low_rank = grad @ lora_b if want_low_rank else None
-        grad_b = grad.t() @ low_rank if want_b else None
+        grad_hidden = grad_low_rank = grad_b = None
+        if want_hidden:
+            grad_hidden = _scatter_rows(_unembed_backward(grad, ctx.head), used, count)
+        if want_low_rank:
+            grad_low_rank = _scatter_rows(grad @ lora_b, used, count)
+        if want_b:
+            grad_b = grad.t() @ low_rank
         return grad_hidden, grad_low_rank, grad_b, None, None
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """`values` [len(rows), d] placed at `rows` of a [count, d] zero tensor (as is if all)."""
+    if int(rows.shape[0]) == count:
+        return values
+    out = values.new_zeros(count, values.shape[1])
+    out[rows] = values
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
