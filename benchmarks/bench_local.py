@@ -14,7 +14,8 @@ Against the reference stack (`--mode versus-hf`, needs the `bench` extra: transf
 the engine and `transformers` / `peft` on the same SmolLM2-135M safetensors the engine loads,
 float32, in one process, in interleaved rounds (engine, reference, reference, engine, ...), so
 load from other processes hits both alike. Reported per case: the median wall time of each
-side, the spread (min-max), the ratio of medians, and the median of the per-round ratios.
+side, the spread (min-max), the ratio of medians, and the median of the per-round ratios, for
+wall time and for process CPU time (steadier when other processes load the machine).
 
 - sampling: 8 prompts x 32 new tokens (temperature 1, no top-k/top-p, never stopping) against
   `generate(do_sample=True, top_k=0, min_new_tokens=32)`; one prompt x 8 samples
@@ -377,10 +378,12 @@ class Case:
     reference: Callable[[], object]
 
 
-def _time(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
+def _time(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call. CPU time is the steadier of the two
+    when other processes share the cores (idle OpenMP threads sleep, so it counts work)."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def compare(cases: Sequence[Case], rounds: int) -> None:
@@ -392,8 +395,8 @@ def compare(cases: Sequence[Case], rounds: int) -> None:
     for case in cases:
         case.ours()
         case.reference()
-    ours: dict[str, list[float]] = {c.label: [] for c in cases}
-    theirs: dict[str, list[float]] = {c.label: [] for c in cases}
+    ours: dict[str, list[tuple[float, float]]] = {c.label: [] for c in cases}
+    theirs: dict[str, list[tuple[float, float]]] = {c.label: [] for c in cases}
     for index in range(rounds):
         for case in cases:
             # Alternate who goes first, so a burst of outside load does not favour one side.
@@ -404,18 +407,20 @@ def compare(cases: Sequence[Case], rounds: int) -> None:
                 theirs[case.label].append(_time(case.reference))
                 ours[case.label].append(_time(case.ours))
         print(f"round {index + 1}/{rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
-    print(
-        f"\n{'case':<46} {'engine s (min-max)':>22} {'reference s (min-max)':>24} "
-        f"{'ratio':>6} {'per-round':>9}"
-    )
-    for case in cases:
-        a, b = ours[case.label], theirs[case.label]
-        per_round = statistics.median(y / x for x, y in zip(a, b, strict=True))
+    for kind, pick in (("wall", 0), ("CPU", 1)):
         print(
-            f"{case.label:<46} {statistics.median(a):6.2f} ({min(a):5.2f}-{max(a):5.2f})"
-            f"      {statistics.median(b):6.2f} ({min(b):5.2f}-{max(b):5.2f})"
-            f"       {statistics.median(b) / statistics.median(a):5.2f}x {per_round:8.2f}x"
+            f"\n{kind + ' time':<46} {'engine s (min-max)':>22} {'reference s (min-max)':>24} "
+            f"{'ratio':>6} {'per-round':>9}"
         )
+        for case in cases:
+            a = [m[pick] for m in ours[case.label]]
+            b = [m[pick] for m in theirs[case.label]]
+            per_round = statistics.median(y / x for x, y in zip(a, b, strict=True))
+            print(
+                f"{case.label:<46} {statistics.median(a):6.2f} ({min(a):5.2f}-{max(a):5.2f})"
+                f"      {statistics.median(b):6.2f} ({min(b):5.2f}-{max(b):5.2f})"
+                f"       {statistics.median(b) / statistics.median(a):5.2f}x {per_round:8.2f}x"
+            )
 
 
 def versus_transformers_cases(threads: int | None, adapter_dir: Any) -> list[Case]:
