@@ -8,17 +8,21 @@
 - A LoRA group applied as stacked A / block-diagonal B equals module-by-module `B @ A @ x`.
 - Batched prefill: prompts of different lengths, split over several prefill batches, give each
   request the prompt log-probs and seeded tokens it gets alone.
+- Sampling through adapters (factors stacked once per batch) gives the log-probs training
+  computes with the same adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tinkex_trio.local._engine_api import LoraSpec, SampleRequest, SampleResult
+from tinkex_trio.local._engine_api import DatumArrays, LoraSpec, SampleRequest, SampleResult
 from tinkex_trio.local.engine import TorchEngine, _llama, _sampling
 from tinkex_trio.local.engine._llama import LM_HEAD, TINY_CONFIG, Llama, tiny_weights
 from tinkex_trio.local.engine._lora import LoraAdapter
@@ -207,3 +211,41 @@ def test_batched_prefill_over_several_batches_equals_each_request_alone(
             torch.testing.assert_close(
                 torch.tensor(b.logprobs), torch.tensor(a.logprobs), rtol=1e-5, atol=1e-5
             )
+
+
+def test_sampling_through_an_adapter_matches_its_training_logprobs(tmp_path: Path) -> None:
+    """The decode steps reuse each LoRA group's stacked factors (`adapters_frozen`); they must
+    be the right ones for every layer and group, and for each adapter of a mixed batch."""
+    engine = TorchEngine(models=[TINY_NAME], threads=1)
+    directories = []
+    for seed in (0, 1):
+        engine.create_adapter(f"a{seed}", TINY_NAME, LoraSpec(rank=4, alpha=8.0, seed=seed))
+        gen = torch.Generator().manual_seed(seed + 10)
+        with torch.no_grad():
+            for _, b in engine._adapters[f"a{seed}"].lora.pairs.values():
+                b.copy_(torch.randn(b.shape, generator=gen) * 0.2)
+        directory = tmp_path / f"a{seed}"
+        engine.save_state(f"a{seed}", directory, with_optimizer=False)
+        directories.append(directory)
+    prompt = TOKENS[0].tolist()
+    requests = [
+        SampleRequest(
+            base_model=TINY_NAME,
+            adapter_dir=directory,
+            prompt=prompt,
+            max_tokens=6,
+            stop=[],
+            seed=3,
+            prompt_logprobs=True,
+        )
+        for directory in [*directories, None]
+    ]
+    results = _sample(engine, requests)
+    assert results[0].sequences[0].tokens != results[1].sequences[0].tokens  # adapters differ
+    for seed, result in enumerate(results[:2]):
+        full = prompt + result.sequences[0].tokens
+        datum = DatumArrays(np.array(full[:-1]), {"target_tokens": np.array(full[1:])})
+        training = engine.forward_backward(f"a{seed}", [datum], "cross_entropy", {}, True)
+        assert result.prompt_logprobs is not None
+        sampled = [*result.prompt_logprobs[1:], *result.sequences[0].logprobs]
+        np.testing.assert_allclose(sampled, training.logprobs[0], rtol=1e-4, atol=1e-5)

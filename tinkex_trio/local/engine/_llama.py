@@ -33,7 +33,8 @@ one softmax buffer for the backward pass (`_TargetLogProbs`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -329,6 +330,8 @@ class Llama:
             self.embed if config.tie_word_embeddings else self.weights[f"{LM_HEAD}.weight"]
         )
         self._fused = self._fuse_groups()
+        self._group_cache: dict[tuple[int, str, str], tuple[torch.Tensor, torch.Tensor]] | None
+        self._group_cache = None
         self._rope_cos = torch.empty(0)
         self._rope_sin = torch.empty(0)
 
@@ -420,14 +423,34 @@ class Llama:
             return out
         if len(present) == len(factors) and len({f[2] for f in present}) == 1:
             # x @ [A_1; A_2; ...]^T once, then block-diag(B_1, B_2, ...): two matmuls.
-            a = torch.cat([f[0] for f in present])
-            b = torch.block_diag(*[f[1] for f in present])  # type: ignore[no-untyped-call]
+            cache_key = (id(hook), prefix, group)
+            stacked = self._group_cache.get(cache_key) if self._group_cache is not None else None
+            if stacked is None:
+                stacked = (
+                    torch.cat([f[0] for f in present]),
+                    torch.block_diag(*[f[1] for f in present]),  # type: ignore[no-untyped-call]
+                )
+                if self._group_cache is not None:
+                    self._group_cache[cache_key] = stacked
+            a, b = stacked
             return out.addmm_(F.linear(x, a) * present[0][2], b.t())
         deltas = [
             F.linear(F.linear(x, f[0]) * f[2], f[1]) if f is not None else x.new_zeros(len(x), n)
             for f, n in zip(factors, sizes, strict=True)
         ]
         return out + torch.cat(deltas, dim=-1)
+
+    @contextmanager
+    def adapters_frozen(self) -> Iterator[None]:
+        """A block in which no adapter changes (one sampling batch, under inference mode): each
+        LoRA group's stacked A and block-diagonal B are built once and reused by every decode
+        step, instead of once per step. Training must not run inside it (the cached tensors
+        would not carry gradients, and an optimizer step would make them stale)."""
+        self._group_cache = {}
+        try:
+            yield
+        finally:
+            self._group_cache = None
 
     def _rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)

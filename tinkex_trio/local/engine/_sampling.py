@@ -68,6 +68,13 @@ def sample_batch(
     model: Llama, hook: LinearHook | None, tokenizer: Tokenizer, requests: Sequence[SampleRequest]
 ) -> list[SampleResult]:
     """Sample every request (already validated) with one model + adapter."""
+    with model.adapters_frozen():
+        return _sample_batch(model, hook, tokenizer, requests)
+
+
+def _sample_batch(
+    model: Llama, hook: LinearHook | None, tokenizer: Tokenizer, requests: Sequence[SampleRequest]
+) -> list[SampleResult]:
     config = model.config
     results = [SampleResult(sequences=[]) for _ in requests]
     longest_prompt = max(len(r.prompt) for r in requests)
