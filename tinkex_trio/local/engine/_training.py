@@ -1,13 +1,16 @@
 """forward / forward_backward over micro-batches, accumulating gradients.
 
-The `[tokens, vocab]` logits dominate memory (49152 floats per token, several copies in the
-backward pass), so a call's datums are packed into micro-batches of at most
-`max_tokens` padded tokens each, every micro-batch is run forward and backward, and the
+The `[tokens, vocab]` logits dominate memory (49152 floats per token; `Llama.target_logprobs`
+keeps one such buffer, the softmax, for the backward pass), so a call's datums are packed into
+micro-batches of at most `max_tokens` padded tokens each, every micro-batch is run forward and backward, and the
 gradients add up in the adapter's `.grad`. Since each loss is a plain sum over datums, the
 result equals one big batch up to float rounding.
 
 Datums are sorted by length before packing so padding stays small; right padding is safe
 because attention is causal and only real positions enter the loss.
+
+The losses (`_losses.datum_loss`) receive, per datum, `lp`: a float32 tensor [N] of the
+learner's log-probs of `target_tokens`, differentiable; any function of it may be the loss.
 """
 
 from __future__ import annotations
