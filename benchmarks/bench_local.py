@@ -9,11 +9,32 @@ directly (here) and, later, the server over HTTP (wrap the SDK calls in the same
 Run: `.venv/bin/python benchmarks/bench_local.py [--models tiny,real] [--threads N]
 [--dtype float32|bfloat16]` (the engine also prints its resident memory after loading).
 Sizes stay small (LOCAL_MODEL_NOTES.md budgets) so a run takes about a minute on 2 cores.
+
+Against the reference stack (`--mode versus-hf`, needs the `bench` extra: transformers + peft):
+the engine and `transformers` / `peft` on the same SmolLM2-135M safetensors the engine loads,
+float32, in one process, in interleaved rounds (engine, reference, reference, engine, ...), so
+load from other processes hits both alike. Reported per case: the median wall time of each
+side, the spread (min-max), the ratio of medians, and the median of the per-round ratios, for
+wall time and for process CPU time (steadier when other processes load the machine).
+
+- sampling: 8 prompts x 32 new tokens (temperature 1, no top-k/top-p, never stopping) against
+  `generate(do_sample=True, top_k=0, min_new_tokens=32)`; one prompt x 8 samples
+  (`num_samples=8` against `num_return_sequences=8`); and 8 x 32 through a rank-32 LoRA adapter
+  (a saved checkpoint against the same A/B in a `peft` model). The engine also returns every
+  token's log-prob; `generate` does not.
+- training: one forward + backward + AdamW step of cross-entropy on 4 x 128 and 8 x 64 tokens,
+  rank-32 LoRA (alpha 32) on q, k, v, o, gate, up, down and lm_head on both sides, the same
+  initial A/B. The reference computes `log_softmax(logits).gather(targets)` and uses
+  `torch.optim.AdamW`.
+
+`--mode quickstart` times the README's main example (`examples/sl_quickstart.py` on the real
+model) as a user runs it, in a child process.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -336,6 +357,184 @@ def run_http_benchmarks(models: Sequence[str], threads: int | None) -> list[Meas
     return results
 
 
+LORA_TARGETS = [
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+    "lm_head",
+]
+
+
+@dataclass
+class Case:
+    """One workload timed on both sides: `ours()` and `reference()` each run it once."""
+
+    label: str
+    ours: Callable[[], object]
+    reference: Callable[[], object]
+
+
+def _time(fn: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of one call. CPU time is the steadier of the two
+    when other processes share the cores (idle OpenMP threads sleep, so it counts work)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - start, time.process_time() - cpu
+
+
+def compare(cases: Sequence[Case], rounds: int) -> None:
+    """Warm both sides up, then time `rounds` interleaved rounds; print medians and ratios."""
+    import os
+    import statistics
+
+    print(f"load average before: {os.getloadavg()[0]:.1f} (on {os.cpu_count()} CPUs)", flush=True)
+    for case in cases:
+        case.ours()
+        case.reference()
+    ours: dict[str, list[tuple[float, float]]] = {c.label: [] for c in cases}
+    theirs: dict[str, list[tuple[float, float]]] = {c.label: [] for c in cases}
+    for index in range(rounds):
+        for case in cases:
+            # Alternate who goes first, so a burst of outside load does not favour one side.
+            if index % 2 == 0:
+                ours[case.label].append(_time(case.ours))
+                theirs[case.label].append(_time(case.reference))
+            else:
+                theirs[case.label].append(_time(case.reference))
+                ours[case.label].append(_time(case.ours))
+        print(f"round {index + 1}/{rounds} done, load average {os.getloadavg()[0]:.1f}", flush=True)
+    for kind, pick in (("wall", 0), ("CPU", 1)):
+        print(
+            f"\n{kind + ' time':<46} {'engine s (min-max)':>22} {'reference s (min-max)':>24} "
+            f"{'ratio':>6} {'per-round':>9}"
+        )
+        for case in cases:
+            a = [m[pick] for m in ours[case.label]]
+            b = [m[pick] for m in theirs[case.label]]
+            per_round = statistics.median(y / x for x, y in zip(a, b, strict=True))
+            print(
+                f"{case.label:<46} {statistics.median(a):6.2f} ({min(a):5.2f}-{max(a):5.2f})"
+                f"      {statistics.median(b):6.2f} ({min(b):5.2f}-{max(b):5.2f})"
+                f"       {statistics.median(b) / statistics.median(a):5.2f}x {per_round:8.2f}x"
+            )
+
+
+def versus_transformers_cases(threads: int | None, adapter_dir: Any) -> list[Case]:
+    """The workloads of `--mode versus-hf` (see the module docstring)."""
+    try:
+        import peft
+        import torch
+        import transformers
+    except ImportError:
+        raise SystemExit(
+            "--mode versus-hf needs transformers and peft: pip install -e '.[bench]'"
+        ) from None
+    from tinkex_trio.local._engine_api import LoraSpec
+    from tinkex_trio.local.model_files import smollm2_files
+
+    directory = smollm2_files().weights_path.parent  # the engine's own safetensors + config
+    engine = TorchEngine(models=[SMOLLM2_NAME], threads=threads)
+    engine.create_adapter("bench", SMOLLM2_NAME, LoraSpec(rank=32, alpha=32.0, seed=0))
+    engine.save_state("bench", adapter_dir, with_optimizer=False)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    tuned = peft.get_peft_model(
+        transformers.AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32),
+        peft.LoraConfig(r=32, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS),
+    )
+    ours_lora = dict(engine._adapters["bench"].lora.named_parameters())
+    with torch.no_grad():
+        for name, param in tuned.named_parameters():
+            key = name.replace(".lora_A.default.", ".lora_A.").replace(
+                ".lora_B.default.", ".lora_B."
+            )
+            if param.requires_grad:
+                param.copy_(ours_lora[key])
+    optimizer = torch.optim.AdamW([p for p in tuned.parameters() if p.requires_grad], lr=1e-4)
+
+    prompts = sampling_requests(SMOLLM2_NAME, 8, 43, 32)
+    prompt_ids = torch.tensor([r.prompt for r in prompts])
+    one_prompt = [dataclasses.replace(prompts[0], num_samples=8)]
+    with_adapter = [dataclasses.replace(r, adapter_dir=adapter_dir) for r in prompts]
+    sample = engine_sample_call(engine)
+
+    def generate(model: Any, ids: Any, copies: int = 1) -> object:
+        with torch.inference_mode():
+            return model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=True,
+                top_k=0,
+                top_p=1.0,
+                temperature=1.0,
+                max_new_tokens=32,
+                min_new_tokens=32,
+                num_return_sequences=copies,
+                pad_token_id=2,
+            )
+
+    def reference_train_step(data: Sequence[DatumArrays]) -> None:
+        tokens = torch.from_numpy(np.stack([d.tokens for d in data]))
+        targets = torch.from_numpy(np.stack([d.loss_fn_inputs["target_tokens"] for d in data]))
+        weights = torch.from_numpy(np.stack([d.loss_fn_inputs["weights"] for d in data]))
+        tuned.train()
+        logits = tuned(input_ids=tokens).logits.float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        (-(logp * weights).sum()).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    train = engine_train_step(engine, "bench")
+    cases = [
+        Case(
+            "sample 8 prompts x 32 tokens",
+            lambda: sample(prompts),
+            lambda: generate(hf, prompt_ids),
+        ),
+        Case(
+            "sample 1 prompt x 8 samples x 32 tokens",
+            lambda: sample(one_prompt),
+            lambda: generate(hf, prompt_ids[:1], copies=8),
+        ),
+        Case(
+            "sample 8 x 32 with a rank-32 LoRA",
+            lambda: sample(with_adapter),
+            lambda: generate(tuned, prompt_ids),
+        ),
+    ]
+    for rows, length in ((4, 128), (8, 64)):
+        data = random_batch(rows, length)
+        cases.append(
+            Case(
+                f"train {rows} x {length} tokens (fwd+bwd+AdamW)",
+                lambda data=data: train(data),
+                lambda data=data: reference_train_step(data),
+            )
+        )
+    return cases
+
+
+def time_quickstart(threads: int | None) -> float:
+    """Wall time of `examples/sl_quickstart.py` (the README's main command), in a child."""
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "sl_quickstart.py"
+    env = dict(os.environ)
+    if threads is not None:
+        env["TINKEX_TRIO_TORCH_THREADS"] = str(threads)
+    with tempfile.TemporaryDirectory() as data_dir:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, str(script), "--data-dir", data_dir], check=True, env=env)
+        return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--models", default="tiny,real", help="comma list of: tiny, real")
@@ -344,9 +543,23 @@ def main() -> None:
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weight storage"
     )
     parser.add_argument(
-        "--mode", default="both", choices=["engine", "http", "both"], help="what to measure"
+        "--mode",
+        default="both",
+        choices=["engine", "http", "both", "versus-hf", "quickstart"],
+        help="what to measure",
     )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds (versus-hf)")
     args = parser.parse_args()
+    if args.mode == "versus-hf":
+        import tempfile
+        from pathlib import Path
+
+        with tempfile.TemporaryDirectory() as adapter_dir:
+            compare(versus_transformers_cases(args.threads, Path(adapter_dir)), args.rounds)
+        return
+    if args.mode == "quickstart":
+        print(f"\nREADME quickstart: {time_quickstart(args.threads):.1f} s wall")
+        return
     models = [m for m in args.models.split(",") if m]
     direct = run_engine_benchmarks(models, args.threads, args.dtype) if args.mode != "http" else []
     over_http = run_http_benchmarks(models, args.threads) if args.mode != "engine" else []

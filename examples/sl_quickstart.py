@@ -3,8 +3,10 @@
 The dataset (examples/data/vellmora.jsonl) teaches facts about a made-up island, Vellmora,
 that the base model cannot know. forward_backward and optim_step are pipelined: both are
 submitted back to back and awaited afterwards, so the server never waits for the client.
+16 steps of 8 chats: the loss per answer token falls from ~2.1 to ~0.03 and the tuned model
+gives every trained answer (`--steps 24` takes it to ~0.001, with the same answers).
 
-    .venv/bin/python examples/sl_quickstart.py              # about 2-3 minutes on 2 CPU cores
+    .venv/bin/python examples/sl_quickstart.py              # about a minute on 2 idle CPU cores
     .venv/bin/python examples/sl_quickstart.py --quick      # the tiny random model, seconds
 """
 
@@ -129,7 +131,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_backend_arguments(parser)
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--lr", type=float, default=2e-3)

@@ -20,17 +20,27 @@ Precision: activations, norms, attention, the KV cache and the logits are float3
 the weights' dtype. Weights stored in bfloat16 (`--dtype bfloat16`) are upcast per matmul (the
 unembedding in vocabulary chunks), so the computation is exactly the float32 model with
 bf16-rounded weights and sampled log-probs equal training log-probs, as in float32.
+
+Speed (2 CPU cores, where a decode step is bound by reading the weights and a training step by
+the matmuls): q/k/v and gate/up each run as one matmul over weights concatenated once at load
+(`FUSED_GROUPS`; the per-module names stay in `weights` as views into them), and a LoRA group
+as two (A stacked, B block-diagonal) added in place with `addmm`, so no `W + BA` is ever formed.
+Activations stay 2-D `[tokens, hidden]` between attention blocks. Training never forms the
+`[tokens, vocab]` log-softmax: `target_logprobs` computes only the targets' log-probs and keeps
+one softmax buffer for the backward pass (`_TargetLogProbs`).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 LM_HEAD = "lm_head"
 """Module name of the unembedding (tied to `model.embed_tokens.weight` when there is none)."""
@@ -244,22 +254,39 @@ def token_ids(value: object, key: str) -> tuple[int, ...]:
     return tuple(ids)
 
 
-class LinearHook(Protocol):
-    """Adds a low-rank term to a linear layer's output (LoRA); None = plain layer."""
+LoraFactors = tuple[torch.Tensor, torch.Tensor, float]
+"""(A [r, in], B [out, r], scale) of one module's low-rank term `scale * B @ A @ x`."""
 
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None: ...
+
+class LinearHook(Protocol):
+    """The low-rank terms (LoRA) added to linear layers; None for a plain layer.
+
+    The model asks for the factors rather than for a computed delta so that it can batch the
+    modules of a fused group into one matmul pair and fold the term into the output in place.
+    """
+
+    def factors(self, module: str) -> LoraFactors | None: ...
+
+
+FUSED_GROUPS: dict[str, tuple[str, ...]] = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+"""Linear layers of a block that read the same input, run as one matmul (names per layer)."""
 
 
 class KVCache:
     """Keys/values for a batch of sequences, preallocated to `capacity` slots.
 
-    Slots hold tokens in order; `valid[b, s]` is False for left padding, so sequences of
-    different prompt lengths decode together. RoPE is applied before caching, with each
-    token's true position, so padding does not shift positions.
+    Slots hold tokens in order; `valid[b, s]` is False for slots a row does not use (padding
+    after a shorter prompt), so sequences of different prompt lengths decode together. RoPE is
+    applied before caching, with each token's true position, so unused slots do not shift
+    positions.
     """
 
     def __init__(self, config: LlamaConfig, batch: int, capacity: int) -> None:
         shape = (batch, config.num_kv_heads, capacity, config.head_dim)
+        # Zeros, not empty: unused slots get attention weight 0, and 0 * NaN garbage is NaN.
         self.keys = [torch.zeros(shape) for _ in range(config.num_layers)]
         self.values = [torch.zeros(shape) for _ in range(config.num_layers)]
         self.valid = torch.zeros(batch, capacity, dtype=torch.bool)
@@ -270,7 +297,8 @@ class KVCache:
         return int(self.valid.shape[1])
 
     def select_rows(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` (a LongTensor of batch indices), e.g. the unfinished sequences."""
+        """Keep only `rows` (a LongTensor of batch indices, repeats allowed), e.g. the
+        unfinished sequences, or each prompt's row once per sample after prefill."""
         self.keys = [k.index_select(0, rows) for k in self.keys]
         self.values = [v.index_select(0, rows) for v in self.values]
         self.valid = self.valid.index_select(0, rows)
@@ -279,6 +307,10 @@ class KVCache:
 UNEMBED_CHUNK_ROWS = 16384
 """Vocabulary rows upcast at a time when the unembedding is stored in bfloat16: bounds the
 float32 temporary (16384 x 1024 x 4 bytes = 64 MiB for Qwen3-0.6B) instead of a full copy."""
+
+LOGPROB_CHUNK_TOKENS = 512
+"""Positions per `[chunk, vocab]` buffer when target log-probs are computed without gradient
+(forward only, prompt log-probs): bounds the temporary to ~100 MB at SmolLM2's vocabulary."""
 
 
 class Llama:
@@ -297,6 +329,9 @@ class Llama:
         self.lm_head = (
             self.embed if config.tie_word_embeddings else self.weights[f"{LM_HEAD}.weight"]
         )
+        self._fused = self._fuse_groups()
+        self._group_cache: dict[tuple[int, str, str], tuple[torch.Tensor, torch.Tensor]] | None
+        self._group_cache = None
         self._rope_cos = torch.empty(0)
         self._rope_sin = torch.empty(0)
 
@@ -308,6 +343,39 @@ class Llama:
                 raise ValueError(f"weight {name}: expected shape {shape}, got {got}")
             if weight.dtype not in (torch.float32, torch.bfloat16):
                 raise ValueError(f"weight {name}: dtype {weight.dtype}, expected float32/bfloat16")
+
+    def _fuse_groups(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, list[int]]]:
+        """Concatenate each `FUSED_GROUPS` member set once; the member names become views.
+
+        One copy of the weights stays in memory (the mmapped originals are released), and the
+        per-module names keep working for everything that reads `weights`.
+        """
+        fused: dict[str, tuple[torch.Tensor, torch.Tensor | None, list[int]]] = {}
+        for layer in range(self.config.num_layers):
+            prefix = f"model.layers.{layer}"
+            for group, members in FUSED_GROUPS.items():
+                names = [f"{prefix}.{member}" for member in members]
+                parts = [self.weights[f"{name}.weight"] for name in names]
+                sizes = [int(part.shape[0]) for part in parts]
+                weight = torch.cat(parts)
+                for name, view in zip(names, weight.split_with_sizes(sizes), strict=True):
+                    self.weights[f"{name}.weight"] = view
+                biases = [self.weights.get(f"{name}.bias") for name in names]
+                bias: torch.Tensor | None = None
+                if any(b is not None for b in biases):
+                    bias = torch.cat(
+                        [
+                            b if b is not None else weight.new_zeros(size)
+                            for b, size in zip(biases, sizes, strict=True)
+                        ]
+                    )
+                    for name, view, b in zip(
+                        names, bias.split_with_sizes(sizes), biases, strict=True
+                    ):
+                        if b is not None:
+                            self.weights[f"{name}.bias"] = view
+                fused[f"{prefix}.{group}"] = (weight, bias, sizes)
+        return fused
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of shape [B, 1, T, head_dim] for integer `positions` [B, T]."""
@@ -331,13 +399,58 @@ class Llama:
         return self.weights[name].float()
 
     def _linear(self, module: str, x: torch.Tensor, hook: LinearHook | None) -> torch.Tensor:
+        """`x` [N, in] -> [N, out]: the layer plus its LoRA term, if any."""
         bias = self.weights.get(f"{module}.bias")
         out = F.linear(x, self._param(f"{module}.weight"), None if bias is None else bias.float())
-        if hook is not None:
-            extra = hook.delta(module, x)
-            if extra is not None:
-                out = out + extra
+        factors = hook.factors(module) if hook is not None else None
+        if factors is not None:
+            a, b, scale = factors
+            # In place: a linear layer's backward does not read its output.
+            out.addmm_(F.linear(x, a) * scale, b.t())
         return out
+
+    def _group_linear(
+        self, prefix: str, group: str, x: torch.Tensor, hook: LinearHook | None
+    ) -> torch.Tensor:
+        """The members of a fused group as one matmul (and one LoRA pair), outputs side by side."""
+        weight, bias, sizes = self._fused[f"{prefix}.{group}"]
+        out = F.linear(x, weight.float(), None if bias is None else bias.float())
+        if hook is None:
+            return out
+        factors = [hook.factors(f"{prefix}.{member}") for member in FUSED_GROUPS[group]]
+        present = [f for f in factors if f is not None]
+        if not present:
+            return out
+        if len(present) == len(factors) and len({f[2] for f in present}) == 1:
+            # x @ [A_1; A_2; ...]^T once, then block-diag(B_1, B_2, ...): two matmuls.
+            cache_key = (id(hook), prefix, group)
+            stacked = self._group_cache.get(cache_key) if self._group_cache is not None else None
+            if stacked is None:
+                stacked = (
+                    torch.cat([f[0] for f in present]),
+                    torch.block_diag(*[f[1] for f in present]),  # type: ignore[no-untyped-call]
+                )
+                if self._group_cache is not None:
+                    self._group_cache[cache_key] = stacked
+            a, b = stacked
+            return out.addmm_(F.linear(x, a) * present[0][2], b.t())
+        deltas = [
+            F.linear(F.linear(x, f[0]) * f[2], f[1]) if f is not None else x.new_zeros(len(x), n)
+            for f, n in zip(factors, sizes, strict=True)
+        ]
+        return out + torch.cat(deltas, dim=-1)
+
+    @contextmanager
+    def adapters_frozen(self) -> Iterator[None]:
+        """A block in which no adapter changes (one sampling batch, under inference mode): each
+        LoRA group's stacked A and block-diagonal B are built once and reused by every decode
+        step, instead of once per step. Training must not run inside it (the cached tensors
+        would not carry gradients, and an optimizer step would make them stale)."""
+        self._group_cache = {}
+        try:
+            yield
+        finally:
+            self._group_cache = None
 
     def _rms_norm(self, x: torch.Tensor, name: str) -> torch.Tensor:
         variance = x.pow(2).mean(-1, keepdim=True)
@@ -353,9 +466,11 @@ class Llama:
     ) -> torch.Tensor:
         """Final-normed hidden states [B, T, hidden] for `tokens` [B, T].
 
-        Without `cache`: every row starts at position 0 and attention is causal (right
-        padding is harmless: real tokens never attend to later pads). With `cache`: the T new
-        tokens go to slots `cache.length ...` and attend to all valid earlier slots.
+        Without `cache`, or with an empty one: every row starts at slot 0 and attention is
+        causal (right padding is harmless: real tokens never attend to later pads; a caller
+        that caches a right-padded batch marks the pad slots invalid afterwards). With a
+        non-empty `cache`: the T new tokens go to slots `cache.length ...` and attend to all
+        valid earlier slots.
         """
         c = self.config
         batch, steps = tokens.shape
@@ -363,22 +478,26 @@ class Llama:
             positions = torch.arange(steps).expand(batch, steps)
         cos, sin = self._rope(positions)
         mask: torch.Tensor | None = None
+        start = 0
         if cache is not None:
             start = cache.length
             end = start + steps
             if end > cache.capacity:
                 raise ValueError(f"KV cache overflow: {end} > {cache.capacity}")
             cache.valid[:, start:end] = True
-            slots = torch.arange(end)
-            causal = slots.unsqueeze(0) <= (start + torch.arange(steps)).unsqueeze(1)
-            mask = (cache.valid[:, None, :end] & causal[None]).unsqueeze(1)  # [B, 1, T, S]
-        x = F.embedding(tokens, self.embed).float()
+            if start > 0 and steps == 1:
+                mask = cache.valid[:, None, None, :end]  # [B, 1, 1, S]: one query per row
+            elif start > 0:
+                slots = torch.arange(end)
+                causal = slots.unsqueeze(0) <= (start + torch.arange(steps)).unsqueeze(1)
+                mask = (cache.valid[:, None, :end] & causal[None]).unsqueeze(1)  # [B, 1, T, S]
+        q_width, kv_width = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        x = F.embedding(tokens.reshape(-1), self.embed).float()  # [B*T, hidden]
         for i in range(c.num_layers):
             prefix = f"model.layers.{i}"
             h = self._rms_norm(x, f"{prefix}.input_layernorm.weight")
-            q = self._linear(f"{prefix}.self_attn.q_proj", h, hook)
-            k = self._linear(f"{prefix}.self_attn.k_proj", h, hook)
-            v = self._linear(f"{prefix}.self_attn.v_proj", h, hook)
+            qkv = self._group_linear(prefix, "self_attn.qkv_proj", h, hook)
+            q, k, v = qkv.split_with_sizes([q_width, kv_width, kv_width], dim=-1)
             q = q.view(batch, steps, c.num_heads, c.head_dim)
             k = k.view(batch, steps, c.num_kv_heads, c.head_dim)
             if c.qk_norm:
@@ -386,56 +505,171 @@ class Llama:
                 k = self._rms_norm(k, f"{prefix}.self_attn.k_norm.weight")
             q = q.transpose(1, 2)
             k = k.transpose(1, 2)
-            v = v.view(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
+            v = v.reshape(batch, steps, c.num_kv_heads, c.head_dim).transpose(1, 2)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
             if cache is not None:
-                cache.keys[i][:, :, cache.length : cache.length + steps] = k
-                cache.values[i][:, :, cache.length : cache.length + steps] = v
-                k = cache.keys[i][:, :, : cache.length + steps]
-                v = cache.values[i][:, :, : cache.length + steps]
+                cache.keys[i][:, :, start : start + steps] = k
+                cache.values[i][:, :, start : start + steps] = v
+                if start > 0:
+                    k = cache.keys[i][:, :, : start + steps]
+                    v = cache.values[i][:, :, : start + steps]
             attn = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True
             )
-            attn = attn.transpose(1, 2).reshape(batch, steps, c.num_heads * c.head_dim)
+            attn = attn.transpose(1, 2).reshape(batch * steps, q_width)
             x = x + self._linear(f"{prefix}.self_attn.o_proj", attn, hook)
             h = self._rms_norm(x, f"{prefix}.post_attention_layernorm.weight")
-            gate = self._linear(f"{prefix}.mlp.gate_proj", h, hook)
-            up = self._linear(f"{prefix}.mlp.up_proj", h, hook)
+            gate, up = self._group_linear(prefix, "mlp.gate_up_proj", h, hook).chunk(2, dim=-1)
             x = x + self._linear(f"{prefix}.mlp.down_proj", F.silu(gate) * up, hook)
         if cache is not None:
             cache.length += steps
-        return self._rms_norm(x, "model.norm.weight")
+        return self._rms_norm(x, "model.norm.weight").view(batch, steps, c.hidden_size)
 
     def logits(self, hidden: torch.Tensor, hook: LinearHook | None = None) -> torch.Tensor:
         """Unembedding of hidden states [..., hidden] -> float32 [..., vocab]."""
-        head = self.lm_head
-        if head.dtype == torch.float32:
-            out = F.linear(hidden, head)
+        flat = hidden.reshape(-1, self.config.hidden_size)
+        out = _unembed(flat, self.lm_head)
+        factors = hook.factors(LM_HEAD) if hook is not None else None
+        if factors is not None:
+            a, b, scale = factors
+            out.addmm_(F.linear(flat, a) * scale, b.t())
+        return out.view(*hidden.shape[:-1], self.config.vocab_size)
+
+    def target_logprobs(
+        self, hidden: torch.Tensor, targets: torch.Tensor, hook: LinearHook | None = None
+    ) -> torch.Tensor:
+        """log softmax(logits(hidden))[targets] for `hidden` [N, hidden], `targets` [N].
+
+        Equal to gathering from `torch.log_softmax(self.logits(...))`, and differentiable
+        (through the hidden states and the unembedding's LoRA factors), without forming the
+        log-softmax: see `_TargetLogProbs`.
+        """
+        factors = hook.factors(LM_HEAD) if hook is not None else None
+        if factors is None:
+            low_rank = hidden.new_zeros(hidden.shape[0], 0)
+            lora_b = hidden.new_zeros(self.config.vocab_size, 0)
         else:
-            out = torch.cat(
-                [
-                    F.linear(hidden, head[row : row + UNEMBED_CHUNK_ROWS].float())
-                    for row in range(0, head.shape[0], UNEMBED_CHUNK_ROWS)
-                ],
-                dim=-1,
-            )
-        if hook is not None:
-            extra = hook.delta(LM_HEAD, hidden)
-            if extra is not None:
-                out = out + extra
+            a, lora_b, scale = factors
+            low_rank = F.linear(hidden, a) * scale
+        out: torch.Tensor = _TargetLogProbs.apply(  # type: ignore[no-untyped-call]
+            hidden, low_rank, lora_b, self.lm_head, targets
+        )
         return out
+
+
+def _unembed(hidden: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """`hidden` [N, h] @ `head`^T in float32 (a bfloat16 head upcast a chunk at a time)."""
+    if head.dtype == torch.float32:
+        return F.linear(hidden, head)
+    out = hidden.new_empty(hidden.shape[0], head.shape[0])
+    for row in range(0, head.shape[0], UNEMBED_CHUNK_ROWS):
+        chunk = head[row : row + UNEMBED_CHUNK_ROWS]
+        out[:, row : row + chunk.shape[0]] = F.linear(hidden, chunk.float())
+    return out
+
+
+def _unembed_backward(grad: torch.Tensor, head: torch.Tensor) -> torch.Tensor:
+    """`grad` [N, vocab] @ `head` [vocab, h]: the gradient of `_unembed` for its input."""
+    if head.dtype == torch.float32:
+        return grad @ head
+    out = grad.new_zeros(grad.shape[0], head.shape[1])
+    for row in range(0, head.shape[0], UNEMBED_CHUNK_ROWS):
+        chunk = head[row : row + UNEMBED_CHUNK_ROWS]
+        out.addmm_(grad[:, row : row + chunk.shape[0]], chunk.float())
+    return out
+
+
+class _TargetLogProbs(torch.autograd.Function):
+    """Target log-probs of `hidden @ head^T + low_rank @ lora_b^T` with a hand-written backward.
+
+    Autograd through `log_softmax(...).gather(...)` keeps the logits, the log-softmax and their
+    gradients, several `[N, vocab]` tensors; this keeps one: the logits buffer is turned into
+    the softmax in place (max, exp, sum, divide), and the backward reuses it for the gradient
+    `dlp * (onehot(target) - softmax)`, from which the hidden-state, low-rank and `lora_b`
+    gradients are three matmuls. Without gradient the buffer is `LOGPROB_CHUNK_TOKENS` rows,
+    reused chunk after chunk.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        hidden: torch.Tensor,
+        low_rank: torch.Tensor,
+        lora_b: torch.Tensor,
+        head: torch.Tensor,
+        targets: torch.Tensor,
+    ) -> torch.Tensor:
+        count = int(hidden.shape[0])
+        keep = any(ctx.needs_input_grad[:3])
+        chunk = max(count, 1) if keep else min(max(count, 1), LOGPROB_CHUNK_TOKENS)
+        buffer = hidden.new_empty(chunk, head.shape[0])
+        out = hidden.new_empty(count)
+        for start in range(0, count, chunk):
+            end = min(start + chunk, count)
+            logits = buffer[: end - start]
+            if head.dtype == torch.float32:
+                torch.mm(hidden[start:end], head.t(), out=logits)
+            else:
+                logits.copy_(_unembed(hidden[start:end], head))
+            if low_rank.shape[1]:
+                logits.addmm_(low_rank[start:end], lora_b.t())
+            picked = logits.gather(1, targets[start:end].unsqueeze(1)).squeeze(1)
+            top = logits.amax(dim=1, keepdim=True)
+            logits.sub_(top).exp_()
+            total = logits.sum(dim=1, keepdim=True)
+            out[start:end] = picked - top.squeeze(1) - total.log().squeeze(1)
+            if keep:
+                logits.div_(total)  # the softmax, for backward
+        if keep:
+            ctx.save_for_backward(low_rank, lora_b, targets)
+            ctx.softmax = buffer
+            ctx.head = head
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(
+        ctx: Any, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, None, None]:
+        low_rank, lora_b, targets = ctx.saved_tensors
+        softmax = ctx.softmax
+        ctx.softmax = None
+        count = int(grad_out.shape[0])
+        # Positions whose log-prob the loss ignores (weight 0: prompt tokens, zero advantages)
+        # get no gradient: leave them out of the [rows, vocab] @ [vocab, hidden] matmuls.
+        used = grad_out.nonzero().squeeze(1)
+        if int(used.shape[0]) == count:
+            grad = softmax
+        else:
+            grad = softmax.index_select(0, used)
+            grad_out, targets, low_rank = grad_out[used], targets[used], low_rank[used]
+        # dlp/dlogits = onehot(target) - softmax, scaled by grad_out, in place.
+        grad.mul_(-grad_out.unsqueeze(1))
+        grad[torch.arange(grad.shape[0]), targets] += grad_out
+        want_hidden, want_low_rank, want_b = ctx.needs_input_grad[:3]
+        grad_hidden = grad_low_rank = grad_b = None
+        if want_hidden:
+            grad_hidden = _scatter_rows(_unembed_backward(grad, ctx.head), used, count)
+        if want_low_rank:
+            grad_low_rank = _scatter_rows(grad @ lora_b, used, count)
+        if want_b:
+            grad_b = grad.t() @ low_rank
+        return grad_hidden, grad_low_rank, grad_b, None, None
+
+
+def _scatter_rows(values: torch.Tensor, rows: torch.Tensor, count: int) -> torch.Tensor:
+    """`values` [len(rows), d] placed at `rows` of a [count, d] zero tensor (as is if all)."""
+    if int(rows.shape[0]) == count:
+        return values
+    out = values.new_zeros(count, values.shape[1])
+    out[rows] = values
+    return out
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-
-
-def token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log softmax(logits)[target] without materialising the whole log-softmax."""
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
 
 
 TINY_CONFIG = LlamaConfig(

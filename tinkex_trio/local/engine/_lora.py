@@ -19,11 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from .._engine_api import EngineUserError, LoraSpec
-from ._llama import LM_HEAD, LlamaConfig
+from ._llama import LM_HEAD, LlamaConfig, LoraFactors
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -113,12 +112,16 @@ class LoraAdapter:
     def parameters(self) -> list[torch.Tensor]:
         return [tensor for _, tensor in self.named_parameters()]
 
-    def delta(self, module: str, x: torch.Tensor) -> torch.Tensor | None:
+    def factors(self, module: str) -> LoraFactors | None:
+        """(A, B, scale) of `module`, or None if this adapter does not train it.
+
+        The model multiplies them in (`Llama._linear`, `_group_linear`); nothing here forms
+        `W + scale * B @ A`, so the adapter stays unmerged in training and in sampling.
+        """
         pair = self.pairs.get(module)
         if pair is None:
             return None
-        a, b = pair
-        return F.linear(F.linear(x, a), b) * self.scale
+        return pair[0], pair[1], self.scale
 
     # --- files -------------------------------------------------------------------------------
 

@@ -1,13 +1,16 @@
 """forward / forward_backward over micro-batches, accumulating gradients.
 
-The `[tokens, vocab]` logits dominate memory (49152 floats per token, several copies in the
-backward pass), so a call's datums are packed into micro-batches of at most
-`max_tokens` padded tokens each, every micro-batch is run forward and backward, and the
+The `[tokens, vocab]` logits dominate memory (49152 floats per token; `Llama.target_logprobs`
+keeps one such buffer, the softmax, for the backward pass), so a call's datums are packed into
+micro-batches of at most `max_tokens` padded tokens each, every micro-batch is run forward and backward, and the
 gradients add up in the adapter's `.grad`. Since each loss is a plain sum over datums, the
 result equals one big batch up to float rounding.
 
 Datums are sorted by length before packing so padding stays small; right padding is safe
 because attention is causal and only real positions enter the loss.
+
+The losses (`_losses.datum_loss`) receive, per datum, `lp`: a float32 tensor [N] of the
+learner's log-probs of `target_tokens`, differentiable; any function of it may be the loss.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import numpy.typing as npt
 import torch
 
 from .._engine_api import LossName
-from ._llama import LinearHook, Llama, token_logprobs
+from ._llama import LinearHook, Llama
 from ._losses import LossInputs, datum_loss
 
 
@@ -72,14 +75,16 @@ def run_forward_backward(
             valid[row, :n] = True
         with torch.set_grad_enabled(not forward_only):
             hidden = model.hidden_states(tokens, hook)
-            # Unembed only the real positions: padding would waste [pad, vocab] logits.
-            lp_flat = token_logprobs(model.logits(hidden[valid], hook), targets[valid])
+            # Only the real positions, and only their targets' log-probs: padding would waste
+            # [pad, vocab] logits, and the full log-softmax is never needed.
+            lp_flat = model.target_logprobs(hidden[valid], targets[valid], hook)
+            lp_numpy = lp_flat.detach().numpy()
             offsets = np.cumsum([0] + [lengths[i] for i in batch])
             loss = lp_flat.new_zeros(())
             for row, index in enumerate(batch):
                 lp = lp_flat[offsets[row] : offsets[row + 1]]
                 loss = loss + datum_loss(loss_fn, lp, data[index].inputs, config)
-                logprobs[index] = lp.detach().numpy().astype(np.float32, copy=True)
+                logprobs[index] = lp_numpy[offsets[row] : offsets[row + 1]].copy()
             if not forward_only and loss.requires_grad:
                 loss.backward()  # type: ignore[no-untyped-call]
         total += float(loss.detach())
