@@ -126,6 +126,44 @@ def _retry_after_seconds(headers: httpx.Headers) -> float | None:
     return when.timestamp() - time.time()
 
 
+def _failed(
+    telemetry: Telemetry,
+    exc: httpx.TransportError,
+    method: str,
+    path: str,
+    attempt: int,
+    sent_at: float,
+) -> httpx.TransportError:
+    """Report a failed exchange; the error back if it is worth retrying, else raised mapped."""
+    if telemetry.active:
+        telemetry.emit(
+            RequestFailed(
+                method=method,
+                path=path,
+                error_type=type(exc).__name__,
+                attempt=attempt,
+                duration=trio.current_time() - sent_at,
+            )
+        )
+    if not _is_retryable_transport_error(exc):
+        raise _map_transport_error(exc) from exc
+    return exc
+
+
+def _finished(
+    telemetry: Telemetry, method: str, path: str, status: int, attempt: int, sent_at: float
+) -> None:
+    telemetry.emit(
+        RequestFinished(
+            method=method,
+            path=path,
+            status=status,
+            attempt=attempt,
+            duration=trio.current_time() - sent_at,
+        )
+    )
+
+
 def _is_retryable_transport_error(exc: httpx.TransportError) -> bool:
     # Network failures, timeouts and a misbehaving peer may go away on retry; an unsupported
     # scheme or our own protocol violation will not.
@@ -606,30 +644,10 @@ class Transport:
                         pool_timeout=read_timeout,
                     )
         except httpx.TransportError as exc:
-            if telemetry.active:
-                telemetry.emit(
-                    RequestFailed(
-                        method=method,
-                        path=path,
-                        error_type=type(exc).__name__,
-                        attempt=attempt,
-                        duration=trio.current_time() - sent_at,
-                    )
-                )
-            if not _is_retryable_transport_error(exc):
-                raise _map_transport_error(exc) from exc
-            return exc
+            return _failed(telemetry, exc, method, path, attempt, sent_at)
         response = self._direct_response(fetched, method, url, pairs, content)
         if telemetry.active:
-            telemetry.emit(
-                RequestFinished(
-                    method=method,
-                    path=path,
-                    status=fetched.status,
-                    attempt=attempt,
-                    duration=trio.current_time() - sent_at,
-                )
-            )
+            _finished(telemetry, method, path, fetched.status, attempt, sent_at)
         self._log_deprecation(response)
         return response
 
@@ -694,19 +712,7 @@ class Transport:
                         request, stream=stream, follow_redirects=follow_redirects
                     )
         except httpx.TransportError as exc:
-            if telemetry.active:
-                telemetry.emit(
-                    RequestFailed(
-                        method=method,
-                        path=path,
-                        error_type=type(exc).__name__,
-                        attempt=attempt,
-                        duration=trio.current_time() - sent_at,
-                    )
-                )
-            if not _is_retryable_transport_error(exc):
-                raise _map_transport_error(exc) from exc
-            return exc
+            return _failed(telemetry, exc, method, path, attempt, sent_at)
         except httpx.RequestError as exc:  # DecodingError, TooManyRedirects: not retried
             raise _map_transport_error(exc) from exc
         try:
@@ -716,15 +722,7 @@ class Transport:
             await response.aclose()
             raise
         if telemetry.active:
-            telemetry.emit(
-                RequestFinished(
-                    method=method,
-                    path=path,
-                    status=response.status_code,
-                    attempt=attempt,
-                    duration=trio.current_time() - sent_at,
-                )
-            )
+            _finished(telemetry, method, path, response.status_code, attempt, sent_at)
         self._log_deprecation(response)
         return response
 

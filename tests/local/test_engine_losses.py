@@ -168,3 +168,10 @@ def test_unknown_loss_config_key_is_rejected(tiny_engine: TorchEngine) -> None:
     datum = DatumArrays(np.arange(5, dtype=np.int64), {"target_tokens": np.arange(5)})
     with pytest.raises(EngineUserError, match="clip_low"):
         tiny_engine.forward_backward("a", [datum], "cross_entropy", {"clip_low": 0.5}, True)
+
+
+def test_the_engine_knows_exactly_the_losses_the_sdk_table_names() -> None:
+    from tinkex_trio.local._engine_api import LOSS_NAMES
+    from tinkex_trio.types import LOSS_FN_REQUIRED_INPUTS
+
+    assert set(LOSS_NAMES) == set(LOSS_FN_REQUIRED_INPUTS)

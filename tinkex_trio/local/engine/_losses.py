@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
+
+from tinkex_trio.types import LOSS_FN_REQUIRED_INPUTS
 
 from .._engine_api import EngineUserError, LossName
 
@@ -51,17 +54,10 @@ default; 0.05 keeps the penalty small next to the advantage term for |lp - q| of
 and is in the range used for the regularisation temperature in the DRO paper's experiments."""
 
 _INT_KEYS = ("target_tokens",)
-_REQUIRED: dict[LossName, tuple[str, ...]] = {
-    "cross_entropy": ("target_tokens",),
-    "importance_sampling": ("target_tokens", "logprobs", "advantages"),
-    "ppo": ("target_tokens", "logprobs", "advantages"),
-    "cispo": ("target_tokens", "logprobs", "advantages"),
-    "dro": ("target_tokens", "logprobs", "advantages"),
-    "gspo": ("target_tokens", "logprobs", "advantages", "sequence_ratio_mask"),
-    # The behaviour log-probs come from the recording named by the datum's provenance spans; a
-    # `logprobs` input (recipes send one for every RL loss) is accepted and not read.
-    "stable_reinforce": ("target_tokens", "advantages"),
-}
+# The inputs each loss needs: the SDK's table (PROTOCOL.md 8.1-8.7), so both sides agree. The
+# behaviour log-probs of stable_reinforce come from the recording named by the datum's
+# provenance spans; a `logprobs` input (recipes send one for every RL loss) is accepted, not read.
+_REQUIRED: Mapping[str, tuple[str, ...]] = LOSS_FN_REQUIRED_INPUTS
 # Optional per-token inputs: cross-entropy weights default to 1; per-token clip thresholds
 # (the SDK's key table lists them as float32 loss inputs) override the config for ppo/cispo.
 _OPTIONAL: dict[LossName, tuple[str, ...]] = {
@@ -102,7 +98,7 @@ def validate_config(loss_fn: str, config: Mapping[str, float]) -> LossName:
         raise EngineUserError(
             f"unknown loss_fn {loss_fn!r}; the local backend supports {sorted(_REQUIRED)}"
         )
-    name: LossName = loss_fn
+    name = cast("LossName", loss_fn)  # every key of _REQUIRED is a LossName (a test checks)
     unknown = sorted(set(config) - set(_CONFIG_KEYS[name]))
     if unknown:
         raise EngineUserError(
