@@ -34,7 +34,7 @@ def _datums(numpy_backed: bool) -> list[t.Datum]:
 
 def _plain(obj: object) -> Any:
     """Builtins for comparison: protobuf maps do not keep insertion order, dicts compare fine."""
-    return msgspec.to_builtins(obj)
+    return msgspec.to_builtins(obj, enc_hook=t.enc_hook)  # held arrays: lists
 
 
 def _encode(data: list[t.Datum], **kw: Any) -> bytes:
