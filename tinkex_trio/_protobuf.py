@@ -104,6 +104,26 @@ def _tensor_bytes(tensor: t.TensorData) -> bytes:
     return _packed(tensor.data, code, _NUMPY[tensor.dtype])
 
 
+def _buffer(array: npt.NDArray[Any], dtype: np.dtype[Any]) -> memoryview:
+    """The bytes of `array` as `dtype`, without a copy when it already is that (a view)."""
+    contiguous: Any = np.ascontiguousarray(array, dtype=dtype)
+    return memoryview(contiguous).cast("B")
+
+
+def _tensor_buffer(tensor: t.TensorData) -> bytes | memoryview:
+    array = held_array(tensor)
+    if array is not None:
+        return _buffer(array, _NUMPY[tensor.dtype])
+    return _tensor_bytes(tensor)
+
+
+def _tokens_buffer(chunk: t.EncodedTextChunk) -> bytes | memoryview:
+    array = held_array(chunk)
+    if array is not None:
+        return _buffer(array, _LE_INT32)
+    return _tokens_bytes(chunk)
+
+
 def _tokens_bytes(chunk: t.EncodedTextChunk) -> bytes:
     array = held_array(chunk)
     if array is not None:
@@ -158,58 +178,126 @@ def encode_forward_backward_request(
 ) -> bytes:
     """The protobuf body of one forward/forward_backward chunk, filled as PROTOCOL.md 6.2 says.
 
+    Serialized deterministically: map entries (loss_fn_inputs, loss_fn_config) in key order.
+    The protobuf runtime (upb) otherwise orders them by a hash seeded per process, so even the
+    official SDK's body for the same data differs from run to run; this way ours is
+    reproducible and equals the official body serialized deterministically
+    (tests/conformance).
+
+    A message's fields are written in field-number order, so the body is the concatenation
+    of its parts: the fields before `data` and after it are serialized by the protobuf
+    runtime, and each datum is framed here around its array buffers (`_datum_parts`) or, if
+    it holds anything but text chunks and dense tensors, serialized by the runtime too. The
+    large buffers are copied once, into the body, instead of into messages and then out.
+
     Raises:
         InvalidInputError: an image-pointer chunk (protobuf carries inline images only).
     """
-    request = _pb.ForwardBackwardRequest(
-        model_id=model_id, seq_id=seq_id, loss_fn=loss_fn, forward_only=forward_only
-    )
+    head = _pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id)
+    tail = _pb.ForwardBackwardRequest(loss_fn=loss_fn, forward_only=forward_only)
     for key, value in (loss_fn_config or {}).items():
         if isinstance(value, str):
-            request.loss_fn_config_v2[key].text = value
+            tail.loss_fn_config_v2[key].text = value
         else:
-            request.loss_fn_config[key] = float(value)
-            request.loss_fn_config_v2[key].number = float(value)
+            tail.loss_fn_config[key] = float(value)
+            tail.loss_fn_config_v2[key].number = float(value)
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
     for index, datum in enumerate(data):
-        wire = request.data.add()
-        for chunk in datum.model_input.chunks:
-            if isinstance(chunk, t.EncodedTextChunk):
-                wire.model_input.add().encoded_text.tokens = _tokens_bytes(chunk)
-            elif isinstance(chunk, t.ImageChunk):
-                image = wire.model_input.add().image
-                image.data = chunk.data
-                image.format = chunk.format
-                if chunk.expected_tokens is not t.UNSET:
-                    image.expected_tokens = chunk.expected_tokens
-            else:
-                raise InvalidInputError(
-                    f"data[{index}] holds an image_asset_pointer chunk, which the protobuf "
-                    "forward_backward form cannot carry (PROTOCOL.md 6.2); inline the image "
-                    "(ImageChunk) or use wire_format='json'"
-                )
-        for key, tensor in datum.loss_fn_inputs.items():
-            wire_tensor = wire.loss_fn_inputs[key]
-            wire_tensor.dtype = _WIRE_DTYPE[tensor.dtype]
-            wire_tensor.shape.extend(tensor.resolved_shape())
-            values = _tensor_bytes(tensor)
-            if tensor.sparse_crow_indices is t.UNSET:
-                wire_tensor.dense = values
-            else:
-                csr = wire_tensor.sparse_csr
-                csr.values = values
-                csr.crow_indices = np.asarray(tensor.sparse_crow_indices, _LE_INT64).tobytes()
-                cols = tensor.sparse_col_indices
-                csr.col_indices = np.asarray([] if cols is t.UNSET else cols, _LE_INT64).tobytes()
-        if datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET:
-            _encode_spans(datum.model_input_spans, wire.model_input_spans)
-            _encode_spans(datum.loss_fn_input_spans, wire.loss_fn_input_spans)
-    # Deterministic: map entries (loss_fn_inputs, loss_fn_config) in key order. The protobuf
-    # runtime (upb) otherwise orders them by a hash seeded per process, so even the official
-    # SDK's body for the same data differs from run to run; this way ours is reproducible and
-    # equals the official body serialized deterministically (tests/conformance). It costs a
-    # sort of a few keys per datum.
-    body: bytes = request.SerializeToString(deterministic=True)
-    return body
+        framed = _datum_parts(datum)
+        if framed is None:
+            message = _pb.Datum()
+            _fill_datum(message, datum, index)
+            framed = [message.SerializeToString(deterministic=True)]
+        size = sum(len(part) for part in framed)
+        parts += (_DATA_TAG, _varint(size), *framed)
+    parts.append(tail.SerializeToString(deterministic=True))
+    return b"".join(parts)
+
+
+# Tags (field number << 3 | wire type 2, length-delimited) of the hand-framed messages.
+_DATA_TAG: Final = b"\x1a"  # ForwardBackwardRequest.data = 3
+_FIRST_TAG: Final = b"\x0a"  # Datum.model_input = 1, Chunk.encoded_text = 1,
+#                               EncodedTextChunk.tokens = 1, map entry key = 1, Tensor.dense = 1
+_SECOND_TAG: Final = b"\x12"  # Datum.loss_fn_inputs = 2, map entry value = 2
+_DTYPE_TAGS: Final = {"float32": b"\x18\x01", "int64": b"\x18\x02"}  # Tensor.dtype = 3
+_SHAPE_TAG: Final = b"\x22"  # Tensor.shape = 4, packed varints
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative int as a protobuf base-128 varint."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _framed(tag: bytes, payload: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
+    return [tag, _varint(sum(len(part) for part in payload)), *payload]
+
+
+def _datum_parts(datum: t.Datum) -> list[bytes | memoryview] | None:
+    """The serialized `Datum` of text chunks and dense tensors, as parts around the array
+    buffers, byte for byte what the runtime writes deterministically; None for anything else
+    (images, sparse tensors, provenance, an empty key or a negative dimension)."""
+    if datum.model_input_spans is not t.UNSET:
+        return None
+    parts: list[bytes | memoryview] = []
+    for chunk in datum.model_input.chunks:
+        if not isinstance(chunk, t.EncodedTextChunk):
+            return None
+        tokens = _tokens_buffer(chunk)
+        text = _framed(_FIRST_TAG, [tokens]) if len(tokens) else []  # proto3: empty bytes omitted
+        parts += _framed(_FIRST_TAG, _framed(_FIRST_TAG, text))
+    for key in sorted(datum.loss_fn_inputs):
+        tensor = datum.loss_fn_inputs[key]
+        if not key or tensor.sparse_crow_indices is not t.UNSET:
+            return None
+        shape = tensor.resolved_shape()
+        if any(d < 0 for d in shape):
+            return None
+        fields = [*_framed(_FIRST_TAG, [_tensor_buffer(tensor)]), _DTYPE_TAGS[tensor.dtype]]
+        if shape:
+            fields += _framed(_SHAPE_TAG, [b"".join(_varint(d) for d in shape)])
+        entry = [*_framed(_FIRST_TAG, [key.encode()]), *_framed(_SECOND_TAG, fields)]
+        parts += _framed(_SECOND_TAG, entry)
+    return parts
+
+
+def _fill_datum(wire: Any, datum: t.Datum, index: int) -> None:
+    """Fill a `Datum` message (the general path, any datum PROTOCOL.md 6.2 allows)."""
+    for chunk in datum.model_input.chunks:
+        if isinstance(chunk, t.EncodedTextChunk):
+            wire.model_input.add().encoded_text.tokens = _tokens_bytes(chunk)
+        elif isinstance(chunk, t.ImageChunk):
+            image = wire.model_input.add().image
+            image.data = chunk.data
+            image.format = chunk.format
+            if chunk.expected_tokens is not t.UNSET:
+                image.expected_tokens = chunk.expected_tokens
+        else:
+            raise InvalidInputError(
+                f"data[{index}] holds an image_asset_pointer chunk, which the protobuf "
+                "forward_backward form cannot carry (PROTOCOL.md 6.2); inline the image "
+                "(ImageChunk) or use wire_format='json'"
+            )
+    for key, tensor in datum.loss_fn_inputs.items():
+        wire_tensor = wire.loss_fn_inputs[key]
+        wire_tensor.dtype = _WIRE_DTYPE[tensor.dtype]
+        wire_tensor.shape.extend(tensor.resolved_shape())
+        values = _tensor_bytes(tensor)
+        if tensor.sparse_crow_indices is t.UNSET:
+            wire_tensor.dense = values
+        else:
+            csr = wire_tensor.sparse_csr
+            csr.values = values
+            csr.crow_indices = np.asarray(tensor.sparse_crow_indices, _LE_INT64).tobytes()
+            cols = tensor.sparse_col_indices
+            csr.col_indices = np.asarray([] if cols is t.UNSET else cols, _LE_INT64).tobytes()
+    if datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET:
+        _encode_spans(datum.model_input_spans, wire.model_input_spans)
+        _encode_spans(datum.loss_fn_input_spans, wire.loss_fn_input_spans)
 
 
 def _encode_spans(spans: Sequence[t.ProvenanceSpan], target: Any) -> None:
