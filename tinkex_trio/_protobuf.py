@@ -207,9 +207,10 @@ def encode_forward_backward_request(
         if framed is None:
             message = _pb.Datum()
             _fill_datum(message, datum, index)
-            framed = [message.SerializeToString(deterministic=True)]
-        size = sum(len(part) for part in framed)
-        parts += (_DATA_TAG, _varint(size), *framed)
+            serialized = message.SerializeToString(deterministic=True)
+            parts += (_DATA_TAG, _varint(len(serialized)), serialized)
+        else:
+            parts += (_DATA_TAG, _varint(framed[1]), *framed[0])
     parts.append(tail.SerializeToString(deterministic=True))
     return b"".join(parts)
 
@@ -223,8 +224,13 @@ _DTYPE_TAGS: Final = {"float32": b"\x18\x01", "int64": b"\x18\x02"}  # Tensor.dt
 _SHAPE_TAG: Final = b"\x22"  # Tensor.shape = 4, packed varints
 
 
+_SMALL_VARINTS: Final = tuple(bytes([value]) for value in range(128))
+
+
 def _varint(value: int) -> bytes:
     """A non-negative int as a protobuf base-128 varint."""
+    if value < 128:
+        return _SMALL_VARINTS[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
@@ -233,23 +239,33 @@ def _varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _framed(tag: bytes, payload: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
-    return [tag, _varint(sum(len(part) for part in payload)), *payload]
+def _datum_parts(datum: t.Datum) -> tuple[list[bytes | memoryview], int] | None:
+    """The serialized `Datum` of text chunks and dense tensors as parts around the array
+    buffers, and its size: byte for byte what the runtime writes deterministically. None for
+    anything else (images, sparse tensors, provenance, an empty key, a negative dimension).
 
-
-def _datum_parts(datum: t.Datum) -> list[bytes | memoryview] | None:
-    """The serialized `Datum` of text chunks and dense tensors, as parts around the array
-    buffers, byte for byte what the runtime writes deterministically; None for anything else
-    (images, sparse tensors, provenance, an empty key or a negative dimension)."""
+    Each length-delimited field is tag, varint length, payload; sizes are summed as the
+    parts are made, since this runs per datum on every step."""
     if datum.model_input_spans is not t.UNSET:
         return None
     parts: list[bytes | memoryview] = []
+    size = 0
     for chunk in datum.model_input.chunks:
         if not isinstance(chunk, t.EncodedTextChunk):
             return None
         tokens = _tokens_buffer(chunk)
-        text = _framed(_FIRST_TAG, [tokens]) if len(tokens) else []  # proto3: empty bytes omitted
-        parts += _framed(_FIRST_TAG, _framed(_FIRST_TAG, text))
+        n = len(tokens)
+        if n:  # Datum.model_input { Chunk.encoded_text { EncodedTextChunk.tokens } }
+            n_len = _varint(n)
+            text = 1 + len(n_len) + n
+            text_len = _varint(text)
+            chunk_size = 1 + len(text_len) + text
+            chunk_len = _varint(chunk_size)
+            parts += (_FIRST_TAG, chunk_len, _FIRST_TAG, text_len, _FIRST_TAG, n_len, tokens)
+        else:  # proto3 omits empty bytes: an empty EncodedTextChunk
+            chunk_size, chunk_len = 2, b"\x02"
+            parts += (_FIRST_TAG, chunk_len, _FIRST_TAG, b"\x00")
+        size += 1 + len(chunk_len) + chunk_size
     for key in sorted(datum.loss_fn_inputs):
         tensor = datum.loss_fn_inputs[key]
         if not key or tensor.sparse_crow_indices is not t.UNSET:
@@ -257,12 +273,37 @@ def _datum_parts(datum: t.Datum) -> list[bytes | memoryview] | None:
         shape = tensor.resolved_shape()
         if any(d < 0 for d in shape):
             return None
-        fields = [*_framed(_FIRST_TAG, [_tensor_buffer(tensor)]), _DTYPE_TAGS[tensor.dtype]]
-        if shape:
-            fields += _framed(_SHAPE_TAG, [b"".join(_varint(d) for d in shape)])
-        entry = [*_framed(_FIRST_TAG, [key.encode()]), *_framed(_SECOND_TAG, fields)]
-        parts += _framed(_SECOND_TAG, entry)
-    return parts
+        values = _tensor_buffer(tensor)
+        values_len = _varint(len(values))
+        # Tensor { dense, dtype, shape (packed varints, absent when empty) }
+        tensor_size = 1 + len(values_len) + len(values) + 2
+        dims = b"".join(_varint(d) for d in shape)
+        if dims:
+            dims_len = _varint(len(dims))
+            tensor_size += 1 + len(dims_len) + len(dims)
+        key_bytes = key.encode()
+        key_len = _varint(len(key_bytes))
+        tensor_len = _varint(tensor_size)
+        # map entry { key = 1, value = 2 }
+        entry_size = 1 + len(key_len) + len(key_bytes) + 1 + len(tensor_len) + tensor_size
+        entry_len = _varint(entry_size)
+        parts += (
+            _SECOND_TAG,
+            entry_len,
+            _FIRST_TAG,
+            key_len,
+            key_bytes,
+            _SECOND_TAG,
+            tensor_len,
+            _FIRST_TAG,
+            values_len,
+            values,
+            _DTYPE_TAGS[tensor.dtype],
+        )
+        if dims:
+            parts += (_SHAPE_TAG, dims_len, dims)
+        size += 1 + len(entry_len) + entry_size
+    return parts, size
 
 
 def _fill_datum(wire: Any, datum: t.Datum, index: int) -> None:
