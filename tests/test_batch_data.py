@@ -18,7 +18,7 @@ import trio
 from fake_tinker import FakeTinker
 from fault_server import open_fault_server
 
-from tinkex_trio import Config, _fwdbwd, _polling, open_service, types as t
+from tinkex_trio import Config, _fwdbwd, _polling, _protobuf, open_service, types as t
 
 
 def test_from_ints_copies_a_list_of_ints_and_keeps_no_alias() -> None:
@@ -189,3 +189,80 @@ async def test_a_large_json_result_is_parsed_once(monkeypatch: pytest.MonkeyPatc
     assert out.loss_fn_outputs[0]["logprobs"].resolved_shape() == [n]
     polls = [p for p in parses if not p.startswith("UntypedAPIFuture")]
     assert polls == ["PollEnvelope:False", "ForwardBackwardOutput:True"]
+
+
+def _slot(value: t.TensorData | t.EncodedTextChunk) -> object:
+    """What the msgspec field holds (before `data`/`tokens` is read): list or array."""
+    return msgspec.structs.astuple(value)[0]
+
+
+def test_from_numpy_holds_the_array_and_makes_the_list_only_when_read() -> None:
+    weights = np.linspace(0, 1, 6, dtype=np.float32).reshape(2, 3)
+    tensor = t.TensorData.from_numpy(weights)
+    chunk = t.ModelInput.from_ints(np.arange(4)).chunks[0]
+    assert isinstance(chunk, t.EncodedTextChunk)
+    assert isinstance(_slot(tensor), np.ndarray) and isinstance(_slot(chunk), np.ndarray)
+    # Everything the SDK does to send it leaves it an array: size, shape, length, encoders.
+    assert tensor.size == 6 and tensor.resolved_shape() == [2, 3] and chunk.length == 4
+    as_list = t.TensorData(data=weights.ravel().tolist(), dtype="float32", shape=[2, 3])
+    assert t.encode(tensor) == t.encode(as_list)
+    assert t.encode(chunk) == t.encode(t.EncodedTextChunk(tokens=[0, 1, 2, 3]))
+    assert isinstance(_slot(tensor), np.ndarray) and isinstance(_slot(chunk), np.ndarray)
+    # Repr and equality read the values as lists, as for a tensor built from a list.
+    assert repr(tensor) == repr(as_list) and repr(chunk) == "EncodedTextChunk(tokens=[0, 1, 2, 3])"
+    assert tensor == as_list and chunk == t.EncodedTextChunk(tokens=[0, 1, 2, 3])
+    # Reading gives a list of Python numbers, kept; the array stays for to_numpy/protobuf.
+    assert tensor.data == as_list.data and type(tensor.data[0]) is float
+    assert tensor.data is tensor.data and type(_slot(tensor)) is list
+    assert chunk.tokens == [0, 1, 2, 3] and type(chunk.tokens[0]) is int
+    assert np.array_equal(tensor.to_numpy(), weights)
+    # Assigning a new list replaces the held array everywhere.
+    tensor.data = [9.0] * 6
+    assert tensor.to_numpy().ravel().tolist() == [9.0] * 6
+
+
+def test_a_protobuf_result_decodes_into_arrays_not_lists() -> None:
+    logprobs = np.array([-0.5, -0.25, -1.0], dtype=np.float32)
+    body = _protobuf.encode_forward_backward_output(
+        t.ForwardBackwardOutput(
+            loss_fn_output_type="ArrayRecord",
+            loss_fn_outputs=[{"logprobs": t.TensorData.from_numpy(logprobs)}],
+            metrics={"loss:sum": 1.75},
+        )
+    )
+    out = _protobuf.decode_forward_backward_output(body).loss_fn_outputs[0]["logprobs"]
+    assert isinstance(_slot(out), np.ndarray)  # a view of the body, no list made
+    assert out.resolved_shape() == [3] and np.array_equal(out.to_numpy(), logprobs)
+    assert out.data == [-0.5, -0.25, -1.0]
+
+
+def test_protobuf_from_lists_packs_exactly_as_numpy_does() -> None:
+    """Lists are packed with `struct`; values it refuses go through numpy as before."""
+    weights = [0.1, 1, 2.5, 1e-40, -0.0]
+    targets = [1.7, np.int64(2), True, 3, 4]  # floats truncate, as numpy.asarray does
+
+    def body(weight_values: Any, target_values: Any) -> bytes:
+        d = t.Datum(
+            model_input=t.ModelInput.from_ints([5, 6, 7, 8, 9]),
+            loss_fn_inputs={
+                "weights": t.TensorData(data=weight_values, dtype="float32", shape=[5]),
+                "target_tokens": t.TensorData(data=target_values, dtype="int64", shape=[5]),
+            },
+        )
+        if isinstance(weight_values, np.ndarray):  # the numpy path: held arrays
+            d.loss_fn_inputs = {
+                "weights": t.TensorData.from_numpy(weight_values),
+                "target_tokens": t.TensorData.from_numpy(target_values),
+            }
+        return _protobuf.encode_forward_backward_request(
+            model_id="m",
+            seq_id=1,
+            data=[d],
+            loss_fn="cross_entropy",
+            loss_fn_config=None,
+            forward_only=False,
+        )
+
+    from_arrays = body(np.asarray(weights, dtype=np.float32), np.asarray(targets, dtype=np.int64))
+    assert body(weights, targets) == from_arrays
+    assert body(weights, [1, 2, 1, 3, 4]) == from_arrays

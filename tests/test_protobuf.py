@@ -34,7 +34,7 @@ def _datums(numpy_backed: bool) -> list[t.Datum]:
 
 def _plain(obj: object) -> Any:
     """Builtins for comparison: protobuf maps do not keep insertion order, dicts compare fine."""
-    return msgspec.to_builtins(obj)
+    return msgspec.to_builtins(obj, enc_hook=t.enc_hook)  # held arrays: lists
 
 
 def _encode(data: list[t.Datum], **kw: Any) -> bytes:
@@ -57,6 +57,90 @@ def test_request_from_numpy_and_from_lists_is_byte_identical_and_round_trips() -
     decoded = proto.decode_forward_backward_request(from_numpy)
     assert (decoded.model_id, decoded.seq_id, decoded.forward_only) == ("s:train:0", 3, False)
     assert _plain(decoded.data) == _plain(_datums(False))
+
+
+def _runtime_body(data: list[t.Datum], **kw: Any) -> bytes:
+    """The reference: the whole request built as protobuf messages and serialized by the
+    runtime deterministically (what the hand framing must reproduce byte for byte)."""
+    message = pb.ForwardBackwardRequest(
+        model_id=kw["model_id"],
+        seq_id=kw["seq_id"],
+        loss_fn=kw["loss_fn"],
+        forward_only=kw["forward_only"],
+    )
+    for key, value in (kw["loss_fn_config"] or {}).items():
+        if isinstance(value, str):
+            message.loss_fn_config_v2[key].text = value
+        else:
+            message.loss_fn_config[key] = float(value)
+            message.loss_fn_config_v2[key].number = float(value)
+    for index, datum in enumerate(data):
+        proto._fill_datum(message.data.add(), datum, index)
+    body: bytes = message.SerializeToString(deterministic=True)
+    return body
+
+
+def test_hand_framed_body_equals_the_runtimes_serialization() -> None:
+    """Text chunks and dense tensors are framed by hand around their buffers; every other
+    datum is serialized by the runtime. Either way the bytes are the runtime's."""
+    rng = np.random.default_rng(5)
+    image = t.ImageChunk(data=b"\x89PNG", format="png", expected_tokens=2)
+    span = [t.PromptProvenanceSpan(sequence_id="s-0", length=3)]
+    data = [
+        *_datums(True),
+        *_datums(False),
+        t.Datum(  # two chunks, one empty; 2-D tensor; keys out of order; 300 tokens (varints)
+            model_input=t.ModelInput(
+                chunks=[
+                    t.EncodedTextChunk(tokens=[]),
+                    t.EncodedTextChunk(tokens=rng.integers(0, 2**31 - 1, 300).tolist()),
+                ]
+            ),
+            loss_fn_inputs={
+                "weights": rng.random((300, 2)).astype(np.float32),
+                "advantages": t.TensorData(data=[], dtype="float32", shape=[300, 0]),
+                "target_tokens": np.arange(300),
+            },
+        ),
+        t.Datum(  # an image: the runtime path
+            model_input=t.ModelInput(chunks=[t.EncodedTextChunk(tokens=[1]), image]),
+            loss_fn_inputs={"target_tokens": [2, 3, 4]},
+        ),
+        t.Datum(  # a sparse tensor
+            model_input=t.ModelInput.from_ints([1, 2]),
+            loss_fn_inputs={
+                "target_tokens": t.TensorData(
+                    data=[5],
+                    dtype="int64",
+                    shape=[2, 1],
+                    sparse_crow_indices=[0, 1, 1],
+                    sparse_col_indices=[0],
+                )
+            },
+        ),
+        t.Datum(
+            model_input=t.ModelInput.from_ints([1, 2, 3]),
+            loss_fn_inputs={"target_tokens": [1, 2, 3]},
+        ).with_provenance(span, span),
+    ]
+    for kw in (
+        dict(
+            model_id="s:train:0",
+            seq_id=3,
+            loss_fn="ppo",
+            forward_only=False,
+            loss_fn_config={"clip_low_threshold": 0.8, "mode": "x", "b": 0.0},
+        ),
+        dict(
+            model_id="", seq_id=0, loss_fn="cross_entropy", forward_only=True, loss_fn_config=None
+        ),
+        dict(
+            model_id="m" * 200, seq_id=2**31 - 1, loss_fn="", forward_only=False, loss_fn_config={}
+        ),
+    ):
+        assert _encode(data, **kw) == _runtime_body(data, **kw)
+        assert _encode(data[:2], **kw) == _runtime_body(data[:2], **kw)
+        assert _encode([], **kw) == _runtime_body([], **kw)
 
 
 def test_request_fields_follow_section_6_2() -> None:

@@ -33,7 +33,7 @@ def estimate_datum_bytes(datum: t.Datum) -> int:
     """PROTOCOL.md 9.1's per-datum size estimate, used to cut chunks."""
     size = estimate_model_input_bytes(datum.model_input, _BYTES_PER_TOKEN)
     for tensor in datum.loss_fn_inputs.values():
-        size += _DTYPE_BYTES[tensor.dtype] * len(tensor.data)
+        size += _DTYPE_BYTES[tensor.dtype] * tensor.size
         if tensor.sparse_crow_indices is not t.UNSET:
             size += _BYTES_PER_SPARSE_INDEX * len(tensor.sparse_crow_indices)
         if tensor.sparse_col_indices is not t.UNSET:

@@ -18,7 +18,7 @@ def estimate_model_input_bytes(model_input: t.ModelInput, bytes_per_token: int) 
     size = 0
     for chunk in model_input.chunks:
         if isinstance(chunk, t.EncodedTextChunk):
-            size += bytes_per_token * len(chunk.tokens)
+            size += bytes_per_token * chunk.length
         elif isinstance(chunk, t.ImageChunk):
             size += len(chunk.data)
         else:

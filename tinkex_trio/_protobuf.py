@@ -8,8 +8,9 @@ The messages come from the maintained protobuf runtime, generated from
 `tinkex_trio/_proto/tinker_public.proto` (`scripts/gen_proto.py`). Packed arrays are raw
 little-endian bytes, so encoding copies numpy buffers (`tobytes`) and decoding views them
 (`numpy.frombuffer`); Python work is per datum and per field, never per element. Tensors and
-token chunks built from numpy keep their source array (`_array`, see `TensorData`), which is
-what makes "protobuf from numpy" cheap; lists are converted once with `numpy.asarray`.
+token chunks built from numpy hold their source array (`_array`, see `TensorData`), which is
+what makes "protobuf from numpy" cheap; lists are packed once with `struct` (checked and
+converted in C). Decoded arrays stay arrays: `TensorData.data` becomes a list only if read.
 
 Client side: `encode_forward_backward_request`, `compress`, `decode_forward_backward_output`,
 `decode_sample_response`. Server side: `decompress`, `decode_forward_backward_request`,
@@ -21,9 +22,11 @@ unsupported inputs the SDK could have caught (image pointers, 6.2) raise `Invali
 
 from __future__ import annotations
 
+import functools
 import importlib
 import io
 import math
+import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
@@ -34,6 +37,7 @@ import zstandard
 
 from tinkex_trio import types as t
 from tinkex_trio.errors import InvalidInputError
+from tinkex_trio.types._inputs import held_array
 
 # The generated module has no type information (the protobuf runtime ships none); it is used
 # as `Any` here and checked byte for byte against the official SDK's classes in the tests.
@@ -73,18 +77,58 @@ _LE_UINT16: Final = np.dtype("<u2")
 
 def _array_of(tensor: t.TensorData) -> npt.NDArray[Any]:
     """The tensor's values as a little-endian array of its wire dtype, cheaply if possible."""
-    wanted = _NUMPY[tensor.dtype]
-    cached = getattr(tensor, "_array", None)
-    if isinstance(cached, np.ndarray) and cached.size == len(tensor.data):
-        return cached.astype(wanted, copy=False)
-    return np.asarray(tensor.data, dtype=wanted)
+    return tensor.values_array().astype(_NUMPY[tensor.dtype], copy=False)
+
+
+@functools.lru_cache(maxsize=256)
+def _packer(code: str, count: int) -> struct.Struct:
+    return struct.Struct(f"<{count}{code}")
+
+
+def _packed(values: Any, code: str, dtype: np.dtype[Any]) -> bytes:
+    """`values` (a list) as packed little-endian bytes. `struct` converts and checks each
+    Python number in C, about three times faster than `numpy.asarray` of a list; values it
+    refuses (floats for an integer code, out of range, strings of digits) go through numpy,
+    exactly as before."""
+    try:
+        return _packer(code, len(values)).pack(*values)
+    except (struct.error, TypeError, OverflowError):
+        return np.asarray(values, dtype=dtype).tobytes()
+
+
+def _tensor_bytes(tensor: t.TensorData) -> bytes:
+    array = held_array(tensor)
+    if array is not None:
+        return array.astype(_NUMPY[tensor.dtype], copy=False).tobytes()
+    code = "f" if tensor.dtype == "float32" else "q"
+    return _packed(tensor.data, code, _NUMPY[tensor.dtype])
+
+
+def _buffer(array: npt.NDArray[Any], dtype: np.dtype[Any]) -> memoryview:
+    """The bytes of `array` as `dtype`, without a copy when it already is that (a view)."""
+    contiguous: Any = np.ascontiguousarray(array, dtype=dtype)
+    return memoryview(contiguous).cast("B")
+
+
+def _tensor_buffer(tensor: t.TensorData) -> bytes | memoryview:
+    array = held_array(tensor)
+    if array is not None:
+        return _buffer(array, _NUMPY[tensor.dtype])
+    return _tensor_bytes(tensor)
+
+
+def _tokens_buffer(chunk: t.EncodedTextChunk) -> bytes | memoryview:
+    array = held_array(chunk)
+    if array is not None:
+        return _buffer(array, _LE_INT32)
+    return _tokens_bytes(chunk)
 
 
 def _tokens_bytes(chunk: t.EncodedTextChunk) -> bytes:
-    cached = getattr(chunk, "_array", None)
-    if isinstance(cached, np.ndarray) and cached.size == len(chunk.tokens):
-        return cached.astype(_LE_INT32).tobytes()
-    return np.asarray(chunk.tokens, dtype=_LE_INT32).tobytes()
+    array = held_array(chunk)
+    if array is not None:
+        return array.astype(_LE_INT32).tobytes()
+    return _packed(chunk.tokens, "i", _LE_INT32)
 
 
 def _frombuffer(raw: bytes, dtype: np.dtype[Any], what: str) -> npt.NDArray[Any]:
@@ -97,8 +141,9 @@ def _frombuffer(raw: bytes, dtype: np.dtype[Any], what: str) -> npt.NDArray[Any]
 
 
 def _tensor_data(values: npt.NDArray[Any], dtype: t.TensorDType, shape: list[int]) -> t.TensorData:
-    out = t.TensorData(data=values.tolist(), dtype=dtype, shape=shape)
-    out._array = values  # type: ignore[attr-defined]  # the buffer, for re-encoding
+    """A tensor holding `values` (a view of the body); `data` becomes a list when read."""
+    out = t.TensorData(data=values, dtype=dtype, shape=shape)  # type: ignore[arg-type]
+    out._array = values  # type: ignore[attr-defined]  # see TensorData
     return out
 
 
@@ -133,58 +178,167 @@ def encode_forward_backward_request(
 ) -> bytes:
     """The protobuf body of one forward/forward_backward chunk, filled as PROTOCOL.md 6.2 says.
 
+    Serialized deterministically: map entries (loss_fn_inputs, loss_fn_config) in key order.
+    The protobuf runtime (upb) otherwise orders them by a hash seeded per process, so even the
+    official SDK's body for the same data differs from run to run; this way ours is
+    reproducible and equals the official body serialized deterministically
+    (tests/conformance).
+
+    A message's fields are written in field-number order, so the body is the concatenation
+    of its parts: the fields before `data` and after it are serialized by the protobuf
+    runtime, and each datum is framed here around its array buffers (`_datum_parts`) or, if
+    it holds anything but text chunks and dense tensors, serialized by the runtime too. The
+    large buffers are copied once, into the body, instead of into messages and then out.
+
     Raises:
         InvalidInputError: an image-pointer chunk (protobuf carries inline images only).
     """
-    request = _pb.ForwardBackwardRequest(
-        model_id=model_id, seq_id=seq_id, loss_fn=loss_fn, forward_only=forward_only
-    )
+    head = _pb.ForwardBackwardRequest(model_id=model_id, seq_id=seq_id)
+    tail = _pb.ForwardBackwardRequest(loss_fn=loss_fn, forward_only=forward_only)
     for key, value in (loss_fn_config or {}).items():
         if isinstance(value, str):
-            request.loss_fn_config_v2[key].text = value
+            tail.loss_fn_config_v2[key].text = value
         else:
-            request.loss_fn_config[key] = float(value)
-            request.loss_fn_config_v2[key].number = float(value)
+            tail.loss_fn_config[key] = float(value)
+            tail.loss_fn_config_v2[key].number = float(value)
+    parts: list[bytes | memoryview] = [head.SerializeToString()]
     for index, datum in enumerate(data):
-        wire = request.data.add()
-        for chunk in datum.model_input.chunks:
-            if isinstance(chunk, t.EncodedTextChunk):
-                wire.model_input.add().encoded_text.tokens = _tokens_bytes(chunk)
-            elif isinstance(chunk, t.ImageChunk):
-                image = wire.model_input.add().image
-                image.data = chunk.data
-                image.format = chunk.format
-                if chunk.expected_tokens is not t.UNSET:
-                    image.expected_tokens = chunk.expected_tokens
-            else:
-                raise InvalidInputError(
-                    f"data[{index}] holds an image_asset_pointer chunk, which the protobuf "
-                    "forward_backward form cannot carry (PROTOCOL.md 6.2); inline the image "
-                    "(ImageChunk) or use wire_format='json'"
-                )
-        for key, tensor in datum.loss_fn_inputs.items():
-            wire_tensor = wire.loss_fn_inputs[key]
-            wire_tensor.dtype = _WIRE_DTYPE[tensor.dtype]
-            wire_tensor.shape.extend(tensor.resolved_shape())
-            values = _array_of(tensor).tobytes()
-            if tensor.sparse_crow_indices is t.UNSET:
-                wire_tensor.dense = values
-            else:
-                csr = wire_tensor.sparse_csr
-                csr.values = values
-                csr.crow_indices = np.asarray(tensor.sparse_crow_indices, _LE_INT64).tobytes()
-                cols = tensor.sparse_col_indices
-                csr.col_indices = np.asarray([] if cols is t.UNSET else cols, _LE_INT64).tobytes()
-        if datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET:
-            _encode_spans(datum.model_input_spans, wire.model_input_spans)
-            _encode_spans(datum.loss_fn_input_spans, wire.loss_fn_input_spans)
-    # Deterministic: map entries (loss_fn_inputs, loss_fn_config) in key order. The protobuf
-    # runtime (upb) otherwise orders them by a hash seeded per process, so even the official
-    # SDK's body for the same data differs from run to run; this way ours is reproducible and
-    # equals the official body serialized deterministically (tests/conformance). It costs a
-    # sort of a few keys per datum.
-    body: bytes = request.SerializeToString(deterministic=True)
-    return body
+        framed = _datum_parts(datum)
+        if framed is None:
+            message = _pb.Datum()
+            _fill_datum(message, datum, index)
+            serialized = message.SerializeToString(deterministic=True)
+            parts += (_DATA_TAG, _varint(len(serialized)), serialized)
+        else:
+            parts += (_DATA_TAG, _varint(framed[1]), *framed[0])
+    parts.append(tail.SerializeToString(deterministic=True))
+    return b"".join(parts)
+
+
+# Tags (field number << 3 | wire type 2, length-delimited) of the hand-framed messages.
+_DATA_TAG: Final = b"\x1a"  # ForwardBackwardRequest.data = 3
+_FIRST_TAG: Final = b"\x0a"  # Datum.model_input = 1, Chunk.encoded_text = 1,
+#                               EncodedTextChunk.tokens = 1, map entry key = 1, Tensor.dense = 1
+_SECOND_TAG: Final = b"\x12"  # Datum.loss_fn_inputs = 2, map entry value = 2
+_DTYPE_TAGS: Final = {"float32": b"\x18\x01", "int64": b"\x18\x02"}  # Tensor.dtype = 3
+_SHAPE_TAG: Final = b"\x22"  # Tensor.shape = 4, packed varints
+
+
+_SMALL_VARINTS: Final = tuple(bytes([value]) for value in range(128))
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative int as a protobuf base-128 varint."""
+    if value < 128:
+        return _SMALL_VARINTS[value]
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _datum_parts(datum: t.Datum) -> tuple[list[bytes | memoryview], int] | None:
+    """The serialized `Datum` of text chunks and dense tensors as parts around the array
+    buffers, and its size: byte for byte what the runtime writes deterministically. None for
+    anything else (images, sparse tensors, provenance, an empty key, a negative dimension).
+
+    Each length-delimited field is tag, varint length, payload; sizes are summed as the
+    parts are made, since this runs per datum on every step."""
+    if datum.model_input_spans is not t.UNSET:
+        return None
+    parts: list[bytes | memoryview] = []
+    size = 0
+    for chunk in datum.model_input.chunks:
+        if not isinstance(chunk, t.EncodedTextChunk):
+            return None
+        tokens = _tokens_buffer(chunk)
+        n = len(tokens)
+        if n:  # Datum.model_input { Chunk.encoded_text { EncodedTextChunk.tokens } }
+            n_len = _varint(n)
+            text = 1 + len(n_len) + n
+            text_len = _varint(text)
+            chunk_size = 1 + len(text_len) + text
+            chunk_len = _varint(chunk_size)
+            parts += (_FIRST_TAG, chunk_len, _FIRST_TAG, text_len, _FIRST_TAG, n_len, tokens)
+        else:  # proto3 omits empty bytes: an empty EncodedTextChunk
+            chunk_size, chunk_len = 2, b"\x02"
+            parts += (_FIRST_TAG, chunk_len, _FIRST_TAG, b"\x00")
+        size += 1 + len(chunk_len) + chunk_size
+    for key in sorted(datum.loss_fn_inputs):
+        tensor = datum.loss_fn_inputs[key]
+        if not key or tensor.sparse_crow_indices is not t.UNSET:
+            return None
+        shape = tensor.resolved_shape()
+        if any(d < 0 for d in shape):
+            return None
+        values = _tensor_buffer(tensor)
+        values_len = _varint(len(values))
+        # Tensor { dense, dtype, shape (packed varints, absent when empty) }
+        tensor_size = 1 + len(values_len) + len(values) + 2
+        dims = b"".join(_varint(d) for d in shape)
+        if dims:
+            dims_len = _varint(len(dims))
+            tensor_size += 1 + len(dims_len) + len(dims)
+        key_bytes = key.encode()
+        key_len = _varint(len(key_bytes))
+        tensor_len = _varint(tensor_size)
+        # map entry { key = 1, value = 2 }
+        entry_size = 1 + len(key_len) + len(key_bytes) + 1 + len(tensor_len) + tensor_size
+        entry_len = _varint(entry_size)
+        parts += (
+            _SECOND_TAG,
+            entry_len,
+            _FIRST_TAG,
+            key_len,
+            key_bytes,
+            _SECOND_TAG,
+            tensor_len,
+            _FIRST_TAG,
+            values_len,
+            values,
+            _DTYPE_TAGS[tensor.dtype],
+        )
+        if dims:
+            parts += (_SHAPE_TAG, dims_len, dims)
+        size += 1 + len(entry_len) + entry_size
+    return parts, size
+
+
+def _fill_datum(wire: Any, datum: t.Datum, index: int) -> None:
+    """Fill a `Datum` message (the general path, any datum PROTOCOL.md 6.2 allows)."""
+    for chunk in datum.model_input.chunks:
+        if isinstance(chunk, t.EncodedTextChunk):
+            wire.model_input.add().encoded_text.tokens = _tokens_bytes(chunk)
+        elif isinstance(chunk, t.ImageChunk):
+            image = wire.model_input.add().image
+            image.data = chunk.data
+            image.format = chunk.format
+            if chunk.expected_tokens is not t.UNSET:
+                image.expected_tokens = chunk.expected_tokens
+        else:
+            raise InvalidInputError(
+                f"data[{index}] holds an image_asset_pointer chunk, which the protobuf "
+                "forward_backward form cannot carry (PROTOCOL.md 6.2); inline the image "
+                "(ImageChunk) or use wire_format='json'"
+            )
+    for key, tensor in datum.loss_fn_inputs.items():
+        wire_tensor = wire.loss_fn_inputs[key]
+        wire_tensor.dtype = _WIRE_DTYPE[tensor.dtype]
+        wire_tensor.shape.extend(tensor.resolved_shape())
+        values = _tensor_bytes(tensor)
+        if tensor.sparse_crow_indices is t.UNSET:
+            wire_tensor.dense = values
+        else:
+            csr = wire_tensor.sparse_csr
+            csr.values = values
+            csr.crow_indices = np.asarray(tensor.sparse_crow_indices, _LE_INT64).tobytes()
+            cols = tensor.sparse_col_indices
+            csr.col_indices = np.asarray([] if cols is t.UNSET else cols, _LE_INT64).tobytes()
+    if datum.model_input_spans is not t.UNSET and datum.loss_fn_input_spans is not t.UNSET:
+        _encode_spans(datum.model_input_spans, wire.model_input_spans)
+        _encode_spans(datum.loss_fn_input_spans, wire.loss_fn_input_spans)
 
 
 def _encode_spans(spans: Sequence[t.ProvenanceSpan], target: Any) -> None:
@@ -267,7 +421,9 @@ def decode_forward_backward_request(body: bytes) -> ForwardBackwardProto:
             where = f"data[{i}].model_input[{j}]"
             if kind == "encoded_text":
                 tokens = _frombuffer(chunk.encoded_text.tokens, _LE_INT32, where)
-                chunks.append(t.EncodedTextChunk(tokens=tokens.tolist()))
+                text = t.EncodedTextChunk(tokens=tokens)  # type: ignore[arg-type]  # lazy
+                text._array = tokens  # type: ignore[attr-defined]
+                chunks.append(text)
             elif kind == "image":
                 image = chunk.image
                 if image.format not in ("png", "jpeg"):

@@ -83,9 +83,9 @@ def require_training_data(data: Sequence[t.Datum], loss_fn: str) -> None:
                     f"data[{i}].loss_fn_inputs[{key!r}] has shape {shape}, but the model input "
                     f"has {length} tokens: per-token inputs must have length {length}"
                 )
-            if not tensor.is_sparse and math.prod(shape) != len(tensor.data):
+            if not tensor.is_sparse and math.prod(shape) != tensor.size:
                 raise InvalidInputError(
-                    f"data[{i}].loss_fn_inputs[{key!r}] holds {len(tensor.data)} values but its "
+                    f"data[{i}].loss_fn_inputs[{key!r}] holds {tensor.size} values but its "
                     f"shape {shape} needs {math.prod(shape)}"
                 )
 

@@ -143,7 +143,7 @@ class Output:
 
 
 def _builtins(value: Any) -> Any:
-    return msgspec.to_builtins(value)
+    return msgspec.to_builtins(value, enc_hook=t.enc_hook)
 
 
 def _when(value: datetime | None) -> str:

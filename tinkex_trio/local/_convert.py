@@ -90,8 +90,8 @@ def tensor_array(td: TensorData, where: str, *, max_elements: int) -> npt.NDArra
             f"{where}.shape {shape} has {cells} cells, more than the {max_elements} this input "
             "can have"
         )
-    if not td.is_sparse and cells != len(td.data):
-        raise EngineUserError(f"{where} has {len(td.data)} values but shape {shape} needs {cells}")
+    if not td.is_sparse and cells != td.size:
+        raise EngineUserError(f"{where} has {td.size} values but shape {shape} needs {cells}")
     try:
         array = td.to_numpy()
     except (ValueError, IndexError, OverflowError) as exc:

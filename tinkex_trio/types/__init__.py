@@ -25,6 +25,7 @@ from tinkex_trio.types._base import (
     UnsetType as UnsetType,
     decode as decode,
     decode_request as decode_request,
+    enc_hook as enc_hook,
     encode as encode,
 )
 from tinkex_trio.types._futures import (
@@ -323,6 +324,7 @@ __all__ = [
     "check_span_tiling",
     "decode",
     "decode_request",
+    "enc_hook",
     "encode",
     "make_tinker_path",
     "normalize_category",

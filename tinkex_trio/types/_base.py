@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import msgspec.inspect
+import numpy as np
 
 T = TypeVar("T")
 
@@ -48,7 +49,15 @@ class EmptyResponse(Response, kw_only=True):
     assign project, cancel_future); clients ignore the body of any 2xx (PROTOCOL.md 1.8)."""
 
 
-_encoder = msgspec.json.Encoder()
+def enc_hook(obj: object) -> object:
+    """msgspec `enc_hook`: a numpy array a `TensorData` or `EncodedTextChunk` holds (see
+    `types._inputs`) encodes as its list, converted once in C."""
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise NotImplementedError(f"cannot encode objects of type {type(obj).__name__}")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=enc_hook)
 
 
 def encode(obj: object) -> bytes:

@@ -22,16 +22,26 @@ class _Chunk(msgspec.Struct, kw_only=True, tag_field="type"):
 class EncodedTextChunk(_Chunk, tag="encoded_text", dict=True):
     """A run of token ids.
 
-    `dict=True` lets `ModelInput.from_ints` keep the numpy array it was built from (attribute
-    `_array`), so the protobuf encoder copies its buffer instead of converting the list back
-    element by element (PROTOCOL.md 6.2). Treat `tokens` as immutable once built.
+    Built from numpy (or torch), the chunk holds the array (attribute `_array`, `dict=True`)
+    and makes the `tokens` list only when someone reads it: the protobuf encoder copies the
+    buffer and the JSON encoder converts it in C (`enc_hook`), so a chunk that is only sent
+    never becomes a list of Python ints. Treat `tokens` as immutable once built.
     """
 
     tokens: list[int]
 
     @property
     def length(self) -> int:
-        return len(self.tokens)
+        return len(_TOKENS_SLOT.__get__(self))
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return self.tokens == other.tokens
+
+    def __repr__(self) -> str:
+        self.tokens  # noqa: B018  # the list, not the held array
+        return msgspec.Struct.__repr__(self)
 
 
 class ImageChunk(_Chunk, tag="image"):
@@ -88,8 +98,8 @@ class ModelInput(msgspec.Struct, kw_only=True):
     def from_ints(cls, tokens: Iterable[int] | npt.NDArray[np.integer[Any]]) -> Self:
         """One text chunk of `tokens`: a list, any iterable of ints, a numpy array or a
         torch tensor. Converted once, in C (see `_token_list`)."""
-        tokens_list, array = _token_list(tokens)
-        chunk = EncodedTextChunk(tokens=tokens_list)
+        values, array = _token_list(tokens)
+        chunk = EncodedTextChunk(tokens=values)  # type: ignore[arg-type]  # an array: lazy
         if array is not None:
             chunk._array = array  # type: ignore[attr-defined]  # see EncodedTextChunk
         return cls(chunks=[chunk])
@@ -151,11 +161,11 @@ def _exact_list(values: object, list_type: Any) -> list[Any] | None:
 
 def _token_list(
     tokens: object,
-) -> tuple[list[int], npt.NDArray[np.int64] | None]:
-    """(token list, the numpy array it came from or None) for `ModelInput.from_ints`.
+) -> tuple[list[int] | npt.NDArray[np.int64], npt.NDArray[np.int64] | None]:
+    """(tokens, the numpy array they came from or None) for `ModelInput.from_ints`.
 
     * a list/tuple of Python ints: checked and copied by msgspec in C (the common case);
-    * a numpy array: one `tolist` in C, and the array is kept for the protobuf encoder;
+    * a numpy array: kept as the (int64, flat) array; the list is made when it is read;
     * a torch tensor: its numpy view, then as numpy;
     * a list of numpy integer scalars or bools: one `numpy.asarray`, then as numpy;
     * anything else (a generator, numpy scalars, bools): `int()` of each element, as before.
@@ -171,8 +181,7 @@ def _token_list(
             tokens = as_array
     if isinstance(tokens, np.ndarray):
         array = tokens.astype(np.int64, copy=False).ravel()
-        values: list[int] = array.tolist()
-        return values, array
+        return array, array
     return [int(t) for t in cast(Iterable[Any], tokens)], None
 
 
@@ -196,9 +205,11 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
     """A flat tensor on the wire: dense, or sparse CSR (PROTOCOL.md 7.2).
 
     Build it with `from_numpy` / `from_list` / `from_torch`; read it back with `to_numpy`.
-    Conversion uses numpy's C loops (`tolist`, `asarray`), never a Python loop per element.
-    `from_numpy` also keeps the flat array it was built from (`dict=True`, attribute `_array`)
-    so the protobuf encoder sends its buffer as is (PROTOCOL.md 6.2); treat `data` as
+    Conversion uses C loops (`msgspec.convert`, `struct`, numpy), never a Python loop per
+    element. A tensor built from numpy, or decoded from a protobuf result, holds the flat
+    array (`dict=True`, attribute `_array`) and makes the `data` list only when `data` is
+    read: the protobuf encoder sends the buffer as is (PROTOCOL.md 6.2), the JSON encoder
+    converts it in C (`enc_hook`), `to_numpy` copies it, `size` counts it. Treat `data` as
     immutable once built.
     """
 
@@ -219,8 +230,7 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
             flat = array.astype(np.int64, copy=False).ravel()
         else:
             raise TypeError(f"TensorData cannot hold numpy dtype {array.dtype}; use a number dtype")
-        values: list[int | float] = cast(list[int | float], flat.tolist())
-        out = cls(data=values, dtype=dtype, shape=list(array.shape))
+        out = cls(data=flat, dtype=dtype, shape=list(array.shape))  # type: ignore[arg-type]
         out._array = flat  # type: ignore[attr-defined]  # see the class docstring
         return out
 
@@ -252,19 +262,33 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
     def is_sparse(self) -> bool:
         return self.sparse_crow_indices is not UNSET
 
+    @property
+    def size(self) -> int:
+        """How many values `data` holds, without making the list."""
+        return len(_DATA_SLOT.__get__(self))
+
     def resolved_shape(self) -> list[int]:
         if self.shape is not UNSET:
             return list(self.shape)
-        return [len(self.data)]
+        return [self.size]
+
+    def values_array(self) -> npt.NDArray[Any]:
+        """The values as a flat array of the dtype: the held array itself when there is one
+        (read-only use; `to_numpy` gives a copy), else converted from the list once."""
+        np_dtype = _NUMPY_DTYPES[self.dtype]
+        cached = held_array(self)
+        if cached is not None:
+            return cached.astype(np_dtype, copy=False)
+        return np.asarray(_DATA_SLOT.__get__(self), dtype=np_dtype)
 
     def to_numpy(self, pad_value: float = 0) -> npt.NDArray[Any]:
         """A dense numpy array of this tensor; sparse cells not stored take `pad_value`."""
         np_dtype = _NUMPY_DTYPES[self.dtype]
-        cached = getattr(self, "_array", None)
-        if isinstance(cached, np.ndarray) and cached.size == len(self.data):
+        cached = held_array(self)
+        if cached is not None:
             values = cached.astype(np_dtype)  # a copy: the caller may write to it
         else:
-            values = np.asarray(self.data, dtype=np_dtype)
+            values = np.asarray(_DATA_SLOT.__get__(self), dtype=np_dtype)
         shape = self.resolved_shape()
         if self.sparse_crow_indices is UNSET:
             return values.reshape(shape)
@@ -284,6 +308,56 @@ class TensorData(msgspec.Struct, kw_only=True, dict=True):
 
     def tolist(self) -> list[int | float]:
         return list(self.data)
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, name) == getattr(other, name) for name in self.__struct_fields__)
+
+    def __repr__(self) -> str:
+        self.data  # noqa: B018  # the list, not the held array
+        return msgspec.Struct.__repr__(self)
+
+
+# ------------------------------------------------------- lists made when they are read
+#
+# `TensorData.data` and `EncodedTextChunk.tokens` are msgspec fields, stored in slots that
+# msgspec reads and writes directly (init, encode, decode, replace). The slot may hold the
+# numpy array the value was built from; the class attribute is replaced by a property that
+# turns the array into a list on first read and keeps that list, so readers always see a list
+# while code that only sends the value never makes one. `held_array` gives the array back.
+
+_DATA_SLOT: Final[Any] = TensorData.__dict__["data"]
+_TOKENS_SLOT: Final[Any] = EncodedTextChunk.__dict__["tokens"]
+
+
+def _lazy_list(slot: Any) -> property:
+    def read(self: Any) -> list[Any]:
+        value = slot.__get__(self)
+        if isinstance(value, np.ndarray):
+            value = value.tolist()
+            slot.__set__(self, value)
+        return value  # type: ignore[no-any-return]
+
+    def write(self: Any, value: Any) -> None:
+        slot.__set__(self, value)
+        self.__dict__.pop("_array", None)  # the new value replaces the held array
+
+    return property(read, write, doc=slot.__doc__)
+
+
+TensorData.data = _lazy_list(_DATA_SLOT)  # type: ignore[assignment]
+EncodedTextChunk.tokens = _lazy_list(_TOKENS_SLOT)  # type: ignore[assignment]
+
+
+def held_array(value: TensorData | EncodedTextChunk) -> npt.NDArray[Any] | None:
+    """The numpy array `value` was built from or decoded into, or None (built from a list,
+    or its list was since changed in length)."""
+    cached = value.__dict__.get("_array")
+    slot = _DATA_SLOT if isinstance(value, TensorData) else _TOKENS_SLOT
+    if isinstance(cached, np.ndarray) and cached.size == len(slot.__get__(value)):
+        return cached
+    return None
 
 
 def to_tensor_data(key: str, value: Any) -> TensorData:
