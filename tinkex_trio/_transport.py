@@ -38,6 +38,7 @@ strips only ``Authorization`` on a cross-origin redirect).
 from __future__ import annotations
 
 import email.utils
+import functools
 import itertools
 import logging
 import os
@@ -615,34 +616,24 @@ class Transport:
         if telemetry.active:
             telemetry.emit(RequestStarted(method=method, path=path, attempt=attempt))
         sent_at = trio.current_time()
-        target_path = self._direct_prefix + path
-        connect = self._config.connect_timeout
+        fetch = functools.partial(
+            pool.fetch,
+            target,
+            method,
+            self._direct_prefix + path,
+            pairs,
+            body,
+            connect_timeout=self._config.connect_timeout,
+            read_timeout=read_timeout,
+            write_timeout=read_timeout,
+            pool_timeout=read_timeout,
+        )
         try:
             if throttle is None:
-                fetched = await pool.fetch(
-                    target,
-                    method,
-                    target_path,
-                    pairs,
-                    body,
-                    connect_timeout=connect,
-                    read_timeout=read_timeout,
-                    write_timeout=read_timeout,
-                    pool_timeout=read_timeout,
-                )
+                fetched = await fetch()
             else:
                 async with throttle.dispatch(weight):
-                    fetched = await pool.fetch(
-                        target,
-                        method,
-                        target_path,
-                        pairs,
-                        body,
-                        connect_timeout=connect,
-                        read_timeout=read_timeout,
-                        write_timeout=read_timeout,
-                        pool_timeout=read_timeout,
-                    )
+                    fetched = await fetch()
         except httpx.TransportError as exc:
             return _failed(telemetry, exc, method, path, attempt, sent_at)
         response = self._direct_response(fetched, method, url, pairs, content)
