@@ -290,12 +290,14 @@ def test_checkpoint_download(server: Server, tmp_path: Path) -> None:
         str(tmp_path / "capped"), "--max-members", "1",
     )  # fmt: skip
     assert capped.code == 1 and "max_members=1" in capped.stderr
-    assert not (tmp_path / "capped").exists() or not any((tmp_path / "capped").iterdir())
+    # The output directory is made before the download; nothing (not even a temp file) stays.
+    assert list((tmp_path / "capped").iterdir()) == []
     capped = run_cli(
         server, "checkpoint", "download", server.training_path, "--output-dir",
         str(tmp_path / "capped"), "--max-bytes", "1K",
     )  # fmt: skip
     assert capped.code == 1 and "max_extracted_bytes=1024" in capped.stderr
+    assert list((tmp_path / "capped").iterdir()) == []
     bad = run_cli(server, "checkpoint", "download", server.training_path, "--max-bytes", "lots")
     assert bad.code == 2 and "500M" in bad.stderr
 

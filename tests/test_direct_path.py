@@ -183,6 +183,42 @@ async def test_connection_close_and_a_server_closing_idle_connections(
     assert srv.connections_accepted == 3
 
 
+async def test_a_reused_connection_dropped_before_the_answer_is_retried_once_on_a_fresh_one(
+    srv: FaultServer, no_httpx_path: None
+) -> None:
+    srv.script(
+        "POST",
+        "/api/v1/x",
+        Reply.json({"n": 1}),
+        Reply.drop_connection(),
+        Reply.json({"n": 2}),
+        Reply.drop_connection(),
+        Reply.drop_connection(),
+    )
+    with trio.fail_after(LIMIT):
+        transport = transport_for(srv.base_url)
+        try:
+            assert (await transport.request("POST", "/api/v1/x", content=b"a")).json() == {"n": 1}
+            # Dropped on the reused connection: sent once more, on a new connection.
+            answer = await transport.request("POST", "/api/v1/x", content=b"b", policy=ONE_ATTEMPT)
+            assert answer.json() == {"n": 2}
+            assert pool_of(transport).statistics().stale_retries == 1
+            # Dropped again on reuse, then on the fresh connection: only one retry.
+            with pytest.raises(APIConnectionError):
+                await transport.request("POST", "/api/v1/x", content=b"c", policy=ONE_ATTEMPT)
+            stats = pool_of(transport).statistics()
+        finally:
+            await transport.aclose()
+    assert [(r.body, r.connection_id) for r in srv.requests] == [
+        (b"a", 0),
+        (b"b", 0),
+        (b"b", 1),
+        (b"c", 1),
+        (b"c", 2),
+    ]
+    assert stats.stale_retries == 2 and stats.active_connections == 0
+
+
 async def test_a_drop_mid_body_is_a_connection_error_and_closes_the_connection(
     srv: FaultServer, no_httpx_path: None
 ) -> None:

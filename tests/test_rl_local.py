@@ -199,4 +199,6 @@ def test_readme_stable_reinforce_program_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.strip().splitlines()
     assert [line.split()[0] for line in lines] == ["0", "1", "2"]
+    # step, mean reward (distinct tokens among 8 sampled: 1..8), the loss.
+    assert all(1.0 <= float(line.split()[1]) <= 8.0 for line in lines)
     assert all(np.isfinite(float(line.split()[2])) for line in lines)

@@ -247,6 +247,7 @@ async def test_adapter_trained_on_a_tied_model_merges_into_the_hub_cache_base(
     assert served.prompt_logprobs is not None and served.topk_prompt_logprobs is not None
     got = torch.tensor(served.prompt_logprobs[1:])
     assert float((got - expected).abs().max()) <= TOLERANCE
+    assert len(served.topk_prompt_logprobs) == len(TOKENS[0])
     for position, top in enumerate(served.topk_prompt_logprobs[1:], start=0):
         assert top is not None
         values, ids = logp[position].topk(5)

@@ -177,7 +177,7 @@ def test_sampler_logprobs_match_transformers(
     )
     assert not isinstance(result, Exception)
     prompt_logprobs = result.prompt_logprobs
-    assert prompt_logprobs is not None
+    assert prompt_logprobs is not None and len(result.sequences) == 2
     for sequence in result.sequences:
         full = torch.tensor([prompt + sequence.tokens])
         logp = torch.log_softmax(_hf_logits(model, full)[0, :-1], dim=-1)
