@@ -60,9 +60,9 @@ from __future__ import annotations
 import math
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import Final, Literal, NamedTuple, NoReturn, cast, final
+from typing import Final, Literal, NamedTuple, NoReturn, TypeVar, cast, final
 
 import h11
 import httpx
@@ -98,6 +98,7 @@ _TOKEN_CHARS: Final = (
 _BODY_METHODS: Final = frozenset({b"POST", b"PUT", b"PATCH"})
 
 _Origin = tuple[str, str, int]
+_T = TypeVar("_T")
 _Phase = Literal["connect", "write", "read"]
 
 _TIMEOUT_ERRORS: Final[dict[_Phase, type[httpx.TimeoutException]]] = {
@@ -326,39 +327,17 @@ class H11Pool(httpx.AsyncBaseTransport):
                 f"no connection slot free within {pool_timeout} s ({self._max_connections} in use)"
             ) from None
 
-        conn: _Connection | None = None
         try:
             head, body = self._encode_request(request)
-            retried = False
-            while True:
-                # The retry goes to a fresh connection: other idle ones may be stale too.
-                conn = None if retried else self._checkout(origin)
-                if conn is None:
-                    conn = await self._connect(origin, timeouts.get("connect"))
-                self._active.add(conn)
-                reused = conn.responses > 0
-                self._sent += 1
-                self._reused += reused
-                try:
-                    response = await self._send_and_receive_head(
-                        conn, request, head, body, timeouts
-                    )
-                except _StaleConnection as exc:
-                    self._discard(conn)
-                    conn = None
-                    if reused and not retried and body is not None:
-                        retried = True
-                        self._stale_retries += 1
-                        continue
-                    raise exc.error(str(exc)) from exc
-                break
         except BaseException:
-            if conn is not None:
-                self._discard(conn)
             self._slots.release()
             raise
-
-        assert conn is not None
+        conn, response = await self._on_connection(
+            origin,
+            timeouts.get("connect"),
+            lambda conn: self._send_and_receive_head(conn, request, head, body, timeouts),
+            retry_stale=body is not None,
+        )
         return httpx.Response(
             status_code=response.status_code,
             headers=response.headers.raw_items(),
@@ -465,41 +444,60 @@ class H11Pool(httpx.AsyncBaseTransport):
                 pairs.append((b"Content-Length", b"%d" % len(body)))
             return h11.Request(method=method, target=path, headers=pairs)
 
-        conn: _Connection | None = None
-        try:
-            retried = False
-            while True:
-                conn = None if retried else self._checkout(target.origin)
-                if conn is None:
-                    conn = await self._connect(target.origin, connect_timeout)
-                self._active.add(conn)
-                reused = conn.responses > 0
-                self._sent += 1
-                self._reused += reused
-                try:
-                    fetched, reusable = await self._exchange_direct(
-                        conn, head, body, h11_request, read_timeout, write_timeout
-                    )
-                except _StaleConnection as exc:
-                    self._discard(conn)
-                    conn = None
-                    if reused and not retried:
-                        retried = True
-                        self._stale_retries += 1
-                        continue
-                    raise exc.error(str(exc)) from exc
-                break
-        except BaseException:
-            if conn is not None:
-                self._discard(conn)
-            self._slots.release()
-            raise
+        conn, (fetched, reusable) = await self._on_connection(
+            target.origin,
+            connect_timeout,
+            lambda conn: self._exchange_direct(
+                conn, head, body, h11_request, read_timeout, write_timeout
+            ),
+            retry_stale=True,
+        )
         if reusable:
             self._return_idle(conn)
         else:
             self._discard(conn)
         self._slots.release()
         return fetched
+
+    async def _on_connection(
+        self,
+        origin: _Origin,
+        connect_timeout: float | None,
+        exchange: Callable[[_Connection], Awaitable[_T]],
+        *,
+        retry_stale: bool,
+    ) -> tuple[_Connection, _T]:
+        """`exchange` on an idle connection to `origin`, or a new one; the connection and what
+        `exchange` returned. A reused connection the server had closed (`_StaleConnection`) is
+        retried once, on a fresh connection (other idle ones may be stale too), when
+        `retry_stale` says the request can be sent again. On any failure the connection is
+        discarded and the caller's slot released."""
+        conn: _Connection | None = None
+        try:
+            retried = False
+            while True:
+                conn = None if retried else self._checkout(origin)
+                if conn is None:
+                    conn = await self._connect(origin, connect_timeout)
+                self._active.add(conn)
+                reused = conn.responses > 0
+                self._sent += 1
+                self._reused += reused
+                try:
+                    return conn, await exchange(conn)
+                except _StaleConnection as exc:
+                    self._discard(conn)
+                    conn = None
+                    if reused and not retried and retry_stale:
+                        retried = True
+                        self._stale_retries += 1
+                        continue
+                    raise exc.error(str(exc)) from exc
+        except BaseException:
+            if conn is not None:
+                self._discard(conn)
+            self._slots.release()
+            raise
 
     async def _exchange_direct(
         self,
