@@ -11,7 +11,7 @@ import trio.testing
 from fake_tinker import FakeTinker
 
 from tinkex_trio import Config, open_service
-from tinkex_trio._server_telemetry import FLUSH_INTERVAL, MAX_BATCH, ServerTelemetry
+from tinkex_trio._server_telemetry import FLUSH_INTERVAL, MAX_BATCH, MAX_QUEUED, ServerTelemetry
 from tinkex_trio._transport import Transport
 from tinkex_trio.errors import RequestFailedError
 from tinkex_trio.telemetry import Event, RequestFinished, Telemetry
@@ -112,6 +112,22 @@ async def test_batches_hold_at_most_max_batch_events(
     indexes = [e["event_session_index"] for e in events(fake)]
     assert indexes == list(range(2 * MAX_BATCH + 50))
     assert events(fake)[0]["event_name"] == "session_heartbeat_failing"
+
+
+async def test_the_queue_is_bounded_and_counts_what_it_dropped(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    fake = FakeTinker()
+    transport = Transport(config_for(fake), transport=fake.mock_transport(), telemetry=Telemetry())
+    try:
+        report = ServerTelemetry(transport, "sess-9")
+        for _ in range(MAX_QUEUED + 5):
+            report.heartbeat_failing(120.0)
+        assert report.dropped == 5
+        await report.flush()
+    finally:
+        await transport.aclose()
+    assert len(events(fake)) == MAX_QUEUED
 
 
 async def test_the_local_backend_accepts_the_batches(tmp_path: Path) -> None:

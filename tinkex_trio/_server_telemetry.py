@@ -66,7 +66,6 @@ class ServerTelemetry:
         self._failure_logged = False
         self.dropped = 0
         """Events not queued because `MAX_QUEUED` were waiting."""
-        self.sent_batches = 0
 
     # -- events -----------------------------------------------------------------------------
 
@@ -140,5 +139,3 @@ class ServerTelemetry:
                 if not self._failure_logged:
                     self._failure_logged = True
                     logger.debug("telemetry batch dropped (%s); later failures are not logged", exc)
-            else:
-                self.sent_batches += 1
