@@ -72,6 +72,19 @@ async def run_official(
     return result
 
 
+async def run_official_on_tiny_backend(
+    tmp_path: Path, python: Path, script: Path, args: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """`script` (official SDK) against a fresh tiny-model backend with the protobuf flags."""
+    with trio.fail_after(JOB_LIMIT):
+        async with open_local_backend(
+            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
+        ) as backend:
+            return await run_official(
+                python, backend.base_url, backend.api_key, script=script, args=args
+            )
+
+
 def check_values(result: dict[str, Any]) -> None:
     """What the job must show whichever client ran it."""
     losses = result["losses"]
@@ -284,11 +297,7 @@ async def test_official_sdk_rl_losses_on_sampled_sequences(
     from rl_reference import gspo_reference, policy_gradient_reference, stable_reinforce_reference
 
     python = official_python(PROTOBUF_VERSION)
-    with trio.fail_after(JOB_LIMIT):
-        async with open_local_backend(
-            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
-        ) as backend:
-            result = await run_official(python, backend.base_url, backend.api_key, script=RL_SCRIPT)
+    result = await run_official_on_tiny_backend(tmp_path, python, RL_SCRIPT)
     assert result["version"] == PROTOBUF_VERSION
     ids = result["sequence_ids"]
     assert len(set(ids)) == 4 and all(ids)
@@ -481,17 +490,12 @@ async def test_official_sdk_encrypted_weight_export(
     x25519 = pyrage.x25519.Identity.generate()
     ssh_key, ssh_pub = ssh_keypair(tmp_path, "ed25519")
     out = tmp_path / "downloads"
-    with trio.fail_after(JOB_LIMIT):
-        async with open_local_backend(
-            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
-        ) as backend:
-            result = await run_official(
-                python,
-                backend.base_url,
-                backend.api_key,
-                script=SCRIPT.with_name("official_age_export.py"),
-                args=(str(out), str(x25519.to_public()), ssh_pub),
-            )
+    result = await run_official_on_tiny_backend(
+        tmp_path,
+        python,
+        SCRIPT.with_name("official_age_export.py"),
+        (str(out), str(x25519.to_public()), ssh_pub),
+    )
     plain = _read_files(Path(result["directories"][result["plain"]]))
     secret = _read_files(Path(result["directories"][result["secret"]]))
     assert "adapter_model.safetensors" in plain and "adapter_config.json" in plain
@@ -511,16 +515,9 @@ async def test_official_sdk_parses_session_search_and_admin_calls(
     official type: every required field present and typed (a session's `project_id` is the
     default project), and the contents true to what happened (PROTOCOL.md 3.6, 7.9)."""
     python = official_python(PROTOBUF_VERSION)
-    with trio.fail_after(JOB_LIMIT):
-        async with open_local_backend(
-            data_dir=tmp_path / "data", models=[TINY], client_flags=PROTOBUF_FLAGS
-        ) as backend:
-            result = await run_official(
-                python,
-                backend.base_url,
-                backend.api_key,
-                script=SCRIPT.with_name("official_admin.py"),
-            )
+    result = await run_official_on_tiny_backend(
+        tmp_path, python, SCRIPT.with_name("official_admin.py")
+    )
     [session] = result["sessions"]
     assert session["project_id"] == "local-default"
     assert session["owner"] == "tml:user:local"
