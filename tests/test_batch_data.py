@@ -19,6 +19,7 @@ from fake_tinker import FakeTinker
 from fault_server import open_fault_server
 
 from tinkex_trio import Config, _fwdbwd, _polling, _protobuf, open_service, types as t
+from tinkex_trio.types._inputs import held_array
 
 
 def test_from_ints_copies_a_list_of_ints_and_keeps_no_alias() -> None:
@@ -56,13 +57,14 @@ def test_from_ints_keeps_bools_and_truncating_floats_as_int_did() -> None:
 def test_from_ints_of_numpy_and_torch_keeps_the_buffer() -> None:
     array = np.arange(10, dtype=np.int64)
     chunk = t.ModelInput.from_ints(array).chunks[0]
-    assert chunk.tokens == list(range(10))  # type: ignore[union-attr]
+    # The buffer is held until the tokens are read (then the list handed out is the value).
     assert np.shares_memory(chunk._array, array)  # type: ignore[union-attr]
+    assert chunk.tokens == list(range(10))  # type: ignore[union-attr]
     torch = pytest.importorskip("torch")
     tensor = torch.arange(5)
     chunk = t.ModelInput.from_ints(tensor).chunks[0]
-    assert chunk.tokens == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
     assert np.shares_memory(chunk._array, tensor.numpy())  # type: ignore[union-attr]
+    assert chunk.tokens == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
 
 
 def test_from_list_keeps_python_numbers_and_checks_them() -> None:
@@ -211,7 +213,7 @@ def test_from_numpy_holds_the_array_and_makes_the_list_only_when_read() -> None:
     # Repr and equality read the values as lists, as for a tensor built from a list.
     assert repr(tensor) == repr(as_list) and repr(chunk) == "EncodedTextChunk(tokens=[0, 1, 2, 3])"
     assert tensor == as_list and chunk == t.EncodedTextChunk(tokens=[0, 1, 2, 3])
-    # Reading gives a list of Python numbers, kept; the array stays for to_numpy/protobuf.
+    # Reading gives a list of Python numbers, kept; from then on the list is the value.
     assert tensor.data == as_list.data and type(tensor.data[0]) is float
     assert tensor.data is tensor.data and type(_slot(tensor)) is list
     assert chunk.tokens == [0, 1, 2, 3] and type(chunk.tokens[0]) is int
@@ -219,6 +221,28 @@ def test_from_numpy_holds_the_array_and_makes_the_list_only_when_read() -> None:
     # Assigning a new list replaces the held array everywhere.
     tensor.data = [9.0] * 6
     assert tensor.to_numpy().ravel().tolist() == [9.0] * 6
+
+
+def test_a_list_read_and_changed_in_place_is_what_every_wire_form_sends() -> None:
+    """Once `data`/`tokens` is read, the caller holds a mutable list: JSON and protobuf (and
+    to_numpy) send that list, never the array it was built from."""
+    tensor = t.TensorData.from_numpy(np.array([1.0, 2.0, 3.0], dtype=np.float32))
+    model_input = t.ModelInput.from_ints(np.array([5, 6, 7]))
+    chunk = model_input.chunks[0]
+    assert isinstance(chunk, t.EncodedTextChunk)
+    tensor.data[0] = 99.0
+    chunk.tokens[0] = 42
+    assert held_array(tensor) is None and held_array(chunk) is None
+    assert tensor.to_numpy().tolist() == [99.0, 2.0, 3.0]
+    datum = t.Datum(model_input=model_input, loss_fn_inputs={"weights": tensor})
+    body = _protobuf.encode_forward_backward_request(
+        model_id="m", seq_id=1, data=[datum], loss_fn="cross_entropy",
+        loss_fn_config=None, forward_only=False,
+    )  # fmt: skip
+    [sent] = _protobuf.decode_forward_backward_request(body).data
+    [sent_chunk] = sent.model_input.chunks
+    assert isinstance(sent_chunk, t.EncodedTextChunk) and sent_chunk.tokens == [42, 6, 7]
+    assert sent.loss_fn_inputs["weights"].data == [99.0, 2.0, 3.0]
 
 
 def test_a_protobuf_result_decodes_into_arrays_not_lists() -> None:

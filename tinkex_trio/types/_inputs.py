@@ -337,6 +337,9 @@ def _lazy_list(slot: Any) -> property:
         if isinstance(value, np.ndarray):
             value = value.tolist()
             slot.__set__(self, value)
+            # The list goes to a caller who may change it in place: from now on it, not the
+            # array, is the value (else protobuf would send the array, JSON the list).
+            self.__dict__.pop("_array", None)
         return value  # type: ignore[no-any-return]
 
     def write(self: Any, value: Any) -> None:
@@ -352,7 +355,7 @@ EncodedTextChunk.tokens = _lazy_list(_TOKENS_SLOT)  # type: ignore[assignment]
 
 def held_array(value: TensorData | EncodedTextChunk) -> npt.NDArray[Any] | None:
     """The numpy array `value` was built from or decoded into, or None (built from a list,
-    or its list was since changed in length)."""
+    or its list was read or assigned since: then the list is the value)."""
     cached = value.__dict__.get("_array")
     slot = _DATA_SLOT if isinstance(value, TensorData) else _TOKENS_SLOT
     if isinstance(cached, np.ndarray) and cached.size == len(slot.__get__(value)):
